@@ -1,0 +1,139 @@
+"""The command line: LightningCLI around `MakemoreModule` and `NamesDataModule` (run it as `python train.py`).
+
+    python train.py fit                                  # the lecture's BatchNorm MLP, 200,000 steps
+    python train.py fit --config configs/deep.yaml       # a preset
+    python train.py fit --model.n_hidden 300 --data.batch_size 64 --trainer.max_steps 50000
+    python train.py test --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
+    python train.py predict --ckpt_path .../last.ckpt --data.num_samples 50   # no data file needed
+
+Bad values fail before training with one line that says what is allowed (set LIGHTNING_MAKEMORE_TRACEBACK=1
+for the full traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_makemore.data import DataError, NamesDataModule
+from lightning_makemore.module import MakemoreModule, check_batch_size
+
+
+class ValidateOnLastStep(Callback):
+    """Run validation (and so the checkpoint) on the final step when `max_steps` ends training mid-epoch.
+
+    Lightning validates at epoch ends; a run of `max_steps` that stops inside an epoch would otherwise end
+    without a final `val/loss` and without a checkpoint of its last weights.
+    """
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True  # Lightning validates when a run asks to stop
+
+
+def make_monitors() -> list[Callback]:
+    """The four training-health monitors of the `callbacks` package, at their default cadence."""
+    from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+
+    return [ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()]
+
+
+class MakemoreCLI(LightningCLI):
+    """LightningCLI with the lecture's defaults, monitors, checkpointing and name samples after `fit`."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--monitors",
+            type=bool,
+            default=True,
+            help="Log activation, gradient, parameter and update-ratio diagnostics to TensorBoard "
+            "(the callbacks package). --monitors false turns them off.",
+        )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="torch intra-op threads. Default: 1 on CPU (fastest for a model this small), "
+            "torch's own choice elsewhere.",
+        )
+        parser.set_defaults(
+            {
+                "trainer.max_steps": 200_000,
+                "trainer.max_epochs": -1,
+                "trainer.log_every_n_steps": 50,
+            }
+        )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        threads = config.get("threads")
+        accelerator = str(config.get("trainer", {}).get("accelerator", "auto"))
+        if threads is None and (accelerator == "cpu" or not torch.cuda.is_available()):
+            threads = 1
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"Expected --threads >= 1, but got {threads}.")
+            torch.set_num_threads(threads)
+        if self.subcommand == "fit":
+            check_batch_size(config.model, config.data.batch_size)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        extra: list[Callback] = [ValidateOnLastStep()]
+        if self.subcommand == "fit":
+            extra.append(
+                ModelCheckpoint(
+                    filename="step{step}-val{val/loss:.4f}",
+                    auto_insert_metric_name=False,
+                    monitor="val/loss",
+                    mode="min",
+                    save_last=True,
+                )
+            )
+            if config.get("monitors", True):
+                extra.extend(make_monitors())
+        callbacks = list(kwargs.pop("callbacks", None) or []) + extra
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    @override
+    def after_fit(self) -> None:
+        if self.trainer.interrupted:
+            return
+        self._print_samples()
+
+    @rank_zero_only
+    def _print_samples(self) -> None:
+        dm: NamesDataModule = self.datamodule
+        names = self.model.sample(dm.num_samples, seed=dm.sample_seed)
+        print(f"\n{len(names)} names sampled from the trained model:\n" + "\n".join(names))
+
+
+def main(args: list[str] | None = None) -> MakemoreCLI | None:
+    """Entry point of `train.py`: runs the CLI and turns known user errors into one line on stderr."""
+    try:
+        return MakemoreCLI(
+            MakemoreModule,
+            NamesDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": __doc__},
+        )
+    except (DataError, ValueError, FileNotFoundError, MisconfigurationException) as err:
+        if os.environ.get("LIGHTNING_MAKEMORE_TRACEBACK"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
