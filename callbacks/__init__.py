@@ -1,0 +1,15 @@
+"""Training-health callbacks for any LightningModule: the diagnostics of makemore part 3.
+
+- :class:`ActivationMonitor`: forward activations per layer (mean, std, saturation, dead units, histograms).
+- :class:`GradientMonitor`: gradients w.r.t. those activations.
+- :class:`ParameterMonitor`: parameters and their gradients, with the grad:data ratio.
+- :class:`UpdateRatioMonitor`: log10 of the update:data ratio per parameter, over time.
+- :mod:`callbacks.figures`: the lecture-style figures, usable from scripts.
+
+This package depends on Lightning and PyTorch only; it never imports ``lightning_makemore``.
+"""
+
+from callbacks.activation import ActivationMonitor, GradientMonitor
+from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
+
+__all__ = ["ActivationMonitor", "GradientMonitor", "ParameterMonitor", "UpdateRatioMonitor"]

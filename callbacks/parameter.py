@@ -1,0 +1,379 @@
+"""Parameters, their gradients and their updates: ``ParameterMonitor``, ``UpdateRatioMonitor``.
+
+Both work from ``on_before_optimizer_step``, where the gradients are final: accumulated, all-reduced
+by DDP and unscaled by AMP. Under DDP every rank holds the same parameters and gradients, so rank
+zero alone computes and writes; the other ranks do nothing. Sharded strategies (FSDP, DeepSpeed)
+are not supported: each rank would see only its shard.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from callbacks._base import _Monitor
+from callbacks._selection import check_patterns, select_parameters
+from callbacks._stats import StatsBuffer, Summary
+
+
+def _check_ndim(min_ndim: int) -> int:
+    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
+        raise ValueError(f"Expected `min_ndim` to be an int >= 0, but got {min_ndim!r}.")
+    return min_ndim
+
+
+class _ParamMonitor(_Monitor):
+    def __init__(self, params: Sequence[str] | None, min_ndim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.params = check_patterns(params, "params")
+        self.min_ndim = _check_ndim(min_ndim)
+        self._named: dict[str, Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(params=list(self.params or ()), min_ndim=self.min_ndim)
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        params = dict(pl_module.named_parameters())
+        self._named = {n: params[n] for n in select_parameters(pl_module, self.params, self.min_ndim)}
+        if not self._named:
+            rank_zero_warn(
+                f"{type(self).__name__} found no parameter to watch (trainable, >= {self.min_ndim}-D"
+                f"{', matching ' + repr(list(self.params)) if self.params else ''})."
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        self._set_step_flags(trainer, batch_idx)
+
+    def _in_optimizer(self, optimizer: Optimizer) -> list[tuple[str, Tensor]]:
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [(n, p) for n, p in self._named.items() if id(p) in ids]
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._named = {}
+
+
+class ParameterMonitor(_ParamMonitor):
+    r"""Logs parameters and their gradients: the lecture's weight-gradient statistics and grad:data ratio.
+
+    For each selected parameter ``name`` (from ``named_parameters()``), on logged steps, read right
+    before the optimizer step:
+
+    - histograms ``param/{name}`` and ``param_grad/{name}`` (TensorBoard only);
+    - scalars ``param_grad/{name}/std``, ``param_grad/{name}/grad_to_data`` (``grad.std() / data.std()``)
+      and ``param_grad/{name}/nonfinite``.
+
+    The figure ``param_grad/distribution`` overlays every gradient histogram with a legend of mean, std
+    and grad:data ratio. Parameters without a gradient this step (frozen, unused) get ``param/`` only.
+    A ratio below ``vanishing_grad_to_data`` for 3 logged steps is warned about once.
+
+    Args:
+        params: ``fnmatch`` patterns of parameter names; default: all trainable ones with ``min_ndim``.
+        min_ndim: only parameters with at least this many dims; default 2 (weights and embeddings, not
+            biases or norm gains), as in the lecture.
+        every_n_steps: log scalars every n optimizer steps; default ``Trainer(log_every_n_steps)``.
+        histogram_every_n_steps: default ``10 * every_n_steps``; ``0`` turns histograms off.
+        figure_every_n_steps: default ``100 * every_n_steps``; ``0``: only at the end of fit.
+        bins: histogram bins.
+        vanishing_grad_to_data: grad:data ratio below which a parameter's gradient is "vanishing".
+        warn: emit health warnings.
+
+    Raises:
+        MisconfigurationException: with ``Trainer(logger=False)``.
+        ValueError: for invalid arguments.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from callbacks import ParameterMonitor
+
+        trainer = Trainer(callbacks=[ParameterMonitor(params=["net.*.weight"])])
+    """
+
+    _prefix = "param_grad"
+    _figure_tag = "param_grad/distribution"
+    _patience = 3
+
+    def __init__(
+        self,
+        params: Sequence[str] | None = None,
+        min_ndim: int = 2,
+        every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        figure_every_n_steps: int | None = None,
+        bins: int = 64,
+        vanishing_grad_to_data: float = 1e-5,
+        warn: bool = True,
+    ) -> None:
+        super().__init__(
+            params,
+            min_ndim,
+            every_n_steps=every_n_steps,
+            histogram_every_n_steps=histogram_every_n_steps,
+            figure_every_n_steps=figure_every_n_steps,
+            bins=bins,
+            warn=warn,
+        )
+        if isinstance(vanishing_grad_to_data, bool) or not isinstance(vanishing_grad_to_data, (int, float)):
+            raise ValueError(f"Expected `vanishing_grad_to_data` to be a number, but got {vanishing_grad_to_data!r}.")
+        self.vanishing_grad_to_data = float(vanishing_grad_to_data)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._ratios: dict[str, float] = {}
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
+    ) -> None:
+        if not self._active or not trainer.is_global_zero:
+            return
+        pairs = self._in_optimizer(optimizer)
+        if not pairs:
+            return
+        buffer = StatsBuffer()
+        keys = []
+        for name, p in pairs:
+            self._shapes[name] = tuple(p.shape)
+            buffer.add(f"param/{name}", p, keep=self._hist_now)
+            keys.append(f"param/{name}")
+            if p.grad is not None:
+                buffer.add(f"param_grad/{name}", p.grad, keep=self._hist_now)
+                keys.append(f"param_grad/{name}")
+        # no reduction: DDP has already all-reduced the gradients, every rank holds the same numbers
+        summaries = buffer.reduce(keys, pairs[0][1].device, None, self._hist_now, self.bins)
+        step = self._step
+        metrics: dict[str, float] = {}
+        grads: dict[str, Summary] = {}
+        for key, s in summaries.items():
+            if self._hist_now:
+                self._log_histogram(trainer, key, s, step)
+            if not key.startswith("param_grad/"):
+                continue
+            name = key[len("param_grad/") :]
+            self._check_nonfinite(key, s)
+            data = summaries[f"param/{name}"]
+            ratio = s.std / data.std if data.std > 0 else float("nan")
+            self._ratios[name] = ratio
+            grads[name] = s
+            if self._scalars_now:
+                metrics[f"{key}/std"] = s.std
+                metrics[f"{key}/grad_to_data"] = ratio
+                metrics[f"{key}/nonfinite"] = float(s.nonfinite)
+                self._check(
+                    f"vanishing/{name}",
+                    ratio < self.vanishing_grad_to_data or s.std == 0.0,
+                    self._patience,
+                    f"gradient of `{name}` is vanishing: grad:data ratio {ratio:.2e}"
+                    f" (< {self.vanishing_grad_to_data:.0e}).",
+                )
+        self._log_scalars(trainer, metrics, step)
+        if grads:
+            self._last = grads
+        if self._hist_now:
+            self._last_hist_step = step
+        if self._figure_now:
+            self._log_figure(trainer, step)
+
+    @override
+    def _draw_figure(self) -> Any:
+        from callbacks.figures import Distribution, plot_distributions
+
+        data = {
+            f"{n} {tuple(self._shapes.get(n, ()))}": Distribution(
+                s.edges,
+                s.counts,
+                f"mean {s.mean:+.2e}, std {s.std:.2e}, grad:data {self._ratios.get(n, math.nan):.2e}",
+            )
+            for n, s in self._last.items()
+            if s.edges is not None and s.counts is not None
+        }
+        if not data:
+            return None
+        return plot_distributions(
+            data, f"weights gradient distribution (step {self._last_hist_step})", xlabel="gradient"
+        )
+
+    @override
+    def _summary_rows(self) -> list[str]:
+        rows = ["| parameter | shape | grad mean | grad std | grad:data |", "|---|---|---|---|---|"]
+        rows += [
+            f"| {n} | {self._shapes.get(n, ())} | {s.mean:+.3e} | {s.std:.3e} | {self._ratios.get(n, math.nan):.3e} |"
+            for n, s in self._last.items()
+        ]
+        return rows
+
+
+class UpdateRatioMonitor(_ParamMonitor):
+    r"""Logs the update:data ratio of each parameter, ``log10(std(p_after - p_before) / std(p_before))``.
+
+    Measured around the optimizer step on logged steps (a copy of the parameters is taken in
+    ``on_before_optimizer_step`` on those steps only), so it holds for any optimizer: for plain SGD it is
+    the lecture's ``log10((lr * grad).std() / p.std())``. Logs scalars ``update_ratio/{name}`` and the
+    figure ``update_ratio/history`` (every ratio over time, guide line at -3: "about 1e-3 is healthy").
+    A ratio outside ``[low, high]`` on ``patience`` consecutive logged steps is warned about once.
+    The history is part of the checkpoint, so a resumed run continues its curves.
+
+    Args:
+        params: ``fnmatch`` patterns of parameter names; default: all trainable ones with ``min_ndim``.
+        min_ndim: only parameters with at least this many dims (default 2, as in the lecture).
+        every_n_steps: measure every n optimizer steps; default ``Trainer(log_every_n_steps)``.
+        figure_every_n_steps: default ``100 * every_n_steps``; ``0``: only at the end of fit.
+        low: log10 ratio below which updates are too small (learning rate too low).
+        high: log10 ratio above which updates are too large (learning rate too high).
+        patience: consecutive logged steps out of ``[low, high]`` before warning.
+        warn: emit health warnings.
+
+    Raises:
+        MisconfigurationException: with ``Trainer(logger=False)``.
+        ValueError: for invalid arguments.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from callbacks import UpdateRatioMonitor
+
+        trainer = Trainer(log_every_n_steps=10, callbacks=[UpdateRatioMonitor()])
+    """
+
+    _prefix = "update_ratio"
+    _figure_tag = "update_ratio/history"
+
+    def __init__(
+        self,
+        params: Sequence[str] | None = None,
+        min_ndim: int = 2,
+        every_n_steps: int | None = None,
+        figure_every_n_steps: int | None = None,
+        low: float = -4.0,
+        high: float = -2.0,
+        patience: int = 10,
+        warn: bool = True,
+    ) -> None:
+        super().__init__(
+            params, min_ndim, every_n_steps=every_n_steps, figure_every_n_steps=figure_every_n_steps, warn=warn
+        )
+        for arg, value in (("low", low), ("high", high)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Expected `{arg}` to be a number, but got {value!r}.")
+        if low >= high:
+            raise ValueError(f"Expected `low` < `high`, but got low={low} and high={high}.")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"Expected `patience` to be an int >= 1, but got {patience!r}.")
+        self.low, self.high, self.patience = float(low), float(high), patience
+        self._before: dict[str, Tensor] = {}
+        #: logged steps and, per parameter, the log10 ratio at each (NaN where not measured)
+        self.steps: list[int] = []
+        self.history: dict[str, list[float]] = {}
+
+    @override
+    def _set_step_flags(self, trainer: "pl.Trainer", batch_idx: int) -> None:
+        super()._set_step_flags(trainer, batch_idx)
+        step = self._step
+        self._hist_now = False
+        self._figure_now = self._has_tb and self._fig_n > 0 and self._scalars_now and (step + 1) % self._fig_n == 0
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
+    ) -> None:
+        if not self._scalars_now or not trainer.is_global_zero:
+            return
+        for name, p in self._in_optimizer(optimizer):
+            if p.grad is not None and name not in self._before:
+                self._before[name] = p.detach().clone()
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._before or not self._step_ends(trainer):
+            return
+        names = list(self._before)
+        with torch.no_grad():
+            ratios = torch.stack(
+                [((self._named[n].detach() - self._before[n]).std() / self._before[n].std()).log10() for n in names]
+            )
+        self._before.clear()
+        values = ratios.cpu().tolist()
+        self._record(trainer, dict(zip(names, values, strict=True)))
+
+    def _record(self, trainer: "pl.Trainer", ratios: dict[str, float]) -> None:
+        step = self._step
+        metrics = {f"update_ratio/{n}": v for n, v in ratios.items() if math.isfinite(v)}
+        self._log_scalars(trainer, metrics, step)
+        self.steps.append(step)
+        for n in set(self.history) | set(ratios):
+            series = self.history.setdefault(n, [math.nan] * (len(self.steps) - 1))
+            series.append(ratios.get(n, math.nan))
+        for n, v in ratios.items():
+            self._check(
+                f"low/{n}",
+                math.isfinite(v) and v < self.low,
+                self.patience,
+                f"updates of `{n}` are tiny: log10(update/data) = {v:.2f} < {self.low} for"
+                f" {self.patience} logged steps. The learning rate is probably too low.",
+            )
+            self._check(
+                f"high/{n}",
+                math.isfinite(v) and v > self.high,
+                self.patience,
+                f"updates of `{n}` are large: log10(update/data) = {v:.2f} > {self.high} for"
+                f" {self.patience} logged steps. The learning rate is probably too high.",
+            )
+        self._last_hist_step = step
+        if self._figure_now:
+            self._log_figure(trainer, step)
+
+    @override
+    def _draw_figure(self) -> Any:
+        from callbacks.figures import plot_update_ratios
+
+        if not self.steps:
+            return None
+        return plot_update_ratios(self.history, self.steps)
+
+    @override
+    def _summary_rows(self) -> list[str]:
+        rows = ["| parameter | last log10(update/data) |", "|---|---|"]
+        rows += [f"| {n} | {v[-1]:+.2f} |" for n, v in self.history.items() if v]
+        return rows
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "steps": list(self.steps),
+            "history": {n: list(v) for n, v in self.history.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.steps = list(state_dict.get("steps", []))
+        self.history = {n: list(v) for n, v in state_dict.get("history", {}).items()}
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._before.clear()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._before.clear()
