@@ -1,0 +1,128 @@
+"""Shared pieces of the callbacks tests: a small tanh MLP, fixed data, a reference recorder, event reading."""
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+N_FEATURES = 8
+
+
+def saturating_batch(batch_size: int = 16) -> Tensor:
+    """A (batch_size, 8) input of which exactly 25 % has |x| = 3 (tanh 0.995, saturated), the rest |x| <= 0.5."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, N_FEATURES, generator=g) - 0.5  # |x| <= 0.5
+    x[:, :2] = 3.0 * torch.sign(torch.randn(batch_size, 2, generator=g))  # 2 of 8 columns saturate
+    return x
+
+
+def fixed_loader(x: Tensor, n_batches: int, batch_size: int | None = None) -> DataLoader:
+    """A loader yielding the same batch ``x`` (with fixed labels) ``n_batches`` times."""
+    batch_size = batch_size or len(x)
+    y = torch.arange(len(x)) % 3
+    reps = n_batches * batch_size // len(x)
+    return DataLoader(TensorDataset(x.repeat(reps, 1), y.repeat(reps)), batch_size=batch_size)
+
+
+class TanhMLP(L.LightningModule):
+    """tanh applied to the (hand-built) input, a ReLU branch with 2 always-dead units, then a linear head.
+
+    ``self.h`` keeps the tanh output with ``retain_grad`` so a test can read the reference gradient.
+    """
+
+    def __init__(self, lr: float = 0.1, inplace_relu: bool = False, unused: bool = True) -> None:
+        super().__init__()
+        self.lr = lr
+        self.act = nn.Tanh()
+        self.hidden = nn.Linear(N_FEATURES, N_FEATURES)
+        self.relu = nn.ReLU(inplace=inplace_relu)
+        self.head = nn.Linear(2 * N_FEATURES, 3)
+        self.unused = nn.Sigmoid() if unused else None  # a module that is never called
+        self.h: Tensor | None = None
+        self.r: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(x)  # (B, 8)
+        if self.training and h.requires_grad:
+            h.retain_grad()
+        self.h = h
+        z = self.hidden(x)
+        z = torch.cat([z[:, :2] - 1e3, z[:, 2:]], dim=1)  # the first 2 units are never positive: dead
+        r = self.relu(z)
+        self.r = r.detach().clone()
+        return self.head(torch.cat([h, r], dim=1))  # (B, 3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        x = x.clone().requires_grad_(True)  # so the tanh output has a gradient
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class Recorder(Callback):
+    """Reference statistics per optimizer step, computed directly from the tensors (not by the monitors)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        row = self.rows.setdefault(step, {})
+        h, r = pl_module.h, pl_module.r
+        row["act_mean"], row["act_std"] = h.mean().item(), h.std().item()
+        row["act_saturation"] = (h.abs() > 0.97).float().mean().item()
+        row["relu_dead"] = (~(r > 0).any(0)).float().mean().item()
+        row["grad_mean"], row["grad_std"] = h.grad.mean().item(), h.grad.std().item()
+        for name, p in pl_module.named_parameters():
+            if p.ndim == 2:
+                row[f"{name}/grad_std"] = p.grad.std().item()
+                row[f"{name}/grad_to_data"] = (p.grad.std() / p.std()).item()
+                # plain SGD: the update is lr * grad
+                row[f"{name}/update_ratio"] = ((self.lr * p.grad).std() / p.std()).log10().item()
+
+
+def tb_logger(tmp_path: Path, name: str = "run") -> TensorBoardLogger:
+    return TensorBoardLogger(str(tmp_path), name=name, version=0, default_hp_metric=False)
+
+
+def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
+    kwargs.setdefault("logger", tb_logger(tmp_path))
+    kwargs.setdefault("max_epochs", 1)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        **kwargs,
+    )
+
+
+def read_events(log_dir: str) -> EventAccumulator:
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def histograms(acc: EventAccumulator, tag: str) -> dict[int, Any]:
+    return {e.step: e.histogram_value for e in acc.Histograms(tag)}
