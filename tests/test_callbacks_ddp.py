@@ -1,0 +1,143 @@
+"""Multi-process and end-to-end checks: DDP on 2 CPU processes (gloo), a real TensorBoard server."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import lightning.pytorch as L
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 6)
+            self.act = nn.Tanh()
+            self.rank0_only = nn.Sigmoid()  # called on rank 0 only: rank 1 must still join the collectives
+            self.head = nn.Linear(6, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            h = self.act(self.lin(x))
+            if self.global_rank == 0:
+                h = self.rank0_only(h)
+            return nn.functional.cross_entropy(self.head(h), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        # rank r sees x = r + small: rank 0 values in [0, 0.1), rank 1 in [1, 1.1) before the Linear
+        x = torch.cat([torch.rand(32, 4) * 0.1, 1 + torch.rand(32, 4) * 0.1])
+        y = torch.randint(0, 2, (64,))
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)  # per rank; DistributedSampler splits
+        monitors = [ActivationMonitor(every_n_steps=2, histogram_every_n_steps=2), GradientMonitor(every_n_steps=2),
+                    ParameterMonitor(every_n_steps=2), UpdateRatioMonitor(every_n_steps=2)]
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, log_every_n_steps=2,
+                            logger=TensorBoardLogger(out, name="ddp", version=0), callbacks=monitors,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            use_distributed_sampler=True)
+        trainer.fit(Net(), loader)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_global_histograms(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = read_events(str(tmp_path / "ddp" / "version_0"))
+    global_batch = 2 * 8  # 2 ranks x 8 rows
+    for step, h in histograms(acc, "activation/act").items():
+        assert h.num == global_batch * 6 == sum(h.bucket), step
+    for step, h in histograms(acc, "activation_grad/act").items():
+        assert h.num == global_batch * 6, step
+    # the module called on rank 0 only: its count is rank 0's batch, and nobody deadlocked
+    assert all(h.num == 8 * 6 for h in histograms(acc, "activation/rank0_only").values())
+    assert sorted(scalars(acc, "activation/act/mean")) == [1, 3]
+    assert sorted(scalars(acc, "update_ratio/lin.weight")) == [1, 3]
+    assert sorted(scalars(acc, "param_grad/lin.weight/grad_to_data")) == [1, 3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_server_lists_the_tags(tmp_path):
+    t = trainer(
+        tmp_path,
+        [
+            ActivationMonitor(every_n_steps=1, histogram_every_n_steps=2),
+            GradientMonitor(every_n_steps=1),
+            ParameterMonitor(every_n_steps=1),
+            UpdateRatioMonitor(every_n_steps=1),
+        ],
+        max_steps=4,
+    )
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 4))
+    port = _free_port()
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path)]
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}/data/plugin"
+    try:
+        deadline = time.monotonic() + 60
+        tags: dict[str, dict] = {}
+        while time.monotonic() < deadline:
+            try:
+                tags = {kind: _get_json(f"{base}/{kind}/tags") for kind in ("scalars", "histograms", "images")}
+                if all(tags[kind].get("run/version_0") for kind in tags):
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None:
+                pytest.fail(f"tensorboard exited: {server.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+        run = "run/version_0"
+        assert "activation/act/saturation" in tags["scalars"][run]
+        assert "update_ratio/head.weight" in tags["scalars"][run]
+        assert {"activation/act", "activation_grad/act", "param_grad/head.weight"} <= set(tags["histograms"][run])
+        assert {"activation/distribution", "update_ratio/history"} <= set(tags["images"][run])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
