@@ -69,9 +69,11 @@ class _Monitor(Callback):
         self._streaks: dict[str, int] = {}
         self._warned: dict[str, str] = {}
         self._nonfinite_warned = False
+        self._nonfinite_tags: set[str] = set()
         # last logged values, for the end-of-fit summary and figure (small CPU data only)
         self._last: dict[str, Summary] = {}
         self._last_hist_step = -1
+        self._last_figure_step = -1
 
     # ---------------------------------------------------------------- setup / cadence
     @override
@@ -94,9 +96,10 @@ class _Monitor(Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._step = step
         self._scalars_now = self._n > 0 and (step + 1) % self._n == 0
-        final = self._is_final_step(trainer, batch_idx)
-        self._hist_now = self._has_tb and (
-            (self._hist_n > 0 and (step + 1) % self._hist_n == 0) or (final and self._hist_n > 0)
+        self._hist_now = (
+            self._has_tb
+            and self._hist_n > 0
+            and ((step + 1) % self._hist_n == 0 or self._is_final_step(trainer, batch_idx))
         )
         self._figure_now = self._hist_now and self._fig_n > 0 and (step + 1) % self._fig_n == 0
 
@@ -173,6 +176,7 @@ class _Monitor(Callback):
             return
         from callbacks.figures import figure_to_array
 
+        self._last_figure_step = step
         image = figure_to_array(fig)
         for writer in self._writers(trainer):
             writer.add_image(self._figure_tag, image, global_step=step, dataformats="HWC")
@@ -192,6 +196,12 @@ class _Monitor(Callback):
             self._warned[key] = message
             if self.warn:
                 rank_zero_warn(f"{type(self).__name__}: {message}")
+
+    def _nonfinite_metric(self, tag: str, s: Summary) -> dict[str, float]:
+        """``{tag}/nonfinite``, from the first step with NaN/inf on (so a healthy run has no such curve)."""
+        if s.nonfinite:
+            self._nonfinite_tags.add(tag)
+        return {f"{tag}/nonfinite": float(s.nonfinite)} if tag in self._nonfinite_tags else {}
 
     def _check_nonfinite(self, tag: str, s: Summary) -> None:
         if s.nonfinite and not self._nonfinite_warned:
@@ -221,7 +231,7 @@ class _Monitor(Callback):
         if not trainer.is_global_zero or not self._has_tb:
             return
         step = trainer.global_step
-        if self._last_hist_step >= 0:
+        if self._last_hist_step >= 0 and self._last_figure_step != self._last_hist_step:
             self._log_figure(trainer, self._last_hist_step)
         text = self._summary_text()
         for writer in self._writers(trainer):

@@ -49,31 +49,30 @@ def local_stats(
         return torch.zeros(N_SUM, dtype=torch.float64, device=device), torch.full(
             (2,), float("-inf"), dtype=torch.float64, device=device
         )
+    # few, fused ops: on logged steps each costs a kernel launch (or a few microseconds on CPU)
     finite = torch.isfinite(flat)
-    count = finite.sum()
+    nonfinite = finite.logical_not()
+    count = finite.sum(dtype=torch.float64)
     xf = torch.where(finite, flat, 0.0)
     total = xf.sum(dtype=torch.float64)
-    xd = xf.double() if xf.dtype != torch.float64 else xf
-    sumsq = torch.dot(xd, xd)
-    lo = torch.where(finite, flat, float("inf")).min()
-    hi = torch.where(finite, flat, float("-inf")).max()
-    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sumsq = xf.square().sum(dtype=torch.float64)
+    lo = flat.masked_fill(nonfinite, float("inf")).min()
+    hi = flat.masked_fill(nonfinite, float("-inf")).max()
+    parts = [count, flat.numel() - count, total, sumsq]
     if saturation is not None:
         center, limit = saturation
-        saturated = ((flat - center).abs() > limit).logical_and_(finite).sum()
+        parts.append(((flat - center).abs() > limit).logical_and_(finite).sum(dtype=torch.float64))
     else:
-        saturated = zero
+        parts.append(torch.zeros((), dtype=torch.float64, device=device))
     if relu_like:
         rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else flat.reshape(1, -1)  # (B, units)
         alive = (rows > 0).any(0)  # (units,)
-        dead = alive.numel() - alive.sum()
-        units = torch.full((), float(alive.numel()), dtype=torch.float64, device=device)
+        parts.append(alive.numel() - alive.sum(dtype=torch.float64))
+        parts.append(torch.full((), float(alive.numel()), dtype=torch.float64, device=device))
     else:
-        dead = units = zero
-    sums = torch.stack(
-        [t.to(torch.float64) for t in (count, flat.numel() - count, total, sumsq, saturated, dead, units)]
-    )
-    maxes = torch.stack([(-lo).to(torch.float64), hi.to(torch.float64)])
+        parts.extend(torch.zeros(2, dtype=torch.float64, device=device).unbind())
+    sums = torch.stack(parts)
+    maxes = torch.stack([lo.neg(), hi]).to(torch.float64)
     return sums, maxes
 
 

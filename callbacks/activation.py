@@ -47,6 +47,7 @@ class _OutputMonitor(_Monitor):
     ) -> None:
         super().__init__(every_n_steps, histogram_every_n_steps, figure_every_n_steps, bins, warn)
         self.modules = check_specs(modules, "modules")
+        self._state_key: str | None = None
         self._names: list[str] = []
         self._labels: dict[str, str] = {}  # name -> "name (Tanh)"
         self._handles: list[RemovableHandle] = []
@@ -56,7 +57,10 @@ class _OutputMonitor(_Monitor):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(modules=[getattr(m, "__name__", m) for m in self.modules or ()])
+        # Lightning formats this on every hook call: compute it once
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(modules=[getattr(m, "__name__", m) for m in self.modules or ()])
+        return self._state_key
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -125,7 +129,7 @@ class _OutputMonitor(_Monitor):
             self._log_figure(trainer, step)
 
     def _scalars(self, name: str, tag: str, s: Summary) -> dict[str, float]:
-        return {f"{tag}/mean": s.mean, f"{tag}/std": s.std, f"{tag}/nonfinite": float(s.nonfinite)}
+        return {f"{tag}/mean": s.mean, f"{tag}/std": s.std, **self._nonfinite_metric(tag, s)}
 
     def _health(self, summaries: dict[str, Summary]) -> None:
         pass
@@ -152,7 +156,8 @@ class ActivationMonitor(_OutputMonitor):
     For each selected module ``name`` (its qualified name in ``named_modules()``), on logged steps:
 
     - histogram ``activation/{name}`` (TensorBoard only);
-    - scalars ``activation/{name}/mean``, ``/std``, ``/nonfinite`` (NaN/inf count, left out of the rest);
+    - scalars ``activation/{name}/mean``, ``/std``, ``/nonfinite`` (NaN/inf count, left out of the other statistics;
+      logged from the first step that has any);
     - ``activation/{name}/saturation`` for bounded outputs (tanh, sigmoid, hardtanh, ...): the share
       with ``|y - center| > saturation_threshold * half_range``, i.e. ``|y| > 0.97`` for tanh and
       ``|2y - 1| > 0.97`` for sigmoid;

@@ -34,12 +34,16 @@ class _ParamMonitor(_Monitor):
         super().__init__(**kwargs)
         self.params = check_patterns(params, "params")
         self.min_ndim = _check_ndim(min_ndim)
+        self._state_key: str | None = None
         self._named: dict[str, Tensor] = {}
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(params=list(self.params or ()), min_ndim=self.min_ndim)
+        # Lightning formats this on every hook call: compute it once
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(params=list(self.params or ()), min_ndim=self.min_ndim)
+        return self._state_key
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -74,7 +78,7 @@ class ParameterMonitor(_ParamMonitor):
 
     - histograms ``param/{name}`` and ``param_grad/{name}`` (TensorBoard only);
     - scalars ``param_grad/{name}/std``, ``param_grad/{name}/grad_to_data`` (``grad.std() / data.std()``)
-      and ``param_grad/{name}/nonfinite``.
+      and ``param_grad/{name}/nonfinite`` (from the first step with NaN/inf on).
 
     The figure ``param_grad/distribution`` overlays every gradient histogram with a legend of mean, std
     and grad:data ratio. Parameters without a gradient this step (frozen, unused) get ``param/`` only.
@@ -170,7 +174,7 @@ class ParameterMonitor(_ParamMonitor):
             if self._scalars_now:
                 metrics[f"{key}/std"] = s.std
                 metrics[f"{key}/grad_to_data"] = ratio
-                metrics[f"{key}/nonfinite"] = float(s.nonfinite)
+                metrics.update(self._nonfinite_metric(key, s))
                 self._check(
                     f"vanishing/{name}",
                     ratio < self.vanishing_grad_to_data or s.std == 0.0,

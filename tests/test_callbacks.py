@@ -54,7 +54,7 @@ def test_tanh_mlp_values_match_reference(tmp_path):
     for step, value in scalars(acc, "activation/relu/dead").items():
         assert value == pytest.approx(ref[step]["relu_dead"], abs=1e-7)
         assert value >= 0.25
-    assert scalars(acc, "activation/act/nonfinite") == dict.fromkeys([1, 3, 5, 7], 0.0)
+    assert "activation/act/nonfinite" not in acc.Tags()["scalars"]  # only once a NaN/inf was seen
     for step, value in scalars(acc, "activation_grad/act/std").items():
         assert value == pytest.approx(ref[step]["grad_std"], rel=1e-4)
     for step, value in scalars(acc, "activation_grad/act/mean").items():
