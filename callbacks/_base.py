@@ -61,6 +61,7 @@ class _Monitor(Callback):
         self.warn = warn
         # resolved in `setup`
         self._n = self._hist_n = self._fig_n = 0
+        self._final_step = 0
         self._has_tb = False
         # per-step flags, set in `on_train_batch_start`
         self._step = -1
@@ -99,9 +100,24 @@ class _Monitor(Callback):
         self._hist_now = (
             self._has_tb
             and self._hist_n > 0
-            and ((step + 1) % self._hist_n == 0 or self._is_final_step(trainer, batch_idx))
+            and (
+                (step + 1) % self._hist_n == 0
+                or (step >= self._final_step - 1 and self._is_final_step(trainer, batch_idx))
+            )
         )
         self._figure_now = self._hist_now and self._fig_n > 0 and (step + 1) % self._fig_n == 0
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # a lower bound of the last optimizer step, so that `_is_final_step` runs only near the end
+        self._final_step = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else -1
+        n_batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
+        if isinstance(n_batches, int) and max_epochs is not None and max_epochs >= 0:
+            per_epoch = -(-n_batches // trainer.accumulate_grad_batches)
+            by_epochs = max_epochs * per_epoch
+            self._final_step = by_epochs if self._final_step < 0 else min(self._final_step, by_epochs)
+        if self._final_step < 0:
+            self._final_step = 2**62  # open-ended: no final-step histogram
 
     @property
     def _active(self) -> bool:

@@ -323,7 +323,7 @@ class UpdateRatioMonitor(_ParamMonitor):
         metrics = {f"update_ratio/{n}": v for n, v in ratios.items() if math.isfinite(v)}
         self._log_scalars(trainer, metrics, step)
         self.steps.append(step)
-        for n in set(self.history) | set(ratios):
+        for n in [*self.history, *(n for n in ratios if n not in self.history)]:  # stable legend order
             series = self.history.setdefault(n, [math.nan] * (len(self.steps) - 1))
             series.append(ratios.get(n, math.nan))
         for n, v in ratios.items():

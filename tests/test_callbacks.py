@@ -236,3 +236,39 @@ def test_health_warnings_once_and_summary(tmp_path):
     assert "saturation/act" in activation.state_dict()["warned"]
     summary = activation._summary_text()
     assert "act (Tanh)" in summary and "is saturated" in summary
+
+
+def test_makemore_module(tmp_path):
+    """The project's own model: the deep BatchNorm MLP, with values checked against the tensors."""
+    makemore = pytest.importorskip("lightning_makemore")
+    model = makemore.MakemoreModule(vocab=[".", *"abcdefghijklmnopqrstuvwxyz"], block_size=3, n_layers=2, n_hidden=32)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 27, (32 * 4, 3), generator=g), torch.randint(0, 27, (32 * 4,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    seen = {}
+
+    class Reference(Recorder):
+        def on_fit_start(self, trainer, pl_module):
+            act = pl_module.net.blocks[0].act
+            act.register_forward_hook(lambda m, a, out: seen.__setitem__("h", out.detach().clone()))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            w = pl_module.net.blocks[0].linear.weight
+            seen[trainer.global_step] = {
+                "saturation": (seen["h"].abs() > 0.97).float().mean().item(),
+                "std": seen["h"].std().item(),
+                "grad_to_data": (w.grad.std() / w.std()).item(),
+            }
+
+    t = trainer(tmp_path, [*all_monitors(every_n_steps=1), Reference(0.1)], max_steps=4, limit_val_batches=0)
+    t.fit(model, loader)
+    acc = read_events(t.logger.log_dir)
+    for step in range(4):
+        ref = seen[step]
+        assert scalars(acc, "activation/net.blocks.0.act/saturation")[step] == pytest.approx(ref["saturation"])
+        assert scalars(acc, "activation/net.blocks.0.act/std")[step] == pytest.approx(ref["std"], rel=1e-5)
+        grad_to_data = scalars(acc, "param_grad/net.blocks.0.linear.weight/grad_to_data")[step]
+        assert grad_to_data == pytest.approx(ref["grad_to_data"], rel=1e-4)
+    tags = acc.Tags()
+    assert {"activation_grad/net.blocks.1.act/std", "update_ratio/net.embedding.weight"} <= set(tags["scalars"])
+    assert "activation/net.blocks.1.act" in tags["histograms"]  # the final step always has histograms
