@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     import numpy as np
     from matplotlib.figure import Figure
 
-__all__ = ["Distribution", "figure_to_array", "plot_distributions", "plot_update_ratios"]
+__all__ = [
+    "Distribution",
+    "describe",
+    "figure_to_array",
+    "plot_distributions",
+    "plot_update_ratios",
+    "tensor_distribution",
+]
 
 
 @dataclass
@@ -38,7 +45,13 @@ def _fmt(value: float) -> str:
 
 
 def describe(t: Tensor, saturation_threshold: float | None = None) -> str:
-    """Legend text of a tensor: ``mean +0.01, std 0.63, saturated 2.34%`` (saturation: ``|t| > threshold``)."""
+    """Legend text of a tensor: ``mean +0.01, std 0.63, saturated 2.34%`` (saturation: ``|t| > threshold``).
+
+    Example::
+
+        describe(torch.tensor([0.0, 0.5, 0.99, -1.0]), saturation_threshold=0.97)
+        # 'mean +0.12, std 0.85, saturated 50.00%'
+    """
     t = t.detach().float().reshape(-1)
     t = t[torch.isfinite(t)]
     text = f"mean {_fmt(t.mean().item())}, std {_fmt(t.std().item()).lstrip('+')}"
@@ -110,7 +123,13 @@ def plot_distributions(
 
 
 def tensor_distribution(t: Tensor, bins: int = 64) -> Distribution:
-    """Bins a tensor's finite values into ``bins`` equal bins between its min and max (on its device)."""
+    """Bins a tensor's finite values into ``bins`` equal bins between its min and max (on its device).
+
+    Example::
+
+        dist = tensor_distribution(torch.tensor([0.0, 0.25, 1.0]), bins=2)
+        # Distribution(edges=[0.0, 0.5, 1.0], counts=[2.0, 1.0], legend='')
+    """
     buffer = StatsBuffer()
     buffer.add("t", t, keep=True)
     summary = buffer.reduce(["t"], t.device, None, histograms=True, bins=bins)["t"]
