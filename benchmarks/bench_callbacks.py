@@ -51,7 +51,7 @@ class LectureMLP(L.LightningModule):
 
 
 def fit_seconds(steps: int, config: str, log_dir: str) -> float:
-    """Seconds of one ``fit``; ``config``: "none", "noop" (4 empty callbacks: Lightning's dispatch cost) or "monitors"."""
+    """Seconds of one ``fit``; ``config``: "none", "noop" (4 empty callbacks: the dispatch cost), "monitors"."""
     torch.manual_seed(0)
     x = torch.randint(0, 27, (steps * 32, 3))
     y = torch.randint(0, 27, (steps * 32,))
