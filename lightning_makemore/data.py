@@ -165,7 +165,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256, timeout: float = 30) -> Path:
+def download_names(dest: Path, url: str | None = None, sha256: str = NAMES_SHA256, timeout: float = 30) -> Path:
     """Download the corpus to `dest` atomically (temp file + rename), verified by sha256.
 
     A file already at `dest` with the right checksum is reused; nothing half-written is ever left at `dest`.
@@ -173,6 +173,7 @@ def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256,
     Raises:
         DataError: offline, or the download's checksum does not match.
     """
+    url = url or NAMES_URL
     if dest.is_file() and _sha256(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
