@@ -19,13 +19,19 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_makemore.data import DataError, NamesDataModule
 from lightning_makemore.module import MakemoreModule, check_batch_size
+
+PROGRESS_BAR_REFRESH = 50  # steps between progress-bar refreshes (Lightning's default, 1, is a cost per step)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
 
 
 class ValidateOnLastStep(Callback):
@@ -88,6 +94,17 @@ class MakemoreCLI(LightningCLI):
             torch.set_num_threads(threads)
         if self.subcommand == "fit":
             check_batch_size(config.model, config.data.batch_size)
+        if config.get("trainer", {}).get("sync_batchnorm") and not torch.cuda.is_available():
+            raise ValueError(
+                "--trainer.sync_batchnorm true needs CUDA GPUs (torch's SyncBatchNorm has no CPU version): "
+                "drop the flag on CPU, where each process normalises its own batch."
+            )
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(
+                f"Checkpoint not found: {ckpt_path}. Pass a .ckpt file written by `train.py fit`, "
+                "e.g. lightning_logs/version_0/checkpoints/last.ckpt."
+            )
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -105,8 +122,16 @@ class MakemoreCLI(LightningCLI):
             )
             if config.get("monitors", True):
                 extra.extend(make_monitors())
-        callbacks = list(kwargs.pop("callbacks", None) or []) + extra
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        # the user's --trainer.callbacks first (passing `callbacks=` to super() would replace them)
+        user = kwargs.pop("callbacks", None) or self._get(self.config_init, "trainer", default={}).get("callbacks")
+        callbacks = _as_list(user)
+        given = [*callbacks, *_as_list(self.trainer_defaults.get("callbacks"))]
+        bar_given = any(isinstance(c, ProgressBar) for c in given)
+        if config.get("trainer", {}).get("enable_progress_bar") is not False and not bar_given:
+            # refreshing the bar on every step costs ~15 % of this model's step; the loss on it changes every
+            # log_every_n_steps anyway
+            extra.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH))
+        return super().instantiate_trainer(callbacks=callbacks + extra, **kwargs)
 
     @override
     def after_fit(self) -> None:
