@@ -1,0 +1,349 @@
+"""Training speed of the lecture's BatchNorm MLP: plain PyTorch, the obvious Lightning port, and ours.
+
+Four loops train the same network (makemore part 3's MLP: Embedding(27, 10), context 3,
+Linear(30, 200) -> BatchNorm1d -> tanh -> Linear(200, 27)) on the lecture's training split, batch 32,
+plain SGD, one intra-op thread, for the same number of steps:
+
+- (a) ``plain``: the lecture's loop: ``randint`` batch from the full tensors, forward, cross-entropy,
+  ``p.grad = None``, backward, ``p.data += -lr * p.grad``.
+- (b) ``port``: the obvious Lightning port: ``DataLoader(TensorDataset(X, Y), batch_size=32,
+  shuffle=True, drop_last=True)``, ``self.log`` on every step, the default Trainer (progress bar,
+  logger, checkpoint).
+- (c) ``ours``: ``train.py fit --monitors false``, i.e. ``MakemoreCLI`` with exactly the arguments a
+  user types (its Trainer, data module, loaders, schedule, checkpointing and logging).
+- (d) ``ours+monitors``: the same with the four monitors of ``callbacks/`` at their default cadence.
+
+Each loop is timed from the end of optimizer step ``--warmup`` to the end of the last step (wall and
+CPU time; a callback reads the clocks in ``on_train_batch_end``), so imports, first calls, the final
+validation, checkpoint and end-of-fit figures are left out. The four run in one process, alternating
+within each repeat (so drifts in the machine's load hit all alike); medians over ``--repeats``.
+CPU time (``time.process_time``) is the figure to trust when other jobs share the cores.
+
+    python benchmarks/bench_speed.py --steps 5000 --repeats 5
+    python benchmarks/bench_speed.py --long           # also peak RSS of a 200,000-step run with monitors
+
+Targets (issue 4): c >= 0.5 x a, c >= 1.6 x b, d <= 1.10 x c (time), i.e. d/c >= 0.91 in steps/s;
+peak RSS of the long run under 1 GB and flat after warm-up. Writes ``benchmarks/results/speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_makemore.cli import MakemoreCLI
+from lightning_makemore.data import NamesDataModule
+from lightning_makemore.model import MLP
+from lightning_makemore.module import LECTURE_SEED, MakemoreModule
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "speed.md"
+LOOPS = ("plain", "port", "ours", "ours+monitors")
+LETTERS = dict(zip(LOOPS, "abcd", strict=True))
+
+
+# --------------------------------------------------------------------------------------------- timing
+class Clock:
+    """Wall and CPU seconds between the end of step `warmup` and the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: tuple[float, float] | None = None
+        self.end: tuple[float, float] = (0.0, 0.0)
+        self.steps = 0
+
+    def tick(self, step: int) -> None:
+        """Call after optimizer step `step` (1-based) has finished."""
+        now = (time.perf_counter(), time.process_time())
+        if step == self.warmup:
+            self.start = now
+        self.end, self.steps = now, step - self.warmup
+
+    def result(self) -> tuple[float, float, int]:
+        if self.start is None:
+            raise RuntimeError(f"Expected more than {self.warmup} steps to time.")
+        return self.end[0] - self.start[0], self.end[1] - self.start[1], self.steps
+
+
+class ClockCallback(Callback):
+    """Reads the clocks after every optimizer step; the last callback, so it sees the others' work."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.clock.tick(trainer.global_step)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Progress bars, summaries and sampled names go to /dev/null (tqdm still formats and writes them)."""
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
+
+
+def lecture_net(vocab_size: int) -> MLP:
+    return MLP(vocab_size, block_size=3, n_embd=10, n_hidden=200, generator=torch.Generator().manual_seed(LECTURE_SEED))
+
+
+# ---------------------------------------------------------------------------------------------- loops
+def run_plain(data: tuple[Tensor, Tensor, int], steps: int, warmup: int, root: str) -> tuple[float, float, int]:
+    """(a) the lecture's loop, with the lecture's lr drop at half the steps."""
+    X, Y, vocab_size = data
+    net = lecture_net(vocab_size)
+    params = list(net.parameters())
+    g = torch.Generator().manual_seed(LECTURE_SEED)
+    clock = Clock(warmup)
+    for i in range(steps):
+        ix = torch.randint(0, X.shape[0], (32,), generator=g)
+        Xb, Yb = X[ix], Y[ix]  # (32, 3), (32,)
+        loss = F.cross_entropy(net(Xb), Yb)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        lr = 0.1 if i < steps // 2 else 0.01
+        for p in params:
+            p.data += -lr * p.grad
+        clock.tick(i + 1)
+    return clock.result()
+
+
+class PortModule(L.LightningModule):
+    """(b) what a first Lightning port of the lecture looks like."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.net = lecture_net(vocab_size)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10**9], gamma=0.1)
+        return [optimizer], [scheduler]
+
+
+def run_port(data: tuple[Tensor, Tensor, int], steps: int, warmup: int, root: str) -> tuple[float, float, int]:
+    X, Y, vocab_size = data
+    loader = DataLoader(TensorDataset(X, Y), batch_size=32, shuffle=True, drop_last=True)
+    clock = Clock(warmup)
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, default_root_dir=root, callbacks=[ClockCallback(clock)]
+    )
+    with quiet():
+        trainer.fit(PortModule(vocab_size), loader)
+    return clock.result()
+
+
+def run_ours(steps: int, warmup: int, root: str, monitors: bool, extra: list[str] = ()) -> tuple[float, float, int]:
+    """(c), (d): `python train.py fit ...` in this process, plus the clock callback."""
+    clock = Clock(warmup)
+    args = ["fit", "--trainer.max_steps", str(steps), "--monitors", str(monitors).lower()]
+    args += ["--trainer.default_root_dir", root, *extra]
+    with quiet():
+        MakemoreCLI(
+            MakemoreModule,
+            NamesDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [ClockCallback(clock)]},
+        )
+    return clock.result()
+
+
+# ------------------------------------------------------------------------------------------- long run
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MB, from /proc/self/status."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+class RSSCallback(Callback):
+    def __init__(self, total: int, points: int = 10) -> None:
+        self.at = {total * k // points for k in range(1, points + 1)} | {1000}
+        self.samples: list[tuple[int, float, float, float]] = []
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step in self.at:
+            self.samples.append((trainer.global_step, time.perf_counter() - self.t0, *rss_mb()))
+
+
+def long_child(steps: int) -> None:
+    """Child process of --long: train.py fit with monitors for `steps`, RSS sampled along the way."""
+    torch.set_num_threads(1)
+    callback = RSSCallback(steps)
+    with tempfile.TemporaryDirectory() as root, quiet():
+        args = ["fit", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root]
+        MakemoreCLI(
+            MakemoreModule,
+            NamesDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [callback]},
+        )
+    print(json.dumps({"samples": callback.samples, "final": rss_mb()}))
+
+
+def run_long(steps: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--long-child", str(steps)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"long run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall"] = time.perf_counter() - start
+    return result
+
+
+# -------------------------------------------------------------------------------------------- report
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {L.__version__}, {torch.get_num_threads()} intra-op thread"
+    )
+
+
+def busy_processes() -> int:
+    """Other processes using a CPU now (a rough load figure for the report)."""
+    out = subprocess.run(["ps", "-eo", "pid,pcpu"], capture_output=True, text=True).stdout.splitlines()[1:]
+    return sum(1 for line in out if float(line.split()[1]) > 20 and int(line.split()[0]) != os.getpid())
+
+
+def table(times: dict[str, dict[str, list[float]]], steps: int) -> list[str]:
+    rows = ["| loop | steps/s (wall) | steps/s (CPU) | ms/step (CPU) | runs (wall s) |", "|---|---:|---:|---:|---|"]
+    for loop in LOOPS:
+        wall, cpu = statistics.median(times[loop]["wall"]), statistics.median(times[loop]["cpu"])
+        runs = ", ".join(f"{t:.2f}" for t in times[loop]["wall"])
+        name = f"({LETTERS[loop]}) {loop}"
+        rows.append(f"| {name} | {steps / wall:,.0f} | {steps / cpu:,.0f} | {1e3 * cpu / steps:.3f} | {runs} |")
+    return rows
+
+
+def ratios(times: dict[str, dict[str, list[float]]]) -> list[str]:
+    rate = {kind: {loop: 1 / statistics.median(times[loop][kind]) for loop in LOOPS} for kind in ("wall", "cpu")}
+    checks = [
+        ("c / a", "ours", "plain", ">= 0.5"),
+        ("c / b", "ours", "port", ">= 1.6"),
+        ("d / c", "ours+monitors", "ours", ">= 0.91 (time <= 1.10 x)"),
+    ]
+    rows = ["| ratio of steps/s | wall | CPU | target |", "|---|---:|---:|---|"]
+    for name, num, den, target in checks:
+        wall, cpu = rate["wall"][num] / rate["wall"][den], rate["cpu"][num] / rate["cpu"][den]
+        rows.append(f"| {name} | {wall:.2f} | {cpu:.2f} | {target} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5000, help="optimizer steps per fit")
+    parser.add_argument("--warmup", type=int, default=200, help="steps left out of the timing")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--long", action="store_true", help="also a 200,000-step run with monitors for RSS")
+    parser.add_argument("--long-steps", type=int, default=200_000)
+    parser.add_argument("--long-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not os.environ.get("MAKEMORE_NAMES") and not args.long_child:
+        print("note: MAKEMORE_NAMES is not set; the names corpus is read from the download cache", file=sys.stderr)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    if args.long_child:
+        long_child(args.long_child)
+        return
+    torch.set_num_threads(1)
+
+    dm = NamesDataModule()
+    dm.setup("fit")
+    data = (*dm.splits["train"], len(dm.vocab))
+    runners = {
+        "plain": lambda n, root: run_plain(data, n, args.warmup, root),
+        "port": lambda n, root: run_port(data, n, args.warmup, root),
+        "ours": lambda n, root: run_ours(n, args.warmup, root, monitors=False),
+        "ours+monitors": lambda n, root: run_ours(n, args.warmup, root, monitors=True),
+    }
+    times: dict[str, dict[str, list[float]]] = {loop: {"wall": [], "cpu": []} for loop in LOOPS}
+    busy = [busy_processes()]
+    with tempfile.TemporaryDirectory() as root:
+        for loop in LOOPS:  # warm-up of each: imports, matplotlib, first figure
+            runners[loop](args.warmup + 300, root)
+        for r in range(args.repeats):
+            order = LOOPS if r % 2 == 0 else LOOPS[::-1]  # alternate, so drifts in load hit all alike
+            for loop in order:
+                gc.collect()
+                wall, cpu, n = runners[loop](args.steps, root)
+                times[loop]["wall"].append(wall)
+                times[loop]["cpu"].append(cpu)
+                print(
+                    f"repeat {r + 1}/{args.repeats} {loop:>14}: {n / wall:7,.0f} steps/s wall, {n / cpu:7,.0f} CPU",
+                    flush=True,
+                )
+            busy.append(busy_processes())
+    timed = args.steps - args.warmup
+    command = "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"Machine: {machine()}.",
+        f"Command: `{command.strip()}`. Steps {args.steps} per fit, {timed} timed (after {args.warmup} of warm-up),"
+        f" median of {args.repeats} alternating repeats. Other busy processes during the run: {min(busy)}-{max(busy)}.",
+        "",
+        *table(times, timed),
+        "",
+        *ratios(times),
+    ]
+    if args.long:
+        print(f"long run: {args.long_steps} steps with monitors ...", flush=True)
+        long = run_long(args.long_steps)
+        lines += [
+            "",
+            f"Long run: `train.py fit --trainer.max_steps {args.long_steps}` with the four monitors, "
+            f"{long['wall']:.0f} s in all (process start, validation and checkpoint included).",
+            "",
+            "| step | % of run | RSS (MB) | peak RSS so far (MB) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for step, _, rss, peak in long["samples"]:
+            lines.append(f"| {step:,} | {100 * step / args.long_steps:.0f} % | {rss:.0f} | {peak:.0f} |")
+        lines.append(f"| end of fit | | {long['final'][0]:.0f} | {long['final'][1]:.0f} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        "# Training speed: plain PyTorch, the obvious Lightning port, ours\n\n"
+        "Written by `benchmarks/bench_speed.py` (see its docstring for what each loop is).\n\n" + text + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
