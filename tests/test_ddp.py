@@ -59,7 +59,8 @@ def test_ddp_predict_prints_once(ddp_run):
 
 
 def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path, names_path):
-    args = ["fit", "--trainer.accelerator", "cpu", "--trainer.sync_batchnorm", "true", *QUIET]
+    args = ["fit", "--trainer.accelerator", "cpu", "--trainer.sync_batchnorm", "true", "--trainer.max_steps", "5"]
+    args += QUIET
     proc = train(args, tmp_path, names_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: --trainer.sync_batchnorm true needs CUDA GPUs" in proc.stderr
