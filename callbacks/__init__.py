@@ -4,12 +4,14 @@
 - :class:`GradientMonitor`: gradients w.r.t. those activations.
 - :class:`ParameterMonitor`: parameters and their gradients, with the grad:data ratio.
 - :class:`UpdateRatioMonitor`: log10 of the update:data ratio per parameter, over time.
+- :class:`CallbackGroup`: several callbacks dispatched as one (cheaper per step for tiny models).
 - :mod:`callbacks.figures`: the lecture-style figures, usable from scripts.
 
 This package depends on Lightning and PyTorch only; it never imports ``lightning_makemore``.
 """
 
 from callbacks.activation import ActivationMonitor, GradientMonitor
+from callbacks.group import CallbackGroup
 from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
 
-__all__ = ["ActivationMonitor", "GradientMonitor", "ParameterMonitor", "UpdateRatioMonitor"]
+__all__ = ["ActivationMonitor", "CallbackGroup", "GradientMonitor", "ParameterMonitor", "UpdateRatioMonitor"]

@@ -89,7 +89,7 @@ class _Monitor(Callback):
             )
         self._n = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
         self._hist_n = self.histogram_every_n_steps if self.histogram_every_n_steps is not None else 10 * self._n
-        self._fig_n = self.figure_every_n_steps if self.figure_every_n_steps is not None else 100 * self._n
+        self._fig_n = self.figure_every_n_steps if self.figure_every_n_steps is not None else 2000 * self._n
         self._has_tb = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
 
     def _set_step_flags(self, trainer: "pl.Trainer", batch_idx: int) -> None:

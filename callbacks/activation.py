@@ -180,7 +180,7 @@ class ActivationMonitor(_OutputMonitor):
         histogram_every_n_steps: log histograms every n steps (and at the final step); default
             ``10 * every_n_steps``; ``0`` turns them off.
         figure_every_n_steps: log the figure every n steps (must fall on a histogram step) and at the
-            end of fit; default ``100 * every_n_steps``; ``0``: only at the end of fit.
+            end of fit; default ``2000 * every_n_steps``; ``0``: only at the end of fit.
         bins: histogram bins between the global min and max.
         saturation_threshold: share of the output range beyond which a bounded output is saturated.
         saturation_warning: warn once when a layer's saturation stays above this for 3 logged steps.
@@ -311,7 +311,7 @@ class GradientMonitor(_OutputMonitor):
         modules: module types and/or ``fnmatch`` name patterns; default: every activation module.
         every_n_steps: log scalars every n optimizer steps; default ``Trainer(log_every_n_steps)``.
         histogram_every_n_steps: default ``10 * every_n_steps``; ``0`` turns histograms off.
-        figure_every_n_steps: default ``100 * every_n_steps``; ``0``: only at the end of fit.
+        figure_every_n_steps: default ``2000 * every_n_steps``; ``0``: only at the end of fit.
         bins: histogram bins.
         vanishing_ratio: a layer whose gradient std is below this share of the largest layer's is
             "vanishing".

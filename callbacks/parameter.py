@@ -90,7 +90,7 @@ class ParameterMonitor(_ParamMonitor):
             biases or norm gains), as in the lecture.
         every_n_steps: log scalars every n optimizer steps; default ``Trainer(log_every_n_steps)``.
         histogram_every_n_steps: default ``10 * every_n_steps``; ``0`` turns histograms off.
-        figure_every_n_steps: default ``100 * every_n_steps``; ``0``: only at the end of fit.
+        figure_every_n_steps: default ``2000 * every_n_steps``; ``0``: only at the end of fit.
         bins: histogram bins.
         vanishing_grad_to_data: grad:data ratio below which a parameter's gradient is "vanishing".
         warn: emit health warnings.
@@ -233,7 +233,7 @@ class UpdateRatioMonitor(_ParamMonitor):
         params: ``fnmatch`` patterns of parameter names; default: all trainable ones with ``min_ndim``.
         min_ndim: only parameters with at least this many dims (default 2, as in the lecture).
         every_n_steps: measure every n optimizer steps; default ``Trainer(log_every_n_steps)``.
-        figure_every_n_steps: default ``100 * every_n_steps``; ``0``: only at the end of fit.
+        figure_every_n_steps: default ``2000 * every_n_steps``; ``0``: only at the end of fit.
         low: log10 ratio below which updates are too small (learning rate too low).
         high: log10 ratio above which updates are too large (learning rate too high).
         patience: consecutive logged steps out of ``[low, high]`` before warning.

@@ -48,10 +48,14 @@ class ValidateOnLastStep(Callback):
 
 
 def make_monitors() -> list[Callback]:
-    """The four training-health monitors of the `callbacks` package, at their default cadence."""
-    from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+    """The four training-health monitors of the `callbacks` package, at their default cadence.
 
-    return [ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()]
+    Grouped into one callback: Lightning's dispatch of every hook to every callback would otherwise cost
+    about 15 % of this small model's step before the monitors do any work.
+    """
+    from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+
+    return [CallbackGroup([ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()])]
 
 
 class MakemoreCLI(LightningCLI):
