@@ -296,10 +296,10 @@ class EvalBatches:
 
 
 class SampleRequests:
-    """What `predict` iterates over: the sizes of the groups of names to generate (at least one group)."""
+    """What `predict` iterates over: the sizes of the groups of names to generate (one group of 0 for none)."""
 
     def __init__(self, num_samples: int, per_batch: int, seed: int):
-        self.sizes = [min(per_batch, num_samples - i) for i in range(0, num_samples, per_batch)]
+        self.sizes = [min(per_batch, num_samples - i) for i in range(0, num_samples, per_batch)] or [0]
         self.seed = seed
 
     def __len__(self) -> int:
@@ -413,7 +413,10 @@ class NamesDataModule(L.LightningDataModule):
         return EvalBatches(*self._split("test"), self.eval_batch_size, *self._rank_world())
 
     def predict_dataloader(self) -> SampleRequests:
-        return SampleRequests(self.num_samples, per_batch=self.num_samples, seed=self.sample_seed)
+        # the names are printed: rank zero samples them all; the other ranks get one empty request (Lightning
+        # refuses a loader of length zero)
+        rank, _ = self._rank_world()
+        return SampleRequests(self.num_samples if rank == 0 else 0, per_batch=self.num_samples, seed=self.sample_seed)
 
     @property
     def X_train(self) -> Tensor:

@@ -215,6 +215,8 @@ class MakemoreModule(L.LightningModule):
 
     @override
     def predict_step(self, batch: dict[str, int], batch_idx: int) -> list[str]:
+        if batch["num"] == 0:  # the empty request of a rank other than zero
+            return []
         names = self.sample(batch["num"], seed=batch["seed"])
         self.print("\n".join(names))  # rank zero only
         return names
