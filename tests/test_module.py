@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from lightning_makemore import MakemoreModule, NamesDataModule, split_loss
-from lightning_makemore.cli import ValidateOnLastStep
 from lightning_makemore.data import TrainBatches
 
 
@@ -23,7 +22,6 @@ def _trainer(tmp_path, max_steps, **kwargs) -> L.Trainer:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
-        callbacks=[ValidateOnLastStep()],
     )
     return L.Trainer(**(defaults | kwargs))
 
@@ -154,3 +152,16 @@ def test_batch_size_one_with_batchnorm_is_refused(names_path, tmp_path):
 def test_bad_module_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MakemoreModule(**kwargs)
+
+
+def test_weight_averaging_callbacks_see_the_built_net(names_path, tmp_path):
+    """EMAWeightAveraging copies the model in its own setup, before the module's: the net must exist then."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    ema = EMAWeightAveraging(decay=0.9)
+    model = MakemoreModule()
+    _trainer(tmp_path, 20, callbacks=[ema], limit_val_batches=0).fit(
+        model, datamodule=NamesDataModule(path=str(names_path))
+    )
+    averaged = dict(ema._average_model.module.named_parameters())
+    assert set(averaged) == {f"net.{n}" for n, _ in model.net.named_parameters()}
