@@ -67,6 +67,8 @@ class CallbackGroup(Callback):
             if not isinstance(cb, Callback):
                 raise ValueError(f"Expected every member to be a lightning Callback, but got {type(cb).__name__}.")
         self.callbacks = list(callbacks)
+        self._state_key: str | None = None
+        self._idle = False  # no member logs the current training step
         # per hook, the bound methods of the members that override it
         self._calls = {
             hook: [getattr(cb, hook) for cb in self.callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]
@@ -76,7 +78,10 @@ class CallbackGroup(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(members=[cb.state_key for cb in self.callbacks])
+        # Lightning formats this on every hook call (about 6 a step): compute it once, the members are fixed
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(members=[cb.state_key for cb in self.callbacks])
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -101,14 +106,33 @@ class CallbackGroup(Callback):
                 cb.load_state_dict(state)
 
 
+#: hooks of a training step after ``on_train_batch_start``: skipped on steps no member logs
+_STEP_HOOKS = frozenset(
+    {"on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad", "on_train_batch_end"}
+)
+
+
 def _forward(hook: str) -> Any:
     def method(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
         for call in self._calls[hook]:
             call(*args, **kwargs)
 
-    method.__name__ = hook
-    method.__doc__ = f"Calls ``{hook}`` of the members that override it."
-    return method
+    def batch_start(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
+        for call in self._calls[hook]:
+            call(*args, **kwargs)
+        # a monitor says through `_active` whether it logs this step; others are always called
+        self._idle = all(not getattr(cb, "_active", True) for cb in self.callbacks)
+
+    def step_hook(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
+        if self._idle:  # no member logs this step: their step hooks would all return at once
+            return
+        for call in self._calls[hook]:
+            call(*args, **kwargs)
+
+    fn = batch_start if hook == "on_train_batch_start" else step_hook if hook in _STEP_HOOKS else method
+    fn.__name__ = hook
+    fn.__doc__ = f"Calls ``{hook}`` of the members that override it."
+    return fn
 
 
 for _hook in _HOOKS:
