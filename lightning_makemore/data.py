@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -405,6 +405,13 @@ class NamesDataModule(L.LightningDataModule):
         X, Y = self._split("train")
         rank, world = self._rank_world()
         return TrainBatches(X, Y, self.batch_size, self.seed, self.sampling, rank, world)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # our loaders yield tensors made where the data lives: skip Lightning's generic walk over the batch
+        # (~20 us a step, a few % of this model's step) when they are on the device already
+        if isinstance(batch, tuple) and all(isinstance(t, Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> EvalBatches:
         return EvalBatches(*self._split("val"), self.eval_batch_size, *self._rank_world())
