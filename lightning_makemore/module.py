@@ -24,6 +24,21 @@ OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["step", "constant", "cosine", "onecycle"]
 SCHEDULES: tuple[str, ...] = ("step", "constant", "cosine", "onecycle")
 LECTURE_SEED = 2147483647
+# the hyperparameters that are `MLP` arguments, passed through as they are
+NET_ARGS = (
+    "n_embd",
+    "n_hidden",
+    "n_layers",
+    "init",
+    "last_layer_scale",
+    "batchnorm",
+    "bn_momentum",
+    "bn_eps",
+    "logits_batchnorm",
+    "logits_bn_gamma",
+    "activation",
+    "dropout",
+)
 
 
 class MakemoreModule(L.LightningModule):
@@ -122,23 +137,8 @@ class MakemoreModule(L.LightningModule):
         # resolved values go into the checkpoint's hparams (and the logged ones), so a checkpoint rebuilds the net
         for hparams in (self.hparams, getattr(self, "_hparams_initial", None) or {}):
             hparams["vocab"], hparams["block_size"] = list(vocab.itos), block_size
-        self.net = MLP(
-            vocab_size=len(vocab),
-            block_size=block_size,
-            n_embd=hp.n_embd,
-            n_hidden=hp.n_hidden,
-            n_layers=hp.n_layers,
-            init=hp.init,
-            last_layer_scale=hp.last_layer_scale,
-            batchnorm=hp.batchnorm,
-            bn_momentum=hp.bn_momentum,
-            bn_eps=hp.bn_eps,
-            logits_batchnorm=hp.logits_batchnorm,
-            logits_bn_gamma=hp.logits_bn_gamma,
-            activation=hp.activation,
-            dropout=hp.dropout,
-            generator=generator,
-        )
+        net_args = {name: hp[name] for name in NET_ARGS}
+        self.net = MLP(vocab_size=len(vocab), block_size=block_size, generator=generator, **net_args)
 
     def _datamodule(self) -> Any:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
