@@ -30,7 +30,7 @@ Reducer = Callable[[Tensor, str], Tensor]
 
 
 def local_stats(
-    x: Tensor, saturation: tuple[float, float] | None = None, relu_like: bool = False
+    x: Tensor, saturation: tuple[float, float] | None = None, relu_like: bool = False, minmax: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Summarises one tensor into a ``(7,)`` sum vector and a ``(2,)`` max vector (float64, on x's device).
 
@@ -39,6 +39,8 @@ def local_stats(
         saturation: ``(center, limit)``: an entry is saturated when ``|x - center| > limit``.
         relu_like: count "dead" units: positions (over all dims but the first, the batch) that are
             never positive in this tensor.
+        minmax: compute the min and max (only histograms need them); when False the max vector is
+            ``-inf`` (the identity of the max reduction).
     """
     x = x.detach()
     if not x.is_floating_point():
@@ -51,17 +53,15 @@ def local_stats(
         )
     # few, fused ops: on logged steps each costs a kernel launch (or a few microseconds on CPU)
     finite = torch.isfinite(flat)
-    nonfinite = finite.logical_not()
     count = finite.sum(dtype=torch.float64)
     xf = torch.where(finite, flat, 0.0)
     total = xf.sum(dtype=torch.float64)
     sumsq = xf.square().sum(dtype=torch.float64)
-    lo = flat.masked_fill(nonfinite, float("inf")).min()
-    hi = flat.masked_fill(nonfinite, float("-inf")).max()
     parts = [count, flat.numel() - count, total, sumsq]
     if saturation is not None:
         center, limit = saturation
-        parts.append(((flat - center).abs() > limit).logical_and_(finite).sum(dtype=torch.float64))
+        centered = flat - center if center != 0 else flat
+        parts.append((centered.abs() > limit).logical_and_(finite).sum(dtype=torch.float64))
     else:
         parts.append(torch.zeros((), dtype=torch.float64, device=device))
     if relu_like:
@@ -72,6 +72,11 @@ def local_stats(
     else:
         parts.extend(torch.zeros(2, dtype=torch.float64, device=device).unbind())
     sums = torch.stack(parts)
+    if not minmax:
+        return sums, torch.full((2,), float("-inf"), dtype=torch.float64, device=device)
+    nonfinite = finite.logical_not()
+    lo = flat.masked_fill(nonfinite, float("inf")).min()
+    hi = flat.masked_fill(nonfinite, float("-inf")).max()
     maxes = torch.stack([lo.neg(), hi]).to(torch.float64)
     return sums, maxes
 
@@ -137,7 +142,7 @@ class StatsBuffer:
         relu_like: bool = False,
     ) -> None:
         """Adds a tensor's statistics; ``keep`` stores a detached copy for this step's histogram."""
-        sums, maxes = local_stats(x, saturation, relu_like)
+        sums, maxes = local_stats(x, saturation, relu_like, minmax=keep)
         entry = self._entries.get(name)
         if entry is None:
             entry = self._entries[name] = _Entry(sums, maxes)

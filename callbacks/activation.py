@@ -1,7 +1,7 @@
 """Forward activations and their gradients, per selected module: ``ActivationMonitor``, ``GradientMonitor``.
 
-Both register a forward hook on each selected module in ``on_fit_start``. The hook returns at once
-unless the current training batch belongs to a logged step; then it adds the output's statistics
+Both select their modules in ``on_fit_start`` and register a forward hook on each of them for the
+training batches of logged steps only (removed after the step). The hook adds the output's statistics
 (computed on its device) to a per-step buffer, which is reduced across ranks and written after the
 optimizer step. ``GradientMonitor`` registers a tensor hook on the output in that forward hook, so
 it sees ``dL/d output`` during backward without ``retain_grad``.
@@ -50,6 +50,7 @@ class _OutputMonitor(_Monitor):
         self._state_key: str | None = None
         self._names: list[str] = []
         self._labels: dict[str, str] = {}  # name -> "name (Tanh)"
+        self._hooks: list[tuple[nn.Module, Any]] = []  # (module, forward hook), registered on logged steps only
         self._handles: list[RemovableHandle] = []
         self._buffer = StatsBuffer()
         self._recording = False
@@ -66,10 +67,11 @@ class _OutputMonitor(_Monitor):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
         self._names = []
+        self._hooks = []
         for name, module in select_modules(pl_module, self.modules):
             self._names.append(name)
             self._labels[name] = f"{name} ({type(module).__name__})"
-            self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
+            self._hooks.append((module, self._make_hook(name, module)))
         if not self._names:
             rank_zero_warn(
                 f"{type(self).__name__} found no module to watch in {type(pl_module).__name__}: pass"
@@ -88,6 +90,9 @@ class _OutputMonitor(_Monitor):
             self._buffer.clear()  # leftovers of an interrupted step
         self._set_step_flags(trainer, batch_idx)
         self._recording = self._active and bool(self._names)
+        if self._recording and not self._handles:
+            # hooks exist only during logged steps: a module with a forward hook takes nn.Module's slow call path
+            self._handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
 
     @override
     def on_train_batch_end(
@@ -101,6 +106,7 @@ class _OutputMonitor(_Monitor):
         self._recording = False
         if not self._active or not self._names or not self._step_ends(trainer):
             return
+        self._remove_handles()
         # every rank reduces the same names, even those its own forward never reached
         summaries = self._buffer.reduce(
             self._names, trainer.strategy.root_device, self._reducer(trainer), self._hist_now, self.bins
@@ -134,16 +140,20 @@ class _OutputMonitor(_Monitor):
     def _health(self, summaries: dict[str, Summary]) -> None:
         pass
 
-    def _remove_hooks(self) -> None:
+    def _remove_handles(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles.clear()
+        self._handles = []
+
+    def _remove_hooks(self) -> None:
+        self._remove_handles()
         self._buffer.clear()
         self._recording = False
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hooks()
+        self._hooks = []
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

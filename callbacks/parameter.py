@@ -146,6 +146,8 @@ class ParameterMonitor(_ParamMonitor):
         pairs = self._in_optimizer(optimizer)
         if not pairs:
             return
+        if not self._hist_now and self._scalars_now and self._log_stds(trainer, pairs):
+            return
         buffer = StatsBuffer()
         keys = []
         for name, p in pairs:
@@ -169,19 +171,10 @@ class ParameterMonitor(_ParamMonitor):
             self._check_nonfinite(key, s)
             data = summaries[f"param/{name}"]
             ratio = s.std / data.std if data.std > 0 else float("nan")
-            self._ratios[name] = ratio
             grads[name] = s
             if self._scalars_now:
-                metrics[f"{key}/std"] = s.std
-                metrics[f"{key}/grad_to_data"] = ratio
                 metrics.update(self._nonfinite_metric(key, s))
-                self._check(
-                    f"vanishing/{name}",
-                    ratio < self.vanishing_grad_to_data or s.std == 0.0,
-                    self._patience,
-                    f"gradient of `{name}` is vanishing: grad:data ratio {ratio:.2e}"
-                    f" (< {self.vanishing_grad_to_data:.0e}).",
-                )
+                metrics.update(self._grad_scalars(name, s.std, ratio))
         self._log_scalars(trainer, metrics, step)
         if grads:
             self._last = grads
@@ -189,6 +182,40 @@ class ParameterMonitor(_ParamMonitor):
             self._last_hist_step = step
         if self._figure_now:
             self._log_figure(trainer, step)
+
+    def _grad_scalars(self, name: str, grad_std: float, ratio: float) -> dict[str, float]:
+        """The scalars of one parameter's gradient (and the health check on them)."""
+        self._ratios[name] = ratio
+        self._check(
+            f"vanishing/{name}",
+            ratio < self.vanishing_grad_to_data or grad_std == 0.0,
+            self._patience,
+            f"gradient of `{name}` is vanishing: grad:data ratio {ratio:.2e} (< {self.vanishing_grad_to_data:.0e}).",
+        )
+        return {f"param_grad/{name}/std": grad_std, f"param_grad/{name}/grad_to_data": ratio}
+
+    def _log_stds(self, trainer: "pl.Trainer", pairs: list[tuple[str, Tensor]]) -> bool:
+        """Logs the scalars of a step without histograms from two ``std`` per parameter, no more.
+
+        Returns False, having logged nothing, when some std is not finite (NaN/inf in a tensor, or a tensor
+        of one element): the full statistics then count and leave out the non-finite values.
+        """
+        with_grad = [(n, p) for n, p in pairs if p.grad is not None]
+        if not with_grad:
+            return True
+        with torch.no_grad():
+            stds = torch.stack([t.std() for _, p in with_grad for t in (p.grad, p)]).tolist()
+        if not all(math.isfinite(v) for v in stds):
+            return False
+        metrics: dict[str, float] = {}
+        for k, (name, p) in enumerate(with_grad):
+            self._shapes[name] = tuple(p.shape)
+            grad_std, data_std = stds[2 * k], stds[2 * k + 1]
+            if f"param_grad/{name}" in self._nonfinite_tags:
+                metrics[f"param_grad/{name}/nonfinite"] = 0.0
+            metrics.update(self._grad_scalars(name, grad_std, grad_std / data_std if data_std > 0 else math.nan))
+        self._log_scalars(trainer, metrics, self._step)  # (figures fall on histogram steps, never here)
+        return True
 
     @override
     def _draw_figure(self) -> Any:

@@ -36,7 +36,7 @@ def _as_list(value: Any) -> list[Any]:
 
 
 class ModelCheckpoint(pl_callbacks.ModelCheckpoint):
-    """Lightning's ModelCheckpoint with its `state_key` computed once.
+    """Lightning's ModelCheckpoint with its `state_key` computed once and no per-step work when it has none.
 
     Lightning formats every callback's `state_key` on every hook call (six times a step); ModelCheckpoint's
     builds it from five settings each time, ~3 % of this model's step. Same class name, so the same key in
@@ -51,6 +51,16 @@ class ModelCheckpoint(pl_callbacks.ModelCheckpoint):
         if self._cached_state_key is None:
             self._cached_state_key = super().state_key
         return self._cached_state_key
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # saving by step count or by time is off (the default here: it saves after validation): Lightning's
+        # method would check the trainer's state (~15 us) before finding that out
+        if pl_module.automatic_optimization and self._every_n_train_steps < 1 and self._train_time_interval is None:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 # hooks that run before training starts: a callback overriding nothing else has no work left once it starts
@@ -68,23 +78,47 @@ def _only_start_hooks(callback: Callback) -> bool:
     return overridden <= _START_ONLY_HOOKS
 
 
+# the callback hooks Lightning calls on every training step
+_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
+
 class SkipIdleCallbacks(Callback):
-    """Takes callbacks whose work is done by the start of training (and itself) out of the step loop.
+    """Takes the callback hooks that do nothing out of the step loop, for the duration of training.
 
     Lightning calls every hook of every callback on every step, about 40 us a callback a step: a quarter of
     this model's own step for ModelSummary and the CLI's SaveConfigCallback, which only act at the start.
-    The full list is put back by `restore` (the CLI calls it after `fit`).
+    Those (and this callback) leave the list; of the others, each step hook a callback does not override
+    (``Callback``'s empty method) is shadowed by ``None`` on the instance, which Lightning skips (it calls a
+    hook only if it is callable). `restore` puts everything back (the CLI calls it after `fit`).
     """
 
     def __init__(self) -> None:
         self.original: list[Callback] | None = None
+        self.shadowed: list[tuple[Callback, str]] = []
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.original = list(trainer.callbacks)
-        trainer.callbacks = [cb for cb in self.original if cb is not self and not _only_start_hooks(cb)]
+        kept = [cb for cb in self.original if cb is not self and not _only_start_hooks(cb)]
+        for cb in kept:
+            attrs = getattr(cb, "__dict__", None)
+            for hook in _STEP_HOOKS if attrs is not None else ():
+                if getattr(type(cb), hook, None) is getattr(Callback, hook) and hook not in attrs:
+                    attrs[hook] = None
+                    self.shadowed.append((cb, hook))
+        trainer.callbacks = kept
 
     def restore(self, trainer: L.Trainer) -> None:
+        for cb, hook in self.shadowed:
+            cb.__dict__.pop(hook, None)
+        self.shadowed = []
         if self.original is not None:
             trainer.callbacks, self.original = self.original, None
 
