@@ -74,6 +74,7 @@ class CallbackGroup(Callback):
         self._state_key: str | None = None
         self._idle = False  # no member logs the current training step
         self._wake = -1  # members are not called before this step (-1: call them on the next batch)
+        self._awake_step = -1  # except on the batches of this step
         # per hook, the bound methods of the members that override it
         self._calls = {
             hook: [getattr(cb, hook) for cb in self.callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]
@@ -137,7 +138,7 @@ def _forward(hook: str) -> Any:
 
     def batch_start(self: CallbackGroup, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if step < self._wake:
+        if step < self._wake and step != self._awake_step:
             _set_idle(self, True)
             return
         for call in self._calls[hook]:
@@ -145,10 +146,11 @@ def _forward(hook: str) -> Any:
         # a monitor says through `_active` whether it logs this step; others are always called
         idle = all(not getattr(cb, "_active", True) for cb in self.callbacks)
         _set_idle(self, idle)
-        if idle and all(hasattr(cb, "_next_active_step") for cb in self.callbacks):
+        if all(hasattr(cb, "_next_active_step") for cb in self.callbacks):
             self._wake = min(cb._next_active_step(step + 1) for cb in self.callbacks)
+            self._awake_step = -1 if idle else step  # all micro-batches of a logged step reach the members
         else:
-            self._wake = -1  # this step's other micro-batches, and the next step, call the members again
+            self._wake = -1
 
     def step_hook(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
         if self._idle:  # no member logs this step: their step hooks would all return at once

@@ -81,6 +81,9 @@ class MLP(nn.Module):
         logits_bn_gamma: initial gamma of that BatchNorm (lecture: 0.1, for a near-uniform first softmax).
         activation: nonlinearity of the hidden blocks; Kaiming's gain follows it.
         dropout: dropout probability after each activation (0 = none, as in the lecture).
+        context_dropout: probability of dropping each character of the context during training (its whole
+            embedding zeroed, the others scaled by 1 / (1 - p)): the net learns to predict from partial
+            contexts too, like an n-gram model backing off to shorter ones.
         generator: optional `torch.Generator` for the init, for bit-for-bit reproducible weights.
 
     Example::
@@ -106,6 +109,7 @@ class MLP(nn.Module):
         logits_bn_gamma: float = 0.1,
         activation: ActivationName = "tanh",
         dropout: float = 0.0,
+        context_dropout: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -119,10 +123,13 @@ class MLP(nn.Module):
             activation=activation,
             dropout=dropout,
             bn_momentum=bn_momentum,
+            context_dropout=context_dropout,
         )
         self.vocab_size, self.block_size = vocab_size, block_size
         self.init_name, self.activation_name = init, activation
         self.embedding = nn.Embedding(vocab_size, n_embd)
+        # (B, block_size, n_embd): Dropout1d zeroes whole "channels", here whole characters
+        self.context_dropout = nn.Dropout1d(context_dropout) if context_dropout > 0 else None
         blocks = []
         fan_in = block_size * n_embd
         for _ in range(n_layers):
@@ -175,6 +182,8 @@ class MLP(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, vocab_size) for contexts `idx` (B, block_size) of token ids."""
         emb = self.embedding(idx)  # (B, block_size, n_embd)
+        if self.context_dropout is not None:
+            emb = self.context_dropout(emb)
         x = emb.view(emb.shape[0], -1)  # (B, block_size * n_embd)
         x = self.blocks(x)  # (B, n_hidden)
         logits = self.head(x)  # (B, vocab_size)
@@ -205,6 +214,7 @@ def check_mlp_args(
     activation: str,
     dropout: float,
     bn_momentum: float,
+    context_dropout: float = 0.0,
 ) -> None:
     """Fail fast, with what is allowed, on arguments the MLP cannot be built with."""
     for name, value in (
@@ -222,5 +232,7 @@ def check_mlp_args(
         raise ValueError(f"Expected activation to be one of {', '.join(ACTIVATIONS)}, but got {activation!r}.")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"Expected dropout in [0, 1), but got {dropout!r}.")
+    if not 0.0 <= context_dropout < 1.0:
+        raise ValueError(f"Expected context_dropout in [0, 1), but got {context_dropout!r}.")
     if not 0.0 <= bn_momentum <= 1.0:
         raise ValueError(f"Expected bn_momentum in [0, 1], but got {bn_momentum!r}.")

@@ -46,6 +46,7 @@ NET_ARGS = (
     "logits_bn_gamma",
     "activation",
     "dropout",
+    "context_dropout",
 )
 
 
@@ -59,7 +60,7 @@ class MakemoreModule(L.LightningModule):
         vocab: the characters, index 0 being `.`. None: taken from the DataModule in `setup`.
         block_size: characters of context. None: taken from the DataModule in `setup`.
         n_embd, n_hidden, n_layers, init, last_layer_scale, batchnorm, bn_momentum, bn_eps,
-            logits_batchnorm, logits_bn_gamma, activation, dropout: the network, see `MLP`.
+            logits_batchnorm, logits_bn_gamma, activation, dropout, context_dropout: the network, see `MLP`.
         init_seed: seeds the initial weights (the lecture's 2147483647); None draws them from the global RNG.
         optimizer: ``"sgd"`` (the lecture: plain SGD, no momentum) or ``"adamw"``.
         lr: learning rate (the peak for ``onecycle``).
@@ -97,6 +98,7 @@ class MakemoreModule(L.LightningModule):
         logits_bn_gamma: float = 0.1,
         activation: ActivationName = "tanh",
         dropout: float = 0.0,
+        context_dropout: float = 0.0,
         init_seed: int | None = LECTURE_SEED,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.1,
@@ -119,6 +121,7 @@ class MakemoreModule(L.LightningModule):
             activation=activation,
             dropout=dropout,
             bn_momentum=bn_momentum,
+            context_dropout=context_dropout,
         )
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"Expected optimizer 'sgd' or 'adamw', but got {optimizer!r}.")

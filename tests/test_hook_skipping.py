@@ -1,0 +1,207 @@
+"""The per-step shortcuts: hooks that do nothing are skipped, and nothing a user overrides or configures is lost."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+from lightning_makemore import MakemoreModule, NamesDataModule
+from lightning_makemore.cli import MakemoreCLI, ModelCheckpoint, SkipIdleCallbacks
+from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
+
+MODULE_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_zero_grad")
+
+
+class HookProbe(Callback):
+    """Records, during training, which module hooks are shadowed and the gradient norm the optimizer steps with."""
+
+    def __init__(self) -> None:
+        self.shadowed: set[str] = set()
+        self.norms: list[float] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.optimizers[0].register_step_post_hook(self._record_norm)  # grads of the step just taken
+
+    def _record_norm(self, optimizer: torch.optim.Optimizer, *args) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        hooks = {hook for hook, value in vars(pl_module).items() if value is None}
+        self.shadowed |= {hook for hook in hooks if hook.startswith(("on_", "configure_"))}
+
+
+class CountingModule(MakemoreModule):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.backward_calls = 0
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.backward_calls += 1
+
+
+def _fit(names_path, tmp_path, model, steps=6, **kwargs) -> HookProbe:
+    probe = HookProbe()
+    dm = NamesDataModule(path=str(names_path), batch_size=32)
+    trainer_kwargs = dict(
+        max_steps=steps,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[probe],
+    )
+    L.Trainer(**(trainer_kwargs | kwargs)).fit(model, datamodule=dm)
+    return probe
+
+
+def test_module_skips_its_empty_hooks_during_fit_only(names_path, tmp_path):
+    model = MakemoreModule()
+    probe = _fit(names_path, tmp_path, model)
+    assert set(MODULE_HOOKS) | {"configure_gradient_clipping"} <= probe.shadowed
+    assert not any(vars(model).get(hook, 0) is None for hook in probe.shadowed)  # restored after fit
+    assert callable(model.on_before_backward) and callable(model.configure_gradient_clipping)
+
+
+def test_overridden_hooks_and_gradient_clipping_still_run(names_path, tmp_path):
+    model = CountingModule(lr=10.0)  # a large lr: the gradients would be far above the clip value
+    probe = _fit(names_path, tmp_path, model, steps=5, gradient_clip_val=0.01)
+    assert model.backward_calls == 5
+    assert "on_before_backward" not in probe.shadowed and "configure_gradient_clipping" not in probe.shadowed
+    assert len(probe.norms) == 5 and max(probe.norms) <= 0.01 * (1 + 1e-4)
+    unclipped = _fit(names_path, tmp_path, MakemoreModule(lr=10.0), steps=5)
+    assert min(unclipped.norms) > 0.1  # without clipping the same run has large gradients
+
+
+class StepCounter(Callback):
+    def __init__(self) -> None:
+        self.ends = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends += 1
+        # the checkpoint callback's empty hooks are shadowed while training, its own ones are not
+        ckpt = next(cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))
+        assert vars(ckpt).get("on_before_backward", 0) is None and callable(ckpt.on_train_batch_end)
+
+
+def test_cli_skips_empty_callback_hooks_and_restores_them(names_path, tmp_path):
+    counter = StepCounter()
+    cli = MakemoreCLI(
+        MakemoreModule,
+        NamesDataModule,
+        args=[
+            "fit",
+            "--trainer.max_steps=7",
+            "--monitors=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--data.path={names_path}",
+        ],
+        trainer_defaults={"callbacks": [counter]},
+        save_config_kwargs={"overwrite": True},
+    )
+    assert counter.ends == 7
+    assert any(isinstance(cb, SkipIdleCallbacks) for cb in cli.trainer.callbacks)  # the full list is back
+    for cb in cli.trainer.callbacks:
+        assert not [hook for hook, value in vars(cb).items() if hook.startswith("on_") and value is None]
+    ckpt = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint))
+    assert ckpt.last_model_path.endswith("last.ckpt")  # still saved at the end of fit
+
+
+class CountingMonitor(ActivationMonitor):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.starts: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append(trainer.global_step)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+def test_group_calls_monitors_only_around_their_logged_steps(tmp_path):
+    monitor = CountingMonitor(every_n_steps=5, histogram_every_n_steps=10)
+    t = trainer(tmp_path, [CallbackGroup([monitor])], max_steps=23, log_every_n_steps=5)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 23))
+    acc = read_events(t.logger.log_dir)
+    assert set(scalars(acc, "activation/act/mean")) == {4, 9, 14, 19}
+    assert set(histograms(acc, "activation/act")) == {9, 19, 22}  # and at the final step
+    # the first batch (nothing planned yet), the logged steps, and the final step
+    assert monitor.starts == [0, 4, 9, 14, 19, 22]
+    assert not monitor._handles  # the forward hooks are gone between logged steps
+
+
+def test_next_active_step_is_the_next_logged_step():
+    monitor = ActivationMonitor()
+    monitor._n, monitor._hist_n, monitor._has_tb, monitor._final_step = 50, 500, True, 1000
+    assert [monitor._next_active_step(s) for s in (0, 48, 49, 50, 998, 999)] == [49, 49, 49, 99, 999, 999]
+    monitor._n, monitor._hist_n = 0, 30  # scalars off: histograms only
+    assert monitor._next_active_step(0) == 29
+    monitor._has_tb = False  # no TensorBoard: no histograms either, only the final step is left
+    assert monitor._next_active_step(0) == 999
+
+
+def test_parameter_scalars_without_histograms_count_nan_gradients(tmp_path):
+    """Steps without histograms use two stds a parameter; with NaN among the gradients they fall back to the
+    full statistics, which count the non-finite entries and leave them out."""
+    grads = {}
+
+    class InjectNaN(Callback):  # two NaN in the gradient after backward, seen by the monitor
+        def on_after_backward(self, trainer, pl_module) -> None:
+            grad = pl_module.hidden.weight.grad
+            grad[0, 0] = grad[1, 2] = float("nan")
+            grads[trainer.global_step] = grad.detach().clone()
+
+    class CleanUp(Callback):  # called after the monitor: the step itself sees finite gradients
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            pl_module.hidden.weight.grad.nan_to_num_(0.0)
+
+    monitor = ParameterMonitor(every_n_steps=1, histogram_every_n_steps=0)
+    t = trainer(tmp_path, [InjectNaN(), monitor, CleanUp()], max_steps=3)
+    with pytest.warns(UserWarning, match="non-finite"):
+        t.fit(TanhMLP(), fixed_loader(saturating_batch(16), 3))
+    acc = read_events(t.logger.log_dir)
+    assert not acc.Tags()["histograms"]
+    assert set(grads) == {0, 1, 2}
+    for step, grad in grads.items():
+        finite = grad[torch.isfinite(grad)]
+        assert scalars(acc, "param_grad/hidden.weight/nonfinite")[step] == 2
+        assert scalars(acc, "param_grad/hidden.weight/std")[step] == pytest.approx(finite.std().item(), rel=1e-5)
+    head = scalars(acc, "param_grad/head.weight/grad_to_data")
+    assert len(head) == 3 and all(math.isfinite(v) for v in head.values())
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_all_monitors_in_a_group_log_the_same_as_each_alone_with_sparse_cadence(tmp_path, accumulate):
+    """Histograms every 4 steps, scalars every 2, 11 steps: the grouped run skips most hook calls."""
+
+    def members():
+        return [
+            ActivationMonitor(every_n_steps=2, histogram_every_n_steps=4),
+            GradientMonitor(every_n_steps=2, histogram_every_n_steps=4),
+            ParameterMonitor(every_n_steps=2, histogram_every_n_steps=4),
+            UpdateRatioMonitor(every_n_steps=2),
+        ]
+
+    logs = {}
+    for grouped in (False, True):
+        cbs = [CallbackGroup(members())] if grouped else members()
+        t = trainer(tmp_path / str(grouped), cbs, max_steps=11, log_every_n_steps=2, accumulate_grad_batches=accumulate)
+        torch.manual_seed(0)  # the same initial weights in both runs
+        t.fit(TanhMLP(), fixed_loader(saturating_batch(), 11 * accumulate))
+        acc = read_events(t.logger.log_dir)
+        tags = acc.Tags()
+        logs[grouped] = {tag: scalars(acc, tag) for tag in tags["scalars"]}, sorted(tags["histograms"])
+    assert logs[True][1] == logs[False][1]
+    assert logs[True][0].keys() == logs[False][0].keys()
+    for tag, values in logs[False][0].items():
+        assert set(values) == set(logs[True][0][tag]), tag
+        assert list(values.values()) == pytest.approx(list(logs[True][0][tag].values()), rel=1e-6), tag
+    assert set(logs[True][0]["activation/act/mean"]) == {1, 3, 5, 7, 9}
