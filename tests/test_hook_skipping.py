@@ -205,3 +205,39 @@ def test_all_monitors_in_a_group_log_the_same_as_each_alone_with_sparse_cadence(
         assert set(values) == set(logs[True][0][tag]), tag
         assert list(values.values()) == pytest.approx(list(logs[True][0][tag].values()), rel=1e-6), tag
     assert set(logs[True][0]["activation/act/mean"]) == {1, 3, 5, 7, 9}
+
+
+class ReversingDataModule(NamesDataModule):
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        self.seen = getattr(self, "seen", 0) + 1
+        return x.flip(1), y  # the context read backwards
+
+
+def test_batch_hooks_overridden_in_the_module_or_data_module_are_called(names_path, tmp_path):
+    class Recording(MakemoreModule):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            self.before = getattr(self, "before", 0) + 1
+            return batch
+
+        def training_step(self, batch, batch_idx):
+            self.first_x = getattr(self, "first_x", batch[0])
+            return super().training_step(batch, batch_idx)
+
+    dm = ReversingDataModule(path=str(names_path), batch_size=32)
+    model = Recording()
+    probe = HookProbe()
+    trainer = L.Trainer(
+        max_steps=3,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[probe],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert model.before == 3 and dm.seen == 3
+    first = next(iter(dm.train_dataloader()))[0]
+    assert torch.equal(model.first_x, first.flip(1))
