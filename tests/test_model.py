@@ -124,3 +124,21 @@ def test_dropout_is_a_layer_in_each_block():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MLP(**({"vocab_size": 27} | kwargs))
+
+
+def test_context_dropout_drops_whole_characters_in_training_only():
+    net = MLP(vocab_size=27, block_size=8, n_embd=6, n_hidden=16, context_dropout=0.5)
+    idx = torch.randint(0, 27, (512, 8), generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    net.blocks[0].linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        emb = net.embedding(idx)
+        net.train()(idx)
+        net.eval()(idx)
+    x = seen[0].view(512, 8, 6)
+    dropped = (x == 0).all(-1)  # (B, characters)
+    assert 0.45 < dropped.float().mean().item() < 0.55
+    torch.testing.assert_close(x[~dropped], emb[~dropped] * 2)  # the kept ones scaled by 1 / (1 - p)
+    assert torch.equal(seen[1], emb.flatten(1))  # eval: every character, unscaled
+    with pytest.raises(ValueError, match="context_dropout"):
+        MLP(vocab_size=27, context_dropout=1.0)
