@@ -47,6 +47,16 @@ def _write_scalars(logger: TensorBoardLogger, metrics: Mapping[str, float], step
     return True
 
 
+#: the training-step hooks after `on_train_batch_start`, which a monitor does not need between logged steps
+_SLEEP_HOOKS = (
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
+
 class _Monitor(Callback):
     """Base class: decides on which steps to log and writes scalars, histograms, figures and text.
 
@@ -85,6 +95,11 @@ class _Monitor(Callback):
         # per-step flags, set in `on_train_batch_start`
         self._step = -1
         self._scalars_now = self._hist_now = self._figure_now = False
+        # asleep between logged steps: `on_train_batch_start` returns at once before `_wake` (except on the
+        # batches of `_awake_step`) and the other step hooks are shadowed by None (see `_set_asleep`)
+        self._wake = -1
+        self._awake_step = -1
+        self._asleep = False
         # health bookkeeping (kept in the checkpoint)
         self._streaks: dict[str, int] = {}
         self._warned: dict[str, str] = {}
@@ -127,7 +142,39 @@ class _Monitor(Callback):
         self._figure_now = self._hist_now and self._fig_n > 0 and (step + 1) % self._fig_n == 0
 
     @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if step < self._wake and step != self._awake_step:
+            self._reset_step_flags()
+            self._set_asleep(True)
+            return
+        self._on_batch_start(trainer, pl_module, batch_idx)
+        active = self._active
+        self._set_asleep(not active)
+        self._wake = self._next_active_step(step + 1)
+        self._awake_step = step if active else -1  # all micro-batches of a logged step
+
+    def _on_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx: int) -> None:
+        """The per-batch work of a step that may log: sets the step flags (subclasses add to it)."""
+        self._set_step_flags(trainer, batch_idx)
+
+    def _set_asleep(self, asleep: bool) -> None:
+        """Shadows the step hooks by None on the instance (or restores them): Lightning calls a callback's hook
+        only if it is callable, so between logged steps each costs nothing instead of a profiled call."""
+        if asleep == self._asleep:
+            return
+        self._asleep = asleep
+        for hook in _SLEEP_HOOKS:
+            if asleep:
+                self.__dict__[hook] = None
+            else:
+                self.__dict__.pop(hook, None)
+
+    @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._wake = -1  # the plan below may change
         # a lower bound of the last optimizer step, so that `_is_final_step` runs only near the end
         self._final_step = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else -1
         n_batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
@@ -278,6 +325,15 @@ class _Monitor(Callback):
 
     def _last_hist_step_or_step(self) -> int:
         return max(self._step, 0)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._set_asleep(False)
+        self._wake = self._awake_step = -1
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._set_asleep(False)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -82,9 +82,7 @@ class _OutputMonitor(_Monitor):
         raise NotImplementedError
 
     @override
-    def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
-    ) -> None:
+    def _on_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx: int) -> None:
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         if step != self._step:
             self._buffer.clear()  # leftovers of an interrupted step
@@ -152,11 +150,13 @@ class _OutputMonitor(_Monitor):
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._remove_hooks()
         self._hooks = []
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._remove_hooks()
 
 

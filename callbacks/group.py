@@ -77,7 +77,12 @@ class CallbackGroup(Callback):
         self._awake_step = -1  # except on the batches of this step
         # per hook, the bound methods of the members that override it
         self._calls = {
-            hook: [getattr(cb, hook) for cb in self.callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]
+            # bound from the class: a member's instance may shadow its own hooks while asleep (see `_Monitor`)
+            hook: [
+                getattr(type(cb), hook).__get__(cb)
+                for cb in self.callbacks
+                if getattr(type(cb), hook) is not getattr(Callback, hook)
+            ]
             for hook in _HOOKS
         }
 

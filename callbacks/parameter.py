@@ -55,18 +55,13 @@ class _ParamMonitor(_Monitor):
                 f"{', matching ' + repr(list(self.params)) if self.params else ''})."
             )
 
-    @override
-    def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
-    ) -> None:
-        self._set_step_flags(trainer, batch_idx)
-
     def _in_optimizer(self, optimizer: Optimizer) -> list[tuple[str, Tensor]]:
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
         return [(n, p) for n, p in self._named.items() if id(p) in ids]
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._named = {}
 
 
@@ -407,4 +402,5 @@ class UpdateRatioMonitor(_ParamMonitor):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._before.clear()

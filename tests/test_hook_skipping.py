@@ -241,3 +241,18 @@ def test_batch_hooks_overridden_in_the_module_or_data_module_are_called(names_pa
     assert model.before == 3 and dm.seen == 3
     first = next(iter(dm.train_dataloader()))[0]
     assert torch.equal(model.first_x, first.flip(1))
+
+
+def test_a_monitor_alone_sleeps_between_its_logged_steps(tmp_path):
+    monitor = ActivationMonitor(every_n_steps=5, histogram_every_n_steps=10)
+    asleep: dict[int, bool] = {}
+
+    class Probe(Callback):
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            asleep[trainer.global_step] = vars(monitor).get("on_train_batch_end", "awake") is None
+
+    t = trainer(tmp_path, [monitor, Probe()], max_steps=12, log_every_n_steps=5)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 12))
+    assert [step for step, value in asleep.items() if not value] == [4, 9, 11]  # 11: the final histogram
+    assert set(scalars(read_events(t.logger.log_dir), "activation/act/mean")) == {4, 9}
+    assert callable(monitor.on_train_batch_end) and "on_train_batch_end" not in vars(monitor)  # awake after fit
