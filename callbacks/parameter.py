@@ -22,6 +22,8 @@ from callbacks._base import _Monitor
 from callbacks._selection import check_patterns, select_parameters
 from callbacks._stats import StatsBuffer, Summary
 
+_WIDE = (torch.float32, torch.float64)
+
 
 def _check_ndim(min_ndim: int) -> int:
     if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
@@ -199,7 +201,9 @@ class ParameterMonitor(_ParamMonitor):
         if not with_grad:
             return True
         with torch.no_grad():
-            stds = torch.stack([t.std() for _, p in with_grad for t in (p.grad, p)]).tolist()
+            tensors = [t for _, p in with_grad for t in (p.grad, p)]
+            # 16-bit tensors in float32 (torch.stack promotes float32 and float64 alike)
+            stds = torch.stack([t.std() if t.dtype in _WIDE else t.float().std() for t in tensors]).tolist()
         if not all(math.isfinite(v) for v in stds):
             return False
         metrics: dict[str, float] = {}
