@@ -36,7 +36,8 @@ def _as_list(value: Any) -> list[Any]:
 
 
 class ModelCheckpoint(pl_callbacks.ModelCheckpoint):
-    """Lightning's ModelCheckpoint with its `state_key` computed once and no per-step work when it has none.
+    """Lightning's ModelCheckpoint with last.ckpt always the latest weights, its `state_key` computed once and
+    no per-step work when it has none.
 
     Lightning formats every callback's `state_key` on every hook call (six times a step); ModelCheckpoint's
     builds it from five settings each time, ~3 % of this model's step. Same class name, so the same key in
@@ -51,6 +52,18 @@ class ModelCheckpoint(pl_callbacks.ModelCheckpoint):
         if self._cached_state_key is None:
             self._cached_state_key = super().state_key
         return self._cached_state_key
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # Lightning writes last.ckpt only at a validation that also wrote a top-k checkpoint: a run whose last
+        # validation did not improve would end with a last.ckpt of older weights. Ours is always the latest.
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and not self._should_save_on_train_epoch_end(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @override
     def on_train_batch_end(

@@ -256,3 +256,24 @@ def test_a_monitor_alone_sleeps_between_its_logged_steps(tmp_path):
     assert [step for step, value in asleep.items() if not value] == [4, 9, 11]  # 11: the final histogram
     assert set(scalars(read_events(t.logger.log_dir), "activation/act/mean")) == {4, 9}
     assert callable(monitor.on_train_batch_end) and "on_train_batch_end" not in vars(monitor)  # awake after fit
+
+
+def test_last_checkpoint_holds_the_last_step_even_when_val_got_worse(names_path, tmp_path):
+    args = [
+        "fit",
+        "--trainer.max_steps=30",
+        "--trainer.val_check_interval=10",
+        "--trainer.limit_val_batches=1",
+        "--model.lr=1e-30",  # the weights stay put: the later validations do not improve on the first
+        "--model.batchnorm=false",
+        "--monitors=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.path={names_path}",
+    ]
+    cli = MakemoreCLI(MakemoreModule, NamesDataModule, args=args, save_config_kwargs={"overwrite": True})
+    ckpt = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint))
+    assert "step10-" in ckpt.best_model_path  # the best is the first validation ...
+    last = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=False)
+    assert last["global_step"] == 30  # ... and last.ckpt the weights of the last step
+    torch.testing.assert_close(last["state_dict"]["net.head.weight"], cli.model.net.head.weight.detach())
