@@ -53,15 +53,24 @@ class ModelCheckpoint(pl_callbacks.ModelCheckpoint):
             self._cached_state_key = super().state_key
         return self._cached_state_key
 
+    # Lightning writes last.ckpt only when it also writes a top-k checkpoint (at the end of a validation, or of
+    # the epoch when validation runs every epoch): a run whose last validation did not improve would end with a
+    # last.ckpt of older weights. Ours always holds the latest.
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_too(trainer, at_epoch_end=True)
+
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        # Lightning writes last.ckpt only at a validation that also wrote a top-k checkpoint: a run whose last
-        # validation did not improve would end with a last.ckpt of older weights. Ours is always the latest.
+        self._save_last_too(trainer, at_epoch_end=False)
+
+    def _save_last_too(self, trainer: L.Trainer, at_epoch_end: bool) -> None:
         if (
             self.save_last
-            and not self._should_skip_saving_checkpoint(trainer)
-            and not self._should_save_on_train_epoch_end(trainer)
+            and not self._should_skip_saving_checkpoint(trainer)  # skipped when this step is saved already
+            and self._should_save_on_train_epoch_end(trainer) == at_epoch_end
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

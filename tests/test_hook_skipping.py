@@ -258,11 +258,15 @@ def test_a_monitor_alone_sleeps_between_its_logged_steps(tmp_path):
     assert callable(monitor.on_train_batch_end) and "on_train_batch_end" not in vars(monitor)  # awake after fit
 
 
-def test_last_checkpoint_holds_the_last_step_even_when_val_got_worse(names_path, tmp_path):
+@pytest.mark.parametrize(
+    "every", ["--trainer.val_check_interval=10", "--trainer.limit_train_batches=10"], ids=["mid_epoch", "epoch_end"]
+)
+def test_last_checkpoint_holds_the_last_step_even_when_val_did_not_improve(names_path, tmp_path, every):
+    """Validation every 10 steps, either inside an epoch or at the end of 10-step epochs (where Lightning saves)."""
     args = [
         "fit",
         "--trainer.max_steps=30",
-        "--trainer.val_check_interval=10",
+        every,
         "--trainer.limit_val_batches=1",
         "--model.lr=1e-30",  # the weights stay put: the later validations do not improve on the first
         "--model.batchnorm=false",
