@@ -13,6 +13,7 @@ from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, Paramet
 from lightning_makemore import MakemoreModule, NamesDataModule
 from lightning_makemore.cli import MakemoreCLI, ModelCheckpoint, SkipIdleCallbacks
 from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
+from tests.test_module import _trainer
 
 MODULE_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_zero_grad")
 
@@ -45,21 +46,10 @@ class CountingModule(MakemoreModule):
         self.backward_calls += 1
 
 
-def _fit(names_path, tmp_path, model, steps=6, **kwargs) -> HookProbe:
+def _fit(names_path, tmp_path, model, steps=6, datamodule=None, **kwargs) -> HookProbe:
     probe = HookProbe()
-    dm = NamesDataModule(path=str(names_path), batch_size=32)
-    trainer_kwargs = dict(
-        max_steps=steps,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[probe],
-    )
-    L.Trainer(**(trainer_kwargs | kwargs)).fit(model, datamodule=dm)
+    dm = datamodule or NamesDataModule(path=str(names_path), batch_size=32)
+    _trainer(tmp_path, steps, limit_val_batches=0, callbacks=[probe], **kwargs).fit(model, datamodule=dm)
     return probe
 
 
@@ -226,18 +216,7 @@ def test_batch_hooks_overridden_in_the_module_or_data_module_are_called(names_pa
 
     dm = ReversingDataModule(path=str(names_path), batch_size=32)
     model = Recording()
-    probe = HookProbe()
-    trainer = L.Trainer(
-        max_steps=3,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[probe],
-    )
-    trainer.fit(model, datamodule=dm)
+    _fit(names_path, tmp_path, model, steps=3, datamodule=dm)
     assert model.before == 3 and dm.seen == 3
     first = next(iter(dm.train_dataloader()))[0]
     assert torch.equal(model.first_x, first.flip(1))
