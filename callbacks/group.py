@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from callbacks._base import STEP_HOOKS, shadow_step_hooks
+
 #: hooks forwarded to the members (those with per-step or per-fit work; the rest are rare or unused here)
 _HOOKS = (
     "setup",
@@ -117,21 +119,10 @@ class CallbackGroup(Callback):
                 cb.load_state_dict(state)
 
 
-#: hooks of a training step after ``on_train_batch_start``: skipped on steps no member logs
-_STEP_HOOKS = frozenset(
-    {"on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad", "on_train_batch_end"}
-)
-
-
 def _set_idle(group: CallbackGroup, idle: bool) -> None:
-    if idle == group._idle:
-        return
-    group._idle = idle
-    for hook in _STEP_HOOKS:
-        if idle:
-            group.__dict__[hook] = None  # shadows the method: Lightning skips a hook that is not callable
-        else:
-            group.__dict__.pop(hook, None)
+    if idle != group._idle:
+        group._idle = idle
+        shadow_step_hooks(group, idle)
 
 
 def _forward(hook: str) -> Any:
@@ -163,7 +154,7 @@ def _forward(hook: str) -> Any:
         for call in self._calls[hook]:
             call(*args, **kwargs)
 
-    fn = batch_start if hook == "on_train_batch_start" else step_hook if hook in _STEP_HOOKS else method
+    fn = batch_start if hook == "on_train_batch_start" else step_hook if hook in STEP_HOOKS else method
     fn.__name__ = hook
     fn.__doc__ = f"Calls ``{hook}`` of the members that override it."
     return fn
