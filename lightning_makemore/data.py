@@ -29,6 +29,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
@@ -378,7 +379,10 @@ class NamesDataModule(L.LightningDataModule):
         return default_cache_dir() / "names.txt"
 
     def prepare_data(self) -> None:
-        """Download the corpus when no file was given (once, on one process per node)."""
+        """Download the corpus when no file was given (once, on one process per node); not for `predict`."""
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.PREDICTING:
+            return  # sampling needs only the checkpoint
         if not self.path and not os.environ.get(ENV_VAR):
             download_names(self.resolve_path())
 

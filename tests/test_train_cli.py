@@ -84,6 +84,26 @@ def test_predict_from_a_checkpoint_needs_no_data_file(short_run):
     assert len(names) == 7 and all(n.isalpha() for n in names)
 
 
+def test_predict_without_any_data_setting_does_not_download(short_run):
+    """No --data.path, no $MAKEMORE_NAMES, an empty cache and no network: sampling still works."""
+    tmp, _ = short_run
+    ckpt = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    env = {k: v for k, v in os.environ.items() if k != "MAKEMORE_NAMES"}
+    env |= {"XDG_CACHE_HOME": str(tmp / "empty-cache"), "PYTHONWARNINGS": "ignore"}
+    args = ["predict", "--ckpt_path", str(ckpt), "--data.num_samples", "3", *QUIET]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 3
+    assert not (tmp / "empty-cache" / "lightning_makemore").exists()  # nothing downloaded
+
+
 def test_validate_and_test_subcommands(short_run, names_path):
     tmp, _ = short_run
     ckpt = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
