@@ -14,8 +14,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import ROOT
 
 
-def train(args: list[str], tmp_path: Path, names: Path | str, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"MAKEMORE_NAMES": str(names), "PYTHONWARNINGS": "ignore"}
+def train(
+    args: list[str], tmp_path: Path, names: Path | str | None, check: bool = True, **env_vars: str
+) -> subprocess.CompletedProcess:
+    """Runs train.py with $MAKEMORE_NAMES = `names` (None: unset) and any other environment variables given."""
+    env = {k: v for k, v in os.environ.items() if k != "MAKEMORE_NAMES"} | {"PYTHONWARNINGS": "ignore", **env_vars}
+    if names is not None:
+        env["MAKEMORE_NAMES"] = str(names)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=tmp_path,
@@ -88,18 +93,8 @@ def test_predict_without_any_data_setting_does_not_download(short_run):
     """No --data.path, no $MAKEMORE_NAMES, an empty cache and no network: sampling still works."""
     tmp, _ = short_run
     ckpt = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    env = {k: v for k, v in os.environ.items() if k != "MAKEMORE_NAMES"}
-    env |= {"XDG_CACHE_HOME": str(tmp / "empty-cache"), "PYTHONWARNINGS": "ignore"}
     args = ["predict", "--ckpt_path", str(ckpt), "--data.num_samples", "3", *QUIET]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = train(args, tmp, names=None, XDG_CACHE_HOME=str(tmp / "empty-cache"))
     assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 3
     assert not (tmp / "empty-cache" / "lightning_makemore").exists()  # nothing downloaded
 
