@@ -7,13 +7,17 @@ Every monitored tensor is summarised by two small float64 vectors:
 - a *max* vector (maxed over micro-batches and ranks): ``-min`` and ``max`` of the finite values.
 
 Histograms are binned on the device against edges agreed by every rank (after the min/max
-all-reduce), then the bin counts are summed. Nothing here synchronises with the host; the
-caller moves the few reduced numbers to the CPU once per logged step.
+all-reduce), then the bin counts are summed. Nothing here synchronises with the host until
+``StatsBuffer.reduce`` packs everything it returns into one tensor and copies it to the CPU once
+(one device->host copy per monitor per logged step). Every rank runs the same collectives in the
+same order whatever it holds; an error on one rank travels in the sum all-reduce and is raised on
+every rank after it, so no rank waits forever for another.
 
 Left out on purpose: exact quantiles (they do not reduce across ranks) and ``torch.histc``
 (it raises on CUDA under ``Trainer(deterministic=True)``).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +27,7 @@ from torch import Tensor
 # positions in the "sum" vector
 COUNT, NONFINITE, SUM, SUMSQ, SATURATED, DEAD, UNITS = range(7)
 N_SUM = 7
-# positions in the "max" vector
+# positions in the "max" vector (the third, -rank of the ranks with NaN/inf, only in `StatsBuffer.reduce`)
 NEG_MIN, MAX = range(2)
 
 Reducer = Callable[[Tensor, str], Tensor]
@@ -93,7 +97,10 @@ def bin_counts(x: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     scale = bins / (hi - lo)
     idx = ((flat - lo.to(flat.dtype)) * scale.to(flat.dtype)).floor_().clamp_(0, bins - 1)
     idx = idx.masked_fill_(~finite, bins).long()  # non-finite go to an overflow bin, dropped below
-    return torch.bincount(idx, minlength=bins + 1)[:bins].to(torch.float64)
+    # scatter_add, not bincount: CUDA's bincount reads the max index back to the host
+    counts = torch.zeros(bins + 1, dtype=torch.float64, device=flat.device)
+    counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+    return counts[:bins]
 
 
 @dataclass
@@ -112,6 +119,8 @@ class Summary:
     dead: float | None = None
     edges: list[float] | None = None  # bins + 1 edges
     counts: list[float] | None = None  # bins counts
+    order: int = 0  # when this rank first saw the tag this step (forward order for module outputs)
+    nonfinite_rank: int = -1  # the lowest rank that saw NaN/inf, -1 if none
 
 
 @dataclass
@@ -119,6 +128,10 @@ class _Entry:
     sums: Tensor
     maxes: Tensor
     tensors: list[Tensor] = field(default_factory=list)
+
+
+class MonitorRankError(RuntimeError):
+    """A monitor failed on another rank: raised on this one so that the whole run stops instead of hanging."""
 
 
 class StatsBuffer:
@@ -160,23 +173,47 @@ class StatsBuffer:
         reducer: Reducer | None,
         histograms: bool,
         bins: int,
+        error: BaseException | None = None,
+        who: str = "a monitor",
+        rank: int = 0,
     ) -> dict[str, Summary]:
         """Reduces over ranks (``reducer``) and returns the CPU summaries of the names seen anywhere.
 
         Every rank must call this with the same ``names`` and ``histograms``: a name not seen locally
-        takes part in the collectives with zeros.
+        takes part in the collectives with zeros. ``error``: this rank failed earlier in the step; the
+        collectives still run (with this rank's zeros), then every rank raises: this one its own error,
+        the others a :class:`MonitorRankError` naming ``who``.
+
+        Raises:
+            MonitorRankError: when another rank reported an error.
         """
         if not names:
             self.clear()
+            if error is not None:
+                raise error
             return {}
-        empty_max = torch.full((2,), float("-inf"), dtype=torch.float64, device=device)
-        zeros = torch.zeros(N_SUM, dtype=torch.float64, device=device)
-        sums = torch.stack([self._entries[n].sums if n in self._entries else zeros for n in names])
-        maxes = torch.stack([self._entries[n].maxes if n in self._entries else empty_max for n in names])
+        k = len(names)
+        sums = torch.zeros(k, N_SUM, dtype=torch.float64, device=device)
+        maxes = torch.full((k, 3), float("-inf"), dtype=torch.float64, device=device)
+        try:
+            for i, n in enumerate(names):
+                entry = self._entries.get(n)
+                if entry is not None:
+                    sums[i] = entry.sums
+                    maxes[i, :2] = entry.maxes
+            # the lowest rank with NaN/inf wins the max of -rank
+            maxes[:, 2] = torch.where(sums[:, NONFINITE] > 0, float(-rank), float("-inf"))
+        except Exception as e:  # join the collectives anyway; raised below
+            error = error or e
+            sums.zero_()
+            maxes.fill_(float("-inf"))
+        flag = torch.full((1,), float(error is not None), dtype=torch.float64, device=device)
+        packed = torch.cat([sums.reshape(-1), flag])
         if reducer is not None:
-            sums = reducer(sums, "sum")
+            packed = reducer(packed, "sum")
             maxes = reducer(maxes, "max")
-        edges = counts = None
+        sums = packed[:-1].reshape(k, N_SUM)
+        parts = [packed, maxes.reshape(-1)]
         if histograms:
             lo, hi = -maxes[:, NEG_MIN], maxes[:, MAX]
             empty = sums[:, COUNT] == 0
@@ -186,23 +223,52 @@ class StatsBuffer:
             lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)
             steps = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=device)
             edges = lo[:, None] + (hi - lo)[:, None] * steps  # (K, bins + 1)
-            counts = torch.zeros(len(names), bins, dtype=torch.float64, device=device)
-            for k, n in enumerate(names):
-                entry = self._entries.get(n)
-                for t in entry.tensors if entry is not None else ():
-                    counts[k] += bin_counts(t, lo[k], hi[k], bins)
+            counts = torch.zeros(k, bins, dtype=torch.float64, device=device)
+            try:
+                if error is None:
+                    for i, n in enumerate(names):
+                        entry = self._entries.get(n)
+                        for t in entry.tensors if entry is not None else ():
+                            counts[i] += bin_counts(t, lo[i], hi[i], bins)
+            except Exception as e:
+                error = error or e
+                counts.zero_()
             if reducer is not None:
                 counts = reducer(counts, "sum")
-            edges, counts = edges.cpu().tolist(), counts.cpu().tolist()
+            parts += [edges.reshape(-1), counts.reshape(-1)]
+        order = {n: i for i, n in enumerate(self._entries)}
         self.clear()
-        sums_l, maxes_l = sums.cpu().tolist(), maxes.cpu().tolist()
+        # the one device->host copy of this logged step
+        host = torch.cat(parts).tolist()
+        if error is not None:
+            raise error
+        if host[k * N_SUM] > 0:
+            raise MonitorRankError(
+                f"{who}: the monitor failed on another rank this step (its error is in that rank's log);"
+                " stopping every rank instead of waiting for it."
+            )
+        at = k * N_SUM + 1
+        maxes_l = [host[at + 3 * i : at + 3 * i + 3] for i in range(k)]
+        at += 3 * k
         out: dict[str, Summary] = {}
-        for k, n in enumerate(names):
-            s, m = sums_l[k], maxes_l[k]
+        for i, n in enumerate(names):
+            s = host[i * N_SUM : (i + 1) * N_SUM]
             if s[COUNT] == 0 and s[NONFINITE] == 0:
                 continue  # never called on any rank this step
-            out[n] = summarize(s, m, edges[k] if edges else None, counts[k] if counts else None)
+            e = c = None
+            if histograms:
+                e = host[at + i * (bins + 1) : at + (i + 1) * (bins + 1)]
+                c0 = at + k * (bins + 1)
+                c = host[c0 + i * bins : c0 + (i + 1) * bins]
+            summary = summarize(s, maxes_l[i][:2], e, c)
+            summary.order = order.get(n, len(order) + i)
+            summary.nonfinite_rank = -int(maxes_l[i][2]) if math.isfinite(maxes_l[i][2]) else -1
+            out[n] = summary
         return out
+
+    def order(self) -> list[str]:
+        """The names added this step, in the order first added."""
+        return list(self._entries)
 
 
 def summarize(

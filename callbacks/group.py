@@ -1,13 +1,13 @@
 """``CallbackGroup``: several callbacks that Lightning dispatches to as one.
 
 Lightning calls every hook of every callback on every step, overridden or not, each call wrapped in a
-profiler context and a formatted name: about 7 µs per callback per hook on a CPU here, some 40 µs a
-step for each callback. For a model whose whole step takes 1 ms, four monitors then cost 15 % before
-doing any work. The group receives each hook once and forwards it only to the members that override it.
+profiler context and a formatted name. For a small model four monitors then cost a noticeable share of the
+step before doing any work (``benchmarks/results/``). The group receives each hook once and forwards it
+only to the members that override it.
 
-Between logged steps it does less still: members that say when they next log (the monitors'
-``_next_active_step``) are not called until then, and the group's own step hooks become ``None`` on the
-instance, which Lightning skips without a call (it calls a callback's hook only if it is callable).
+Between logged steps it does less still: members with a cadence (the monitors' public ``cadence``, a
+:class:`~callbacks._cadence.Cadence`) are not called until the first of their next logged steps, and
+the group sleeps like a monitor does (``callbacks._internals``).
 """
 
 from typing import Any
@@ -16,43 +16,26 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks._base import STEP_HOOKS, shadow_step_hooks
+from callbacks._cadence import Alarm, Cadence, logging_step
+from callbacks._internals import STEP_HOOKS, shadow_step_hooks
 
-#: hooks forwarded to the members (those with per-step or per-fit work; the rest are rare or unused here)
-_HOOKS = (
-    "setup",
-    "teardown",
-    "on_fit_start",
-    "on_fit_end",
-    "on_train_start",
-    "on_train_end",
-    "on_train_epoch_start",
-    "on_train_epoch_end",
-    "on_train_batch_start",
-    "on_train_batch_end",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-    "on_validation_start",
-    "on_validation_end",
-    "on_validation_epoch_start",
-    "on_validation_epoch_end",
-    "on_validation_batch_start",
-    "on_validation_batch_end",
-    "on_sanity_check_start",
-    "on_sanity_check_end",
-    "on_exception",
+#: hooks whose state goes through the group itself (see `on_save_checkpoint` / `on_load_checkpoint`)
+_STATE_HOOKS = ("state_dict", "load_state_dict", "on_save_checkpoint", "on_load_checkpoint")
+#: every hook of this Lightning's ``Callback``: the group forwards each one that some member overrides
+_HOOKS = tuple(
+    name
+    for name, value in vars(Callback).items()
+    if callable(value) and not name.startswith("_") and name not in _STATE_HOOKS
 )
 
 
 class CallbackGroup(Callback):
     """Dispatches Lightning's hooks to several callbacks at once, calling only the hooks each overrides.
 
-    Behaves like passing the members to ``Trainer(callbacks=...)`` in the same order, with one
-    difference: Lightning sees one callback. Each member's state is saved in the checkpoint under the
-    member's own ``state_key``, exactly as if it were passed alone, so checkpoints move freely between
-    grouped and ungrouped runs.
+    Behaves like passing the members to ``Trainer(callbacks=...)`` in the same order (every hook, from
+    ``setup`` to the test and predict hooks), with one difference: Lightning sees one callback. Each
+    member's state is saved in the checkpoint under the member's own ``state_key``, exactly as if it were
+    passed alone, so checkpoints move freely between grouped and ungrouped runs.
 
     Args:
         callbacks: the members, called in this order.
@@ -74,16 +57,20 @@ class CallbackGroup(Callback):
                 raise ValueError(f"Expected every member to be a lightning Callback, but got {type(cb).__name__}.")
         self.callbacks = list(callbacks)
         self._state_key: str | None = None
-        self._idle = False  # no member logs the current training step
-        self._wake = -1  # members are not called before this step (-1: call them on the next batch)
-        self._awake_step = -1  # except on the batches of this step
+        self._idle = False  # no member logs the current training step: the group's step hooks sleep
+        self._alarm = Alarm()  # members are not called before its step
+        # the members' cadences; the group sleeps only when every member has one
+        cadences = [getattr(cb, "cadence", None) for cb in self.callbacks]
+        self._cadences: list[Cadence] | None = (
+            cadences if all(isinstance(c, Cadence) for c in cadences) else None  # type: ignore[assignment]
+        )
         # per hook, the bound methods of the members that override it
         self._calls = {
             # bound from the class: a member's instance may shadow its own hooks while asleep (see `_Monitor`)
             hook: [
                 getattr(type(cb), hook).__get__(cb)
                 for cb in self.callbacks
-                if getattr(type(cb), hook) is not getattr(Callback, hook)
+                if getattr(type(cb), hook, None) is not getattr(Callback, hook)
             ]
             for hook in _HOOKS
         }
@@ -91,7 +78,7 @@ class CallbackGroup(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Lightning formats this on every hook call (about 6 a step): compute it once, the members are fixed
+        # Lightning formats this on every hook call: compute it once, the members are fixed
         if self._state_key is None:
             self._state_key = self._generate_state_key(members=[cb.state_key for cb in self.callbacks])
         return self._state_key
@@ -114,45 +101,46 @@ class CallbackGroup(Callback):
         states = checkpoint.get("callbacks", {})
         for cb in self.callbacks:
             cb.on_load_checkpoint(trainer, pl_module, checkpoint)
-            state = states.get(cb.state_key, states.get(cb._legacy_state_key))
+            # `_legacy_state_key`: the key Lightning itself falls back to for checkpoints of older releases
+            state = states.get(cb.state_key, states.get(getattr(cb, "_legacy_state_key", cb.state_key)))
             if state:
                 cb.load_state_dict(state)
 
+    def _set_idle(self, idle: bool) -> None:
+        if idle != self._idle:
+            self._idle = idle
+            shadow_step_hooks(self, idle)
 
-def _set_idle(group: CallbackGroup, idle: bool) -> None:
-    if idle != group._idle:
-        group._idle = idle
-        shadow_step_hooks(group, idle)
+    def _batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+        step = logging_step(trainer, pl_module)
+        if self._alarm.sleeping(step):
+            self._set_idle(True)
+            return
+        for call in self._calls["on_train_batch_start"]:
+            call(trainer, pl_module, *args)
+        if self._cadences is None:  # a member without a cadence is called on every batch
+            self._set_idle(False)
+            return
+        active = any(c.active for c in self._cadences)
+        self._set_idle(not active)
+        self._alarm.set(step, active, min(c.next_active_step(step + 1) for c in self._cadences))
 
 
 def _forward(hook: str) -> Any:
     def method(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
-        self._wake = -1  # anything but a training step (epoch start, validation, ...) may change the plan
-        _set_idle(self, False)
+        self._alarm.reset()  # anything but a training step (epoch start, validation, ...) may change the plan
+        self._set_idle(False)
         for call in self._calls[hook]:
             call(*args, **kwargs)
-
-    def batch_start(self: CallbackGroup, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if step < self._wake and step != self._awake_step:
-            _set_idle(self, True)
-            return
-        for call in self._calls[hook]:
-            call(trainer, *args, **kwargs)
-        # a monitor says through `_active` whether it logs this step; others are always called
-        idle = all(not getattr(cb, "_active", True) for cb in self.callbacks)
-        _set_idle(self, idle)
-        if all(hasattr(cb, "_next_active_step") for cb in self.callbacks):
-            self._wake = min(cb._next_active_step(step + 1) for cb in self.callbacks)
-            self._awake_step = -1 if idle else step  # all micro-batches of a logged step reach the members
-        else:
-            self._wake = -1
 
     def step_hook(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
         if self._idle:  # no member logs this step: their step hooks would all return at once
             return
         for call in self._calls[hook]:
             call(*args, **kwargs)
+
+    def batch_start(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
+        self._batch_start(*args, **kwargs)
 
     fn = batch_start if hook == "on_train_batch_start" else step_hook if hook in STEP_HOOKS else method
     fn.__name__ = hook
