@@ -42,6 +42,38 @@ def test_split_is_the_lectures_random_shuffle(names_path):
     assert len(words) == 32_033
 
 
+def test_split_equals_the_lectures_global_rng_calls(small_corpus):
+    words = small_corpus.read_text().splitlines()
+    state = random.getstate()
+    random.seed(42)  # the lecture's exact calls, on the global RNG
+    random.shuffle(words)
+    random.setstate(state)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    assert split_names(read_names(small_corpus), seed=42) == (words[:n1], words[n1:n2], words[n2:])
+    assert (n1, n2 - n1, len(words) - n2) == (320, 40, 40)
+
+
+def test_tests_find_the_corpus_where_the_package_does(tmp_path, monkeypatch, small_corpus):
+    """conftest's `names_path` reads $MAKEMORE_NAMES, else the user's cache; offline without either it skips."""
+    import lightning_makemore.data as data
+    from tests.conftest import find_names_corpus
+
+    find = find_names_corpus.__wrapped__  # uncached
+    monkeypatch.setenv("MAKEMORE_NAMES", str(small_corpus))
+    assert find() == (small_corpus, "")
+    monkeypatch.delenv("MAKEMORE_NAMES")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cached = tmp_path / "xdg" / "lightning_makemore" / "names.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(small_corpus.read_bytes())
+    assert find() == (cached, "")  # e.g. what an earlier `make train` downloaded
+    cached.unlink()
+    monkeypatch.setattr(data, "NAMES_URL", "http://127.0.0.1:9/names.txt")  # nothing listens: offline
+    path, reason = find()
+    assert path is None and reason.startswith("needs the real names corpus: none at ") and "\n" not in reason
+    assert not any(cached.parent.iterdir())  # nothing half-written in the cache
+
+
 def test_hand_computed_windows():
     vocab = Vocabulary.from_names(["ab", "ba"])
     assert vocab.itos == (".", "a", "b")
@@ -92,8 +124,8 @@ def test_bad_names_files(tmp_path, content, match):
         dm.setup("fit")
 
 
-def test_setup_is_idempotent_and_predict_needs_no_file(names_path):
-    dm = NamesDataModule(path=str(names_path))
+def test_setup_is_idempotent_and_predict_needs_no_file(small_corpus):
+    dm = NamesDataModule(path=str(small_corpus))
     dm.setup("fit")
     first = dm.splits["val"][0]
     dm.setup("validate")
