@@ -37,6 +37,8 @@ from typing import Literal
 
 from torch import nn
 
+from callbacks._compile import tag_name
+
 Kind = Literal["bounded", "relu_like", "other"]
 KINDS: tuple[Kind, ...] = ("bounded", "relu_like", "other")
 Range = tuple[float, float]
@@ -363,6 +365,10 @@ def check_specs(specs: Sequence[ModuleSpec] | None, arg: str) -> tuple[ModuleSpe
 def select_modules(root: nn.Module, specs: tuple[ModuleSpec, ...] | None) -> Iterator[tuple[str, nn.Module]]:
     """Yields ``(qualified name, module)`` for the modules matched by any spec (default: activation modules).
 
+    A name pattern matches the name the monitors' tags use: without ``torch.compile``'s ``_orig_mod``, so
+    ``"net.fc*"`` selects ``net._orig_mod.fc1`` of a compiled ``net`` (and not the wrapper
+    ``net._orig_mod``); a pattern that spells ``_orig_mod`` matches the qualified name as it is.
+
     Example::
 
         >>> from torch import nn
@@ -382,8 +388,15 @@ def select_modules(root: nn.Module, specs: tuple[ModuleSpec, ...] | None) -> Ite
         if specs is None:
             if activation_info(module) is not None:
                 yield name, module
-        elif (types and isinstance(module, types)) or any(fnmatchcase(name, p) for p in patterns):
+        elif (types and isinstance(module, types)) or any(
+            fnmatchcase(name if "_orig_mod" in p else _uncompiled(name), p) for p in patterns
+        ):
             yield name, module
+
+
+def _uncompiled(name: str) -> str:
+    """``net._orig_mod.0`` -> ``net.0`` (as `tag_name`), and the compiled module itself ``net._orig_mod`` -> ``net``."""
+    return tag_name(f"{name}.")[:-1]
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -437,11 +450,21 @@ def empty_selection_message(root: nn.Module, callback_name: str) -> str:
         return f"{head}: it has no submodule. Pass `modules=[...]` (types or name patterns) to choose some."
     ranked = [cls for cls, _ in counts.most_common()]
     have = ", ".join(f"{counts[cls]} {cls.__name__}" for cls in ranked)
-    # suggest the most common leaf type with parameters (the layers an activation follows), else any leaf
+    # suggest the most common leaf type with a weight matrix or kernel (Linear, Conv: the layers an activation
+    # follows; not an embedding), else with any parameter (a norm), else any leaf
     leaves = [cls for cls in ranked if next(first[cls].children(), None) is None]
-    with_params = [cls for cls in leaves if next(first[cls].parameters(recurse=False), None) is not None]
-    target = (with_params or leaves or ranked)[0]
-    pattern = Counter(re.sub(r"\d+", "*", n) for n in names[target]).most_common(1)[0][0]
+    params = {cls: list(first[cls].parameters(recurse=False)) for cls in leaves}
+    weighted = [
+        cls
+        for cls in leaves
+        if any(p.ndim >= 2 for p in params[cls]) and not issubclass(cls, (nn.Embedding, nn.EmbeddingBag))
+    ]
+    target = (weighted or [cls for cls in leaves if params[cls]] or leaves or ranked)[0]
+    # the pattern of the model's own names, digits as `*`, as the tags show them (without `_orig_mod.`)
+    pattern = Counter(re.sub(r"\d+", "*", _uncompiled(n)) for n in names[target]).most_common(1)[0][0]
+    others = [n for n, m in root.named_modules() if n and type(m) is not target]
+    if any(fnmatchcase(_uncompiled(n), pattern) for n in others):  # too wide ("*" in a Sequential): exact names
+        pattern = '", "'.join(_uncompiled(n) for n in names[target][:3])
     return (
         f"{head} (it has {have}); activations called as functions (F.gelu, torch.tanh) cannot be hooked:"
         f" watch the layers' outputs instead, e.g. {callback_name}(modules=[{_type_expr(target)}]) or"

@@ -401,11 +401,31 @@ def test_empty_selection_message_for_a_functional_model():
     assert msg.startswith("GradientMonitor found no activation module in FunctionalGPTish")
     # the distinct types, most common first (containers left out)
     assert "(it has 3 LayerNorm, 3 Linear, 1 Embedding, 1 Dropout)" in msg
-    # the most common leaf with parameters: LayerNorm and Linear tie at 3, LayerNorm comes first in the model
+    # the layers with a weight matrix (not the embedding): Linear, although LayerNorm is as common and comes first
     suggestions = _suggested_modules(msg)
-    assert suggestions == [[nn.LayerNorm], ["h.*.ln"]]
+    assert suggestions == [[nn.Linear], ["h.*.fc"]]
     for spec in suggestions:  # each suggestion really selects the three layers
-        assert [n for n, _ in select_modules(model, check_specs(spec, "modules"))] == [f"h.{i}.ln" for i in range(3)]
+        assert [n for n, _ in select_modules(model, check_specs(spec, "modules"))] == [f"h.{i}.fc" for i in range(3)]
+
+
+def test_empty_selection_message_falls_back_to_norms_then_any_leaf():
+    norms = nn.Sequential(nn.LayerNorm(4), nn.Dropout(), nn.LayerNorm(4), nn.Dropout())
+    # "*" would select the dropouts too: the names themselves
+    assert _suggested_modules(empty_selection_message(norms, "ActivationMonitor")) == [[nn.LayerNorm], ["0", "2"]]
+    drops = nn.Sequential(nn.Dropout(), nn.Embedding(3, 2))  # an embedding's output is no layer output
+    assert _suggested_modules(empty_selection_message(drops, "ActivationMonitor")) == [[nn.Embedding], ["1"]]
+
+
+def test_compiled_names():
+    """A compiled submodule: the pattern is suggested and matched without `_orig_mod.`, as the tags show it."""
+    model = nn.Module()
+    model.net = torch.compile(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))  # compiles lazily: nothing runs
+    assert [n for n, _ in select_modules(model, ("net.*",))] == ["net._orig_mod.0", "net._orig_mod.1"]
+    assert [n for n, _ in select_modules(model, ("net",))] == ["net", "net._orig_mod"]  # the wrapper and its module
+    assert [n for n, _ in select_modules(model, ("net._orig_mod.*",))] == ["net._orig_mod.0", "net._orig_mod.1"]
+    assert [n for n, _ in select_modules(model, ("*_orig_mod",))] == ["net._orig_mod"]
+    msg = empty_selection_message(model, "ActivationMonitor")
+    assert _suggested_modules(msg) == [[nn.Linear], ["net.*"]]
 
 
 def test_empty_selection_message_suggests_the_library_type_and_real_names():
