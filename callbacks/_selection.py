@@ -119,10 +119,7 @@ _LIBRARIES: dict[str, dict[str, tuple[Kind, _RangeRule]]] = {
         "SiLUActivation": ("relu_like", None),
         "MishActivation": ("relu_like", None),
         "ReLUSquaredActivation": ("relu_like", None),  # relu(x) ** 2: zero below 0
-        "ClippedGELUActivation": (
-            "relu_like",
-            lambda m: (float(m.min), float(m.max)),
-        ),  # "gelu_10": clip(gelu, -10, 10)
+        "ClippedGELUActivation": ("relu_like", _min_max_range),  # "gelu_10": clip(gelu(x), -10, 10)
         "LaplaceActivation": ("bounded", (0.0, 1.0)),  # 0.5 * (1 + erf(...)): a CDF, like a sigmoid
         "LinearActivation": ("other", None),  # the identity, in the slot where the config put an activation
         "SqrtSoftplusActivation": ("other", None),  # always positive: never "dead"
