@@ -1,14 +1,20 @@
 # The two commands a newcomer needs; each sets up what it needs (a .venv inside the project).
-#   make train    train the lecture's BatchNorm MLP (pass flags with ARGS="--trainer.max_steps 20000")
-#   make test     lint and run the test suite
+#   make train        train the lecture's BatchNorm MLP (pass flags with ARGS="--trainer.max_steps 20000")
+#   make test         lint and run the test suite
+#   make tensorboard  serve lightning_logs/ at http://localhost:6006 (ARGS="--port 6007" to change)
+#   make test-lowest  the test suite on the lowest Lightning pyproject.toml allows, in .venv-lowest/
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch first, pinned: a plain `torch` requirement pulls a multi-GB CUDA build. Override for your machine,
-# e.g. make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# torch first, pinned. Which build `torch==2.13.0` is depends on the index: from PyPI on Linux x86-64 it is the
+# CUDA build (several GB of NVIDIA libraries), on macOS and Windows the CPU one. Choose yours, e.g.
+#   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
+# the floor of `lightning` in pyproject.toml; old Lightning imports pkg_resources, gone from setuptools 81
+LOWEST_VENV := .venv-lowest
+LOWEST ?= lightning==2.2.5 setuptools<81
 
-.PHONY: train test lint setup clean
+.PHONY: train test lint setup clean tensorboard test-lowest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +28,9 @@ setup: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(PY) train.py fit $(ARGS)
 
+tensorboard: $(VENV)/.installed
+	$(VENV)/bin/tensorboard --logdir lightning_logs $(ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -29,5 +38,18 @@ lint: $(VENV)/.installed
 test: lint
 	$(PY) -m pytest -q tests
 
+# the same torch, the lowest Lightning, everything else as the resolver picks it; the dev extras only (the
+# integration tests with transformers, W&B and MLflow skip without them)
+$(LOWEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install -q $(TORCH)
+	$(LOWEST_VENV)/bin/python -m pip install -q $(foreach p,$(LOWEST),"$(p)") -e ".[dev]"
+	touch $@
+
+test-lowest: $(LOWEST_VENV)/.installed
+	$(LOWEST_VENV)/bin/python -c "import lightning; print('lightning', lightning.__version__)"
+	$(LOWEST_VENV)/bin/python -m pytest -q tests
+
 clean:
-	rm -rf $(VENV) lightning_logs .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) lightning_logs .pytest_cache
