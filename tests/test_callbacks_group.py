@@ -1,10 +1,14 @@
 """CallbackGroup: the members log what they log alone, and their checkpoint state moves between grouped and not."""
 
+from typing import Any
+
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import ActivationMonitor, CallbackGroup, UpdateRatioMonitor
-from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, trainer
+from callbacks._cadence import Cadence
+from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
 
 
 def test_grouped_monitors_log_as_alone(tmp_path):
@@ -38,3 +42,79 @@ def test_checkpoint_state_moves_between_grouped_and_alone(tmp_path):
 def test_rejects_non_callbacks():
     with pytest.raises(ValueError, match="Expected every member to be a lightning Callback"):
         CallbackGroup([object()])
+
+
+def _hooks_of(callback: Callback) -> type:
+    """A Callback subclass overriding every hook, each appending its name to ``callback.calls``."""
+    names = [
+        n for n, v in vars(Callback).items() if callable(v) and (n.startswith("on_") or n in ("setup", "teardown"))
+    ]
+    names = [n for n in names if n not in ("on_save_checkpoint", "on_load_checkpoint")]
+
+    def make(name: str) -> Any:
+        def hook(self, *args, **kwargs) -> None:
+            self.calls.append(name)
+
+        return hook
+
+    return type(
+        "EveryHook", (Callback,), {"__init__": lambda self: setattr(self, "calls", []), **{n: make(n) for n in names}}
+    )
+
+
+def test_group_forwards_every_hook_fit_validate_test_predict(tmp_path):
+    every_hook = _hooks_of(Callback)
+    runs = {}
+    for grouped in (False, True):
+        member = every_hook()
+        t = trainer(tmp_path / str(grouped), [CallbackGroup([member])] if grouped else [member], max_steps=2)
+        model = TanhMLP()
+        loader = fixed_loader(saturating_batch(), 2)
+        t.fit(model, loader, loader)
+        t.validate(model, loader)
+        t.test(model, loader)
+        t.predict(model, loader)
+        runs[grouped] = member.calls
+    assert runs[True] == runs[False]
+    assert {"on_test_batch_end", "on_predict_batch_end", "on_test_epoch_start", "on_predict_start"} <= set(runs[True])
+
+
+def test_sleep_trick_is_active_and_results_are_the_same_without_it(tmp_path, monkeypatch):
+    from callbacks import _internals
+
+    if not _internals.IS_TESTED:
+        pytest.skip(f"the sleep trick is off on this Lightning ({_internals.LIGHTNING})")
+
+    def fit(name: str) -> tuple[dict, list[int]]:
+        monitor = ActivationMonitor(every_n_steps=3, histogram_every_n_steps=6)
+        shadowed: list[int] = []
+
+        class Probe(Callback):
+            def on_before_backward(self, trainer, pl_module, loss) -> None:
+                if vars(monitor).get("on_train_batch_end", "awake") is None:
+                    shadowed.append(trainer.global_step)
+
+        t = trainer(tmp_path / name, [monitor, Probe()], max_steps=8)
+        torch.manual_seed(0)
+        t.fit(TanhMLP(), fixed_loader(saturating_batch(), 8))
+        acc = read_events(t.logger.log_dir)
+        tags = acc.Tags()
+        return {tag: scalars(acc, tag) for tag in tags["scalars"]}, shadowed, sorted(histograms(acc, "activation/act"))
+
+    with_trick, shadowed, hists = fit("with")
+    assert shadowed == [0, 1, 3, 4, 6]  # asleep except on the logged steps 2, 5 and the final step 7
+    monkeypatch.setattr(_internals, "SHADOW_STEP_HOOKS", False)
+    without, shadowed_without, hists_without = fit("without")
+    assert shadowed_without == []
+    assert without == with_trick and hists == hists_without == [5, 7]
+    assert set(with_trick["activation/act/mean"]) == {2, 5}
+
+
+def test_cadence_next_active_step():
+    cadence = Cadence(every_n_steps=50, histogram_every_n_steps=500)
+    cadence.n, cadence.hist_n, cadence.last = 50, 500, 999
+    assert [cadence.next_active_step(s) for s in (0, 48, 49, 50, 998, 999)] == [49, 49, 49, 99, 999, 999]
+    cadence.n = 0  # scalars off: histograms only
+    assert cadence.next_active_step(0) == 499
+    cadence.hist_n = 0  # no histograms either: only the final step is left
+    assert cadence.next_active_step(0) == 999
