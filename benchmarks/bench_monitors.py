@@ -1,0 +1,709 @@
+"""Cost of the monitors on a GPT-style decoder, next to what practitioners use today (issue 14).
+
+The model is nanoGPT's "baby GPT" written out in plain torch: 6 pre-LayerNorm blocks, 384 wide, 6 heads,
+a GELU MLP (4x), context 128, a 65-token vocabulary (nanoGPT's shakespeare_char), weights tied between the
+token embedding and the head, no dropout; batch 16, AdamW (lr 6e-4, betas (0.9, 0.95), weight decay 0.1).
+About 10.7 M parameters. It trains with Lightning on random tokens (no data files), one intra-op thread on
+CPU by default, in fp32 (`--device cuda --precision bf16-mixed` on a GPU).
+
+Rows, each a fresh `Trainer.fit` of a fresh model (all with `log_every_n_steps=50`, Lightning's default,
+and `self.log("train/loss")` every step):
+
+- ``none``: no monitoring (`TensorBoardLogger`).
+- ``scalars``: the four monitors, scalars every 10 steps, no histograms.
+- ``dense``: the four monitors, scalars and histograms every 10 steps.
+- ``default``: the four monitors at their defaults (scalars every 50 steps, histograms every 500).
+- ``wandb``: `wandb.watch(model, log="all", log_freq=10)` with `WandbLogger` offline (`WANDB_MODE=offline`,
+  in a temp folder).
+- ``grad_norm``: `lightning.pytorch.utilities.grad_norm` logged with `self.log_dict` every step in
+  `on_before_optimizer_step` (Lightning's recipe).
+- ``tb_hist``: a hand-written callback calling `SummaryWriter.add_histogram` on every parameter and its
+  gradient every 10 steps.
+
+Timing: torch's global optimizer-step hook stamps the end of every optimizer step. A fit runs ``--warmup``
++ 1 + ``--steps`` steps and is stopped after the last one (so the monitors log no final-step histogram);
+the timed window is the ``--steps`` intervals after the warm-up. Every row logs on the same steps of the
+window (a multiple of 10), so a logged step's whole cost (forward hooks, backward hooks, the hooks after
+the optimizer step) falls inside it. On CPU, time is CPU time of this process and its children (the
+wandb-core service), which a busy shared machine disturbs much less than wall time; wall time is reported
+too. Rows alternate within each repeat (rotated each repeat); figures are medians over repeats.
+
+``default`` logs histograms every 500 steps, longer than a CPU window can afford; when ``--steps`` < 500
+it is not run but composed from measured rows: at `log_every_n_steps=50`, 1,000 steps hold 18 steps with
+scalars only (cost of one: 10 x (``scalars`` - ``none``) per step) and 2 with scalars and histograms (10 x
+(``dense`` - ``none``)), the rest asleep (the monitors' sleeping steps cost microseconds:
+`benchmarks/bench_callbacks.py`). The log size is composed the same way.
+
+Memory: peak RSS of this process sampled every 10 ms during each fit, minus its RSS when the fit starts
+(all rows share one process, so the growth is the per-row figure; allocator caches from earlier rows
+may hide part of it). Log size: bytes of the TensorBoard event records of the window's steps (or, for
+W&B, of the `.wandb` history records that hold histograms), per 1,000 steps.
+
+    python benchmarks/bench_monitors.py                 # ~10 min on 2 shared CPU cores
+    python benchmarks/bench_monitors.py --quick         # a tiny model, one repeat: checks the script runs
+    python benchmarks/bench_monitors.py --compile       # the same rows on torch.compile'd models
+    python benchmarks/bench_monitors.py --device cuda --precision bf16-mixed --steps 1000
+    python benchmarks/bench_monitors.py --profile dense # cProfile of one fit's window, top lines
+
+Targets (issue 14): ``default`` <= 2 % overhead on CPU; ``dense`` no slower than ``wandb`` and ``tb_hist``;
+log bytes per histogram no more than TensorBoard's own `add_histogram`.
+"""
+
+import argparse
+import contextlib
+import cProfile
+import io
+import logging
+import math
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
+
+from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+
+ROWS = ("none", "scalars", "dense", "default", "wandb", "grad_norm", "tb_hist")
+LOG_EVERY = 50  # Trainer(log_every_n_steps=...), Lightning's default
+CADENCE = 10  # the dense rows: every 10 steps
+
+
+# ---------------------------------------------------------------------------------------------- model
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65  # nanoGPT's shakespeare_char
+    block_size: int = 128  # context
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.gelu = nn.GELU()  # a module, so that ActivationMonitor finds it
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 and nanoGPT
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        T = idx.size(1)
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+
+class GPTModule(L.LightningModule):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = GPT(cfg)
+
+    @override
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    @override
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch  # (B, T) each
+        logits = self(x)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1))
+        self.log("train/loss", loss)
+        return loss
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class GradNormGPT(GPTModule):
+    """Lightning's documented recipe: the norms of all gradients, logged on every step."""
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log_dict(grad_norm(self, norm_type=2))
+
+
+class TBHistograms(Callback):
+    """What people write themselves: `add_histogram` on every parameter and its gradient every n steps."""
+
+    def __init__(self, every_n_steps: int = CADENCE) -> None:
+        self.every_n_steps = every_n_steps
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps:
+            return
+        writer = trainer.logger.experiment
+        for name, p in pl_module.named_parameters():
+            writer.add_histogram(name, p, step)
+            if p.grad is not None:
+                writer.add_histogram(f"{name}.grad", p.grad, step)
+
+
+# ---------------------------------------------------------------------------------------------- clocks
+def _proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process from /proc (Linux), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of all descendants of ``pid`` (Linux /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _children_cpu() -> float:
+    return sum(_proc_cpu_seconds(p) for p in _descendants(os.getpid()))
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak so far (kilobytes on Linux, bytes on macOS)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class PeakRSS:
+    """Samples this process's RSS every ``interval`` seconds in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+class Clock:
+    """Stamps the end of every optimizer step; stops the fit after ``last``; profiles the window if asked."""
+
+    def __init__(self) -> None:
+        self.first = self.last = 0  # the window: intervals first+1 .. last
+        self.cuda = False
+        self.trainer: L.Trainer | None = None
+        self.profiler: cProfile.Profile | None = None
+        self.stamps: list[tuple[float, float]] = []
+        self.children_cpu: list[float] = []
+
+    def __call__(self, *args: object) -> None:
+        i = len(self.stamps)
+        if i == self.first:
+            self.children_cpu.append(_children_cpu())
+            if self.profiler is not None:
+                self.profiler.enable()
+        if self.cuda and i in (self.first, self.last):
+            torch.cuda.synchronize()
+        self.stamps.append((time.perf_counter(), time.process_time()))
+        if i == self.last:
+            if self.profiler is not None:
+                self.profiler.disable()
+            self.children_cpu.append(_children_cpu())
+            assert self.trainer is not None
+            self.trainer.should_stop = True
+
+
+CLOCK = Clock()
+
+
+# ---------------------------------------------------------------------------------------------- log sizes
+def _tfrecords(path: Path) -> list[bytes]:
+    """The records of a TFRecord file (TensorBoard event file): length, crc, data, crc."""
+    data, out, pos = path.read_bytes(), [], 0
+    while pos + 12 <= len(data):
+        (n,) = struct.unpack("<Q", data[pos : pos + 8])
+        out.append(data[pos + 12 : pos + 12 + n])
+        pos += 12 + n + 4
+    return out
+
+
+def _lightning_tag(tag: str) -> bool:
+    """A metric of `self.log` (the loss, the epoch, `grad_norm`'s norms): written every `log_every_n_steps`."""
+    return tag in ("train/loss", "epoch") or tag.startswith("grad_")
+
+
+def tb_log_bytes(log_dir: Path, steps: range) -> dict[str, float]:
+    """Bytes on disk of the event records written on ``steps`` by callbacks, and of each histogram record;
+    and of one write of Lightning's `self.log` metrics (at the last step, where the fit ends).
+
+    Figures, text and TensorBoard's layout config are left out: they are written once per fit (or a few
+    times per fit at the monitors' default cadence) and would swamp a short window.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    window = hist = n_hist = lightning = 0
+    for path in log_dir.rglob("events.out.tfevents.*"):
+        for data in _tfrecords(path):
+            event = Event.FromString(data)
+            values = event.summary.value
+            kinds = {v.WhichOneof("value") for v in values}
+            if not kinds or not kinds <= {"simple_value", "histo"}:
+                continue
+            if all(_lightning_tag(v.tag) for v in values):
+                if event.step == steps[-1]:
+                    lightning += len(data) + 16
+                continue
+            if event.step not in steps:
+                continue
+            window += len(data) + 16
+            if kinds == {"histo"} and len(values) == 1:
+                hist += len(data) + 16
+                n_hist += 1
+    return {
+        "window": window,
+        "lightning": lightning,
+        "per_hist": hist / n_hist if n_hist else math.nan,
+        "n_hist": n_hist,
+    }
+
+
+def _leveldb_records(path: Path) -> list[bytes]:
+    """The records of a W&B `.wandb` file: a 7-byte header, then LevelDB log chunks in 32 KiB blocks.
+
+    A chunk is crc (4), length (2), type (1: full, 2: first, 3: middle, 4: last), data; a block's last
+    bytes, when fewer than a chunk header, are padding.
+    """
+    data, out, pos, block, parts = path.read_bytes(), [], 7, 32768, b""
+    while True:
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        if pos + 7 > len(data):
+            return out
+        n, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            parts = chunk
+        elif kind == 3:
+            parts += chunk
+        elif kind == 4:
+            out.append(parts + chunk)
+        else:  # zeros: the end of what was written
+            return out
+
+
+def wandb_log_bytes(run_dir: Path) -> dict[str, float]:
+    """Bytes of the history records holding histograms: per record and per histogram.
+
+    A histogram is three history items (nested keys ``[name, "_type" | "values" | "bins"]``, JSON values).
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = n_rows = items = 0
+    names: set[str] = set()
+    for path in run_dir.rglob("*.wandb"):
+        for _ in range(600):  # the wandb-core service may still be writing after `finish` returns
+            records = [pb.Record.FromString(data) for data in _leveldb_records(path)]
+            if any(r.HasField("exit") for r in records):
+                break
+            time.sleep(0.1)
+        for data in _leveldb_records(path):
+            record = pb.Record.FromString(data)
+            if not record.HasField("history"):
+                continue
+            hists = {it.nested_key[0] for it in record.history.item if list(it.nested_key[1:]) == ["_type"]}
+            hists = {h for h in hists if h.startswith(("parameters/", "gradients/"))}
+            if not hists:
+                continue
+            rows += len(data) + 7
+            n_rows += 1
+            items += sum(it.ByteSize() for it in record.history.item if it.nested_key[:1] and it.nested_key[0] in hists)
+            names |= hists
+    n_hist = len(names)
+    return {
+        "per_set": rows / n_rows if n_rows else math.nan,
+        "per_hist": items / n_rows / n_hist if n_hist else math.nan,
+        "n_hist": n_hist,
+    }
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------- one fit
+def _monitors(row: str) -> list[Callback]:
+    if row == "default":
+        return [ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()]
+    hist = CADENCE if row == "dense" else 0  # `scalars`: no histograms
+    kw = {"every_n_steps": CADENCE, "histogram_every_n_steps": hist}
+    return [
+        ActivationMonitor(**kw),
+        GradientMonitor(**kw),
+        ParameterMonitor(**kw),
+        UpdateRatioMonitor(every_n_steps=CADENCE),
+    ]
+
+
+def fit(row: str, args: argparse.Namespace, cfg: GPTConfig, root: Path, tag: str) -> dict[str, float]:
+    """One fit of ``row``: seconds and steps of the window, RSS growth, log bytes."""
+    torch.manual_seed(0)
+    n_steps = args.warmup + 1 + args.steps
+    tokens = torch.randint(0, cfg.vocab_size, ((n_steps + 2) * args.batch, cfg.block_size + 1))
+    data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())  # inputs, next tokens
+    loader = DataLoader(data, batch_size=args.batch)
+    model = (GradNormGPT if row == "grad_norm" else GPTModule)(cfg)
+    log_dir = root / row / tag
+    callbacks: list[Callback] = []
+    logger: Logger
+    run = None
+    if row == "wandb":
+        import wandb
+        from lightning.pytorch.loggers import WandbLogger
+
+        log_dir.mkdir(parents=True)
+        logger = WandbLogger(save_dir=str(log_dir), offline=True, project="bench_monitors")
+        run = logger.experiment  # starts the offline run
+        wandb.watch(model, log="all", log_freq=CADENCE)
+    else:
+        logger = TensorBoardLogger(str(root / row), name="", version=tag)
+        if row in ("scalars", "dense", "default"):
+            callbacks = _monitors(row)
+        elif row == "tb_hist":
+            callbacks = [TBHistograms()]
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        # a long fit as far as the monitors can tell (their figure cadence follows it); the clock stops it
+        # after `n_steps`, so there are no final-step histograms either
+        max_steps=100_000,
+        log_every_n_steps=LOG_EVERY,
+        logger=logger,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    fitted: L.LightningModule = torch.compile(model) if args.compile else model  # type: ignore[assignment]
+    CLOCK.trainer, CLOCK.stamps, CLOCK.children_cpu = trainer, [], []
+    CLOCK.first, CLOCK.last = args.warmup, args.warmup + args.steps
+    with PeakRSS() as rss:
+        trainer.fit(fitted, loader)
+    if run is not None:
+        import wandb
+
+        wandb.unwatch(model)
+        run.finish()
+    assert len(CLOCK.stamps) == n_steps, f"{row}: expected {n_steps} optimizer steps, got {len(CLOCK.stamps)}"
+    (w0, c0), (w1, c1) = CLOCK.stamps[CLOCK.first], CLOCK.stamps[CLOCK.last]
+    out = {
+        "wall": w1 - w0,
+        "cpu": c1 - c0 + CLOCK.children_cpu[1] - CLOCK.children_cpu[0],
+        "rss_peak": rss.peak,
+        "rss_growth": rss.peak - rss.start,
+        "dir": _dir_bytes(log_dir),
+    }
+    window = range(CLOCK.first + 1, CLOCK.last + 1)
+    if row == "wandb":
+        sizes = wandb_log_bytes(log_dir)
+        # wandb writes the histograms pending at each commit: WandbLogger's, every `log_every_n_steps`
+        out.update(per_1000=sizes["per_set"] * 1000 / LOG_EVERY, per_hist=sizes["per_hist"], n_hist=sizes["n_hist"])
+    else:
+        sizes = tb_log_bytes(log_dir, window)
+        per_1000 = sizes["window"] / args.steps * 1000 + sizes["lightning"] * 1000 / LOG_EVERY
+        out.update(per_1000=per_1000, per_hist=sizes["per_hist"], n_hist=sizes["n_hist"] / (args.steps // CADENCE))
+    shutil.rmtree(root / row / tag, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def _revision() -> str:
+    """The checkout's commit, and whether `callbacks/` differs from it (what was measured)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "callbacks"], capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {head.stdout.strip()}" + (" with uncommitted changes in callbacks/" if dirty.strip() else "")
+
+
+def _versions() -> str:
+    import lightning
+    import tensorboard
+    import wandb
+
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__},"
+        f" tensorboard {tensorboard.__version__}, wandb {wandb.__version__}"
+    )
+
+
+LABELS = {
+    "none": "none",
+    "scalars": "ours, scalars /10",
+    "dense": "ours, dense (scalars + histograms /10)",
+    "default": "ours, default",
+    "wandb": 'wandb.watch(log="all", log_freq=10)',
+    "grad_norm": "grad_norm every step",
+    "tb_hist": "hand-written add_histogram /10",
+}
+
+
+def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, clock: str) -> None:
+    med = {r: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for r, runs in results.items()}
+    base = med["none"][clock] / args.steps  # seconds per step
+    rows: dict[str, dict[str, Any]] = {}
+    for r in results:
+        per_step = med[r][clock] / args.steps
+        spread = [x[clock] / args.steps / base - 1 for x in results[r]]
+        rows[r] = {
+            "per_step": per_step,
+            "wall_per_step": med[r]["wall"] / args.steps,
+            "overhead": per_step / base - 1,
+            "spread": f"{100 * min(spread):+.1f} .. {100 * max(spread):+.1f}" if len(spread) > 1 else "",
+            "rss": med[r]["rss_growth"],
+            "per_1000": med[r]["per_1000"],
+            "per_hist": med[r]["per_hist"],
+            "n_hist": med[r]["n_hist"],
+        }
+    if "default" not in results and {"scalars", "dense"} <= results.keys():
+        # 1,000 steps at log_every_n_steps=50: 18 steps with scalars, 2 with scalars and histograms
+        per_logged = {r: (rows[r]["per_step"] - base) * CADENCE for r in ("scalars", "dense")}
+        extra = (18 * per_logged["scalars"] + 2 * per_logged["dense"]) / 1000
+        size = (18 * rows["scalars"]["per_1000"] + 2 * rows["dense"]["per_1000"]) / (1000 / CADENCE)
+        rows["default"] = {
+            "per_step": base + extra,
+            "wall_per_step": math.nan,
+            "overhead": extra / base,
+            "spread": "composed",
+            "rss": rows["dense"]["rss"],
+            "per_1000": size,
+            "per_hist": rows["dense"]["per_hist"],
+            "n_hist": rows["dense"]["n_hist"],
+        }
+    what = "CPU" if clock == "cpu" else "wall"
+    print(f"\n{_machine()}; {_versions()}; torch threads {torch.get_num_threads()}")
+    print(f"device {args.device}, precision {args.precision}, compile {args.compile}; {_revision()}")
+    print(
+        f"steps {args.steps} timed per fit (after {args.warmup + 1}), repeats {args.repeats};"
+        f" steps/s from {what} time (medians); overhead against `none`, spread = min .. max over repeats\n"
+    )
+    print(
+        f"| row | steps/s ({what}) | steps/s (wall) | overhead | spread (%) | RSS growth (MB)"
+        " | log per 1,000 steps (KB) | histograms per logged step | bytes per histogram |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for r in ROWS:
+        if r not in rows:
+            continue
+        x = rows[r]
+        wall = f"{1 / x['wall_per_step']:.3f}" if x["wall_per_step"] == x["wall_per_step"] else ""
+        n_hist = f"{x['n_hist']:.0f}" if x["n_hist"] == x["n_hist"] and x["n_hist"] else ""
+        per_hist = f"{x['per_hist']:.0f}" if x["per_hist"] == x["per_hist"] else ""
+        print(
+            f"| {LABELS[r]} | {1 / x['per_step']:.3f} | {wall} | {100 * x['overhead']:+.1f} % | {x['spread']}"
+            f" | {x['rss'] / 2**20:.0f} | {x['per_1000'] / 1e3:.1f} | {n_hist} | {per_hist} |"
+        )
+    for r, runs in results.items():
+        print(f"  {r}: {what} s per window " + ", ".join(f"{x[clock]:.2f}" for x in runs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per fit, a multiple of 10")
+    parser.add_argument("--warmup", type=int, default=CADENCE, help="steps before the timed window")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, help="default: all but `default` when --steps < 500")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the LightningModule")
+    parser.add_argument("--quick", action="store_true", help="a tiny model: checks that the script runs")
+    parser.add_argument("--profile", choices=ROWS, help="one fit of this row under cProfile, top lines")
+    args = parser.parse_args(argv)
+    if args.steps <= 0 or args.steps % CADENCE:
+        parser.error(f"Expected --steps to be a positive multiple of {CADENCE}, but got {args.steps}.")
+    if args.warmup <= 0 or args.warmup % CADENCE:
+        # the first logged step (and the monitors' first figure, drawn once per fit) stays in the warm-up
+        parser.error(f"Expected --warmup to be a positive multiple of {CADENCE}, but got {args.warmup}.")
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16) if args.quick else GPTConfig()
+    if args.quick:
+        args.batch = 4
+    rows = args.rows or [r for r in ROWS if r != "default" or args.steps >= 10 * LOG_EVERY]
+    if "none" not in rows:
+        rows = ["none", *rows]
+    clock = "cpu" if args.device == "cpu" else "wall"
+    CLOCK.cuda = args.device == "cuda"
+    for name in ("lightning.pytorch", "lightning.fabric", "wandb"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with _benchmark_scope(args) as root:
+        if args.profile:
+            CLOCK.profiler = cProfile.Profile(time.process_time)  # CPU time: others share the machine
+            x = fit(args.profile, args, cfg, root, "profile")
+            print(f"{args.profile}: {x['cpu']:.2f} s CPU / {x['wall']:.2f} s wall for {args.steps} steps, profiled")
+            text = io.StringIO()
+            stats = pstats.Stats(CLOCK.profiler, stream=text).strip_dirs()
+            stats.sort_stats("tottime").print_stats(25)
+            stats.sort_stats("cumulative").print_stats(25)
+            print(text.getvalue())
+            CLOCK.profiler = None
+            return
+        results: dict[str, list[dict[str, float]]] = {r: [] for r in rows}
+        for rep in range(args.repeats):
+            order = rows[rep % len(rows) :] + rows[: rep % len(rows)]  # rotated, alternating
+            for r in order:
+                t0 = time.perf_counter()
+                results[r].append(fit(r, args, cfg, root, f"r{rep}"))
+                x = results[r][-1]
+                print(
+                    f"repeat {rep} {r:>9}: {x[clock]:.2f} s {clock} / {x['wall']:.2f} s wall for"
+                    f" {args.steps} steps (fit {time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+        report(results, args, clock)
+
+
+@contextlib.contextmanager
+def _benchmark_scope(args: argparse.Namespace) -> Iterator[Path]:
+    """A temp folder for the logs; the clock hook, torch threads, W&B env and warnings, undone on exit."""
+    threads = torch.get_num_threads()
+    keys = ("WANDB_SILENT", "WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
+    env = {k: os.environ.get(k) for k in keys}
+    handle = register_optimizer_step_post_hook(CLOCK)
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="bench_monitors_") as tmp:
+        warnings.simplefilter("ignore")
+        os.environ.update(WANDB_SILENT="true", WANDB_MODE="offline")
+        for k in keys[2:]:
+            os.environ[k] = str(Path(tmp) / "wandb_dir")
+        if args.device == "cpu":
+            torch.set_num_threads(args.threads)
+        try:
+            yield Path(tmp)
+        finally:
+            handle.remove()
+            if "wandb" in sys.modules:
+                import wandb
+
+                wandb.teardown()  # before the folder goes: the wandb-core service writes in it
+            torch.set_num_threads(threads)
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+if __name__ == "__main__":
+    main()
