@@ -47,8 +47,8 @@ def local_stats(
             ``-inf`` (the identity of the max reduction).
     """
     x = x.detach()
-    if not x.is_floating_point():
-        x = x.float()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # integers, and 16-bit floats whose squares would round (bf16 keeps 8 bits)
     flat = x.reshape(-1)
     device = x.device
     if flat.numel() == 0:
