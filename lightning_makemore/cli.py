@@ -19,13 +19,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch import callbacks as pl_callbacks
-from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_makemore.data import DataError, NamesDataModule
+from lightning_makemore.fastpath import FastPath
 from lightning_makemore.module import MakemoreModule, check_batch_size
 
 PROGRESS_BAR_REFRESH = 50  # steps between progress-bar refreshes (Lightning's default, 1, is a cost per step)
@@ -33,116 +33,6 @@ PROGRESS_BAR_REFRESH = 50  # steps between progress-bar refreshes (Lightning's d
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
-
-
-class ModelCheckpoint(pl_callbacks.ModelCheckpoint):
-    """Lightning's ModelCheckpoint with last.ckpt always the latest weights, its `state_key` computed once and
-    no per-step work when it has none.
-
-    Lightning formats every callback's `state_key` on every hook call (six times a step); ModelCheckpoint's
-    builds it from five settings each time, ~3 % of this model's step. Same class name, so the same key in
-    checkpoints as Lightning's own.
-    """
-
-    _cached_state_key: str | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        if self._cached_state_key is None:
-            self._cached_state_key = super().state_key
-        return self._cached_state_key
-
-    # Lightning writes last.ckpt only when it also writes a top-k checkpoint (at the end of a validation, or of
-    # the epoch when validation runs every epoch): a run whose last validation did not improve would end with a
-    # last.ckpt of older weights. Ours always holds the latest.
-    @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        self._save_last_too(trainer, at_epoch_end=True)
-
-    @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        self._save_last_too(trainer, at_epoch_end=False)
-
-    def _save_last_too(self, trainer: L.Trainer, at_epoch_end: bool) -> None:
-        if (
-            self.save_last
-            and not self._should_skip_saving_checkpoint(trainer)  # skipped when this step is saved already
-            and self._should_save_on_train_epoch_end(trainer) == at_epoch_end
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        # saving by step count or by time is off (the default here: it saves after validation): Lightning's
-        # method would check the trainer's state (~15 us) before finding that out
-        if pl_module.automatic_optimization and self._every_n_train_steps < 1 and self._train_time_interval is None:
-            return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-
-# hooks that run before training starts: a callback overriding nothing else has no work left once it starts
-_START_ONLY_HOOKS = frozenset(
-    {"setup", "on_fit_start", "on_sanity_check_start", "on_sanity_check_end", "on_train_start"}
-)
-
-
-def _only_start_hooks(callback: Callback) -> bool:
-    overridden = {
-        name
-        for name, base in vars(Callback).items()
-        if callable(base) and not name.startswith("_") and getattr(type(callback), name, base) is not base
-    }
-    return overridden <= _START_ONLY_HOOKS
-
-
-# the callback hooks Lightning calls on every training step
-_STEP_HOOKS = (
-    "on_train_batch_start",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-    "on_train_batch_end",
-)
-
-
-class SkipIdleCallbacks(Callback):
-    """Takes the callback hooks that do nothing out of the step loop, for the duration of training.
-
-    Lightning calls every hook of every callback on every step, about 40 us a callback a step: a quarter of
-    this model's own step for ModelSummary and the CLI's SaveConfigCallback, which only act at the start.
-    Those (and this callback) leave the list; of the others, each step hook a callback does not override
-    (``Callback``'s empty method) is shadowed by ``None`` on the instance, which Lightning skips (it calls a
-    hook only if it is callable). `restore` puts everything back (the CLI calls it after `fit`).
-    """
-
-    def __init__(self) -> None:
-        self.original: list[Callback] | None = None
-        self.shadowed: list[tuple[Callback, str]] = []
-
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.original = list(trainer.callbacks)
-        kept = [cb for cb in self.original if cb is not self and not _only_start_hooks(cb)]
-        for cb in kept:
-            attrs = getattr(cb, "__dict__", None)
-            for hook in _STEP_HOOKS if attrs is not None else ():
-                if getattr(type(cb), hook, None) is getattr(Callback, hook) and hook not in attrs:
-                    attrs[hook] = None
-                    self.shadowed.append((cb, hook))
-        trainer.callbacks = kept
-
-    def restore(self, trainer: L.Trainer) -> None:
-        for cb, hook in self.shadowed:
-            cb.__dict__.pop(hook, None)
-        self.shadowed = []
-        if self.original is not None:
-            trainer.callbacks, self.original = self.original, None
 
 
 def make_monitors() -> list[Callback]:
@@ -175,6 +65,16 @@ class MakemoreCLI(LightningCLI):
             help="torch intra-op threads. Default: 1 on CPU (fastest for a model this small), "
             "torch's own choice elsewhere.",
         )
+        parser.add_argument(
+            "--fast_path",
+            type=bool,
+            default=True,
+            help="Skip Lightning's per-step bookkeeping that does nothing for this run (lightning_makemore/"
+            "fastpath.py; same results). --fast_path false runs Lightning's public path only.",
+        )
+        # the model is built from the data's vocabulary and context length (read when the data is created)
+        parser.link_arguments("data", "model.vocab", compute_fn=self._data_vocab, apply_on="instantiate")
+        parser.link_arguments("data.block_size", "model.block_size")
         parser.set_defaults(
             {
                 "trainer.max_steps": 200_000,
@@ -182,6 +82,16 @@ class MakemoreCLI(LightningCLI):
                 "trainer.log_every_n_steps": 50,
             }
         )
+
+    def _data_vocab(self, data: NamesDataModule) -> list[str] | None:
+        # sampling needs no data file: the model's vocabulary then comes from the checkpoint
+        if self.subcommand == "predict":
+            return None
+        try:
+            return list(data.vocab.itos)
+        except DataError as err:  # raised once instantiation is over (jsonargparse would wrap it in a traceback)
+            self._data_error = err
+            return None
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -210,35 +120,43 @@ class MakemoreCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        if getattr(self, "_data_error", None) is not None:
+            raise self._data_error
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self._skip_idle = SkipIdleCallbacks()
-        extra: list[Callback] = [self._skip_idle]
+        trainer_config = config.get("trainer", {})
+        ours: list[Callback] = []
         if self.subcommand == "fit":
-            extra.append(
-                ModelCheckpoint(
-                    filename="step{step}-val{val/loss:.4f}",
-                    auto_insert_metric_name=False,
-                    monitor="val/loss",
-                    mode="min",
-                    save_last=True,
-                )
-            )
+            if trainer_config.get("enable_checkpointing") is not False:
+                ours += [
+                    # the best weights by validation loss ...
+                    ModelCheckpoint(
+                        filename="step{step}-val{val/loss:.4f}",
+                        auto_insert_metric_name=False,
+                        monitor="val/loss",
+                        mode="min",
+                    ),
+                    # ... and last.ckpt, always the latest weights (rewritten at every validation)
+                    ModelCheckpoint(filename="last", monitor=None, save_top_k=1),
+                ]
             if config.get("monitors", True):
-                extra.extend(make_monitors())
-        # the user's --trainer.callbacks first (passing `callbacks=` to super() would replace them)
-        user = kwargs.pop("callbacks", None) or self._get(self.config_init, "trainer", default={}).get("callbacks")
-        callbacks = _as_list(user)
-        given = [*callbacks, *_as_list(self.trainer_defaults.get("callbacks"))]
-        bar_given = any(isinstance(c, ProgressBar) for c in given)
-        if config.get("trainer", {}).get("enable_progress_bar") is not False and not bar_given:
-            # refreshing the bar on every step costs ~15 % of this model's step; the loss on it changes every
+                ours.extend(make_monitors())
+        # the user's --trainer.callbacks are kept (passing `callbacks=` to super() replaces them)
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        given = _as_list(init.get("trainer", {}).get("callbacks"))
+        users = [*given, *_as_list(self.trainer_defaults.get("callbacks"))]
+        bar_given = any(isinstance(c, ProgressBar) for c in users)
+        if trainer_config.get("enable_progress_bar") is not False and not bar_given:
+            # Lightning's default bar refreshes every step, a cost per step; the loss on it changes every
             # log_every_n_steps anyway
-            extra.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH))
-        return super().instantiate_trainer(callbacks=callbacks + extra, **kwargs)
+            ours.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH))
+        self.fast_path = FastPath(enabled=config.get("fast_path", True))
+        trainer = super().instantiate_trainer(callbacks=[*given, *ours, self.fast_path], **kwargs)
+        # the fast path may skip idle hooks of every callback but the user's (the CLI's, Lightning's defaults)
+        self.fast_path.callbacks = [cb for cb in trainer.callbacks if not any(cb is u for u in users)]
+        return trainer
 
     @override
     def after_fit(self) -> None:
-        self._skip_idle.restore(self.trainer)
         if self.trainer.interrupted:
             return
         self._print_samples()

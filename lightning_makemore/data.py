@@ -333,9 +333,14 @@ class NamesDataModule(L.LightningDataModule):
 
     Example::
 
-        dm = NamesDataModule(path="names.txt")
-        dm.prepare_data(); dm.setup("fit")
-        len(dm.vocab), dm.X_train.shape   # (27, torch.Size([182625, 3]))
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "names.txt"
+        >>> _ = path.write_text("emma\\nava\\nmia\\n")
+        >>> dm = NamesDataModule(path=str(path), block_size=2)
+        >>> dm.vocab.itos
+        ('.', 'a', 'e', 'i', 'm', 'v')
+        >>> dm.setup("fit"); dm.X_train.shape  # emma: 5 windows (80 % of the 3 names: 2 names)
+        torch.Size([9, 2])
     """
 
     def __init__(
@@ -366,7 +371,8 @@ class NamesDataModule(L.LightningDataModule):
         self.block_size, self.batch_size, self.sampling = block_size, batch_size, sampling
         self.eval_batch_size, self.seed, self.split_seed = eval_batch_size, seed, split_seed
         self.num_samples, self.sample_seed = num_samples, sample_seed
-        self.vocab: Vocabulary | None = None
+        self._names: list[str] | None = None
+        self._vocab: Vocabulary | None = None
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
     # -- where the file comes from -------------------------------------------------------------------
@@ -386,13 +392,25 @@ class NamesDataModule(L.LightningDataModule):
         if not self.path and not os.environ.get(ENV_VAR):
             download_names(self.resolve_path())
 
+    def names(self) -> list[str]:
+        """Every name of the corpus, read once (downloaded first when no file was given and none is cached)."""
+        if self._names is None:
+            self.prepare_data()
+            self._names = read_names(self.resolve_path())
+        return self._names
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The corpus's vocabulary; the model is built with it (the CLI links it, see `cli.py`)."""
+        if self._vocab is None:
+            self._vocab = Vocabulary.from_names(self.names())
+        return self._vocab
+
     def setup(self, stage: str) -> None:
         """Read, split and window the corpus. Seeded and idempotent; `predict` needs no data file."""
         if stage == "predict" or self.splits:
             return
-        names = read_names(self.resolve_path())
-        self.vocab = Vocabulary.from_names(names)
-        for split, words in zip(("train", "val", "test"), split_names(names, self.split_seed), strict=True):
+        for split, words in zip(("train", "val", "test"), split_names(self.names(), self.split_seed), strict=True):
             self.splits[split] = build_windows(words, self.vocab, self.block_size)
 
     # -- loaders -------------------------------------------------------------------------------------
@@ -412,7 +430,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # our loaders yield tensors made where the data lives: skip Lightning's generic walk over the batch
-        # (~20 us a step, a few % of this model's step) when they are on the device already
+        # when they are on the device already (a public hook; its cost is in benchmarks/results/speed.md)
         if isinstance(batch, tuple) and all(isinstance(t, Tensor) and t.device == device for t in batch):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)

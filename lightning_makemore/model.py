@@ -21,8 +21,10 @@ layer is initialised like the hidden ones (with gain 1, as no activation follows
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -112,19 +114,8 @@ class MLP(nn.Module):
         context_dropout: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> None:
+        _check_settings(dict(locals()))
         super().__init__()
-        check_mlp_args(
-            vocab_size=vocab_size,
-            block_size=block_size,
-            n_embd=n_embd,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            init=init,
-            activation=activation,
-            dropout=dropout,
-            bn_momentum=bn_momentum,
-            context_dropout=context_dropout,
-        )
         self.vocab_size, self.block_size = vocab_size, block_size
         self.init_name, self.activation_name = init, activation
         self.embedding = nn.Embedding(vocab_size, n_embd)
@@ -203,36 +194,47 @@ class MLP(nn.Module):
         return outs
 
 
-def check_mlp_args(
-    *,
-    vocab_size: int | None,
-    block_size: int | None,
-    n_embd: int,
-    n_hidden: int,
-    n_layers: int,
-    init: str,
-    activation: str,
-    dropout: float,
-    bn_momentum: float,
-    context_dropout: float = 0.0,
-) -> None:
-    """Fail fast, with what is allowed, on arguments the MLP cannot be built with."""
-    for name, value in (
-        ("vocab_size", vocab_size),
-        ("block_size", block_size),
-        ("n_embd", n_embd),
-        ("n_hidden", n_hidden),
-        ("n_layers", n_layers),
-    ):
-        if value is not None and (not isinstance(value, int) or value < 1):
+#: MLP arguments that are not settings of the network: the data's shape and the init's random generator
+_NOT_SETTINGS = ("self", "vocab_size", "block_size", "generator")
+
+
+def net_settings(**overrides: Any) -> dict[str, Any]:
+    """The network's settings: `MLP`'s keyword arguments with their defaults, `overrides` applied and checked.
+
+    Raises:
+        ValueError: an unknown setting (with the closest known name) or a value the MLP cannot be built with.
+
+    Example::
+
+        >>> s = net_settings(n_hidden=64)
+        >>> s["n_hidden"], s["n_layers"], s["init"]
+        (64, 1, 'kaiming')
+    """
+    defaults = {
+        name: p.default for name, p in inspect.signature(MLP.__init__).parameters.items() if name not in _NOT_SETTINGS
+    }
+    for name in overrides:
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Unknown network setting {name!r}.{hint} Expected one of {', '.join(defaults)}.")
+    settings = defaults | overrides
+    _check_settings(settings)
+    return settings
+
+
+def _check_settings(args: dict[str, Any]) -> None:
+    """Fail fast, with what is allowed, on arguments the MLP cannot be built with (missing ones are not checked)."""
+    for name in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layers"):
+        value = args.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"Expected {name} to be an integer >= 1, but got {value!r}.")
-    if init not in INITS:
-        raise ValueError(f"Expected init to be one of {', '.join(INITS)}, but got {init!r}.")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"Expected activation to be one of {', '.join(ACTIVATIONS)}, but got {activation!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"Expected dropout in [0, 1), but got {dropout!r}.")
-    if not 0.0 <= context_dropout < 1.0:
-        raise ValueError(f"Expected context_dropout in [0, 1), but got {context_dropout!r}.")
-    if not 0.0 <= bn_momentum <= 1.0:
-        raise ValueError(f"Expected bn_momentum in [0, 1], but got {bn_momentum!r}.")
+    if args["init"] not in INITS:
+        raise ValueError(f"Expected init to be one of {', '.join(INITS)}, but got {args['init']!r}.")
+    if args["activation"] not in ACTIVATIONS:
+        raise ValueError(f"Expected activation to be one of {', '.join(ACTIVATIONS)}, but got {args['activation']!r}.")
+    for name in ("dropout", "context_dropout"):
+        if not 0.0 <= args[name] < 1.0:
+            raise ValueError(f"Expected {name} in [0, 1), but got {args[name]!r}.")
+    if not 0.0 <= args["bn_momentum"] <= 1.0:
+        raise ValueError(f"Expected bn_momentum in [0, 1], but got {args['bn_momentum']!r}.")

@@ -1,13 +1,13 @@
 """The LightningModule: training logic around the plain `MLP` (loss, optimizers, schedules, sampling).
 
-The network is built once the vocabulary is known: from `vocab` when given (a checkpoint carries it, so
-sampling needs no data file), else from the DataModule in `setup`. The vocabulary and block size are then
-written into `hparams`, so every checkpoint can rebuild the model on its own.
+The network is built in `__init__` from the vocabulary and block size (the CLI links them from the
+DataModule; a checkpoint carries them in its hyperparameters). A module created without them, to be loaded
+from a checkpoint, builds the net when the checkpoint arrives (`on_load_checkpoint`). This file reads as
+plain Lightning: the speed tricks that reach into Lightning's internals live in `fastpath.py`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Literal
 
@@ -19,38 +19,12 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_makemore.data import END_TOKEN, Vocabulary
-from lightning_makemore.model import MLP, ActivationName, InitName, check_mlp_args
+from lightning_makemore.model import MLP, net_settings
 
-#: per-step module hooks whose default (LightningModule's) does nothing
-_NOOP_STEP_HOOKS = (
-    "on_train_batch_start",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-)
-#: batch hooks whose default (in LightningModule and LightningDataModule) returns the batch unchanged
-_IDENTITY_BATCH_HOOKS = ("on_before_batch_transfer", "on_after_batch_transfer")
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["step", "constant", "cosine", "onecycle"]
 SCHEDULES: tuple[str, ...] = ("step", "constant", "cosine", "onecycle")
 LECTURE_SEED = 2147483647
-# the hyperparameters that are `MLP` arguments, passed through as they are
-NET_ARGS = (
-    "n_embd",
-    "n_hidden",
-    "n_layers",
-    "init",
-    "last_layer_scale",
-    "batchnorm",
-    "bn_momentum",
-    "bn_eps",
-    "logits_batchnorm",
-    "logits_bn_gamma",
-    "activation",
-    "dropout",
-    "context_dropout",
-)
 
 
 class MakemoreModule(L.LightningModule):
@@ -60,48 +34,34 @@ class MakemoreModule(L.LightningModule):
     (last layer x 0.01), BatchNorm with momentum 0.001, SGD with lr 0.1 dropped to 0.01 halfway.
 
     Args:
-        vocab: the characters, index 0 being `.`. None: taken from the DataModule in `setup`.
-        block_size: characters of context. None: taken from the DataModule in `setup`.
-        n_embd, n_hidden, n_layers, init, last_layer_scale, batchnorm, bn_momentum, bn_eps,
-            logits_batchnorm, logits_bn_gamma, activation, dropout, context_dropout: the network, see `MLP`.
+        vocab: the characters, index 0 being `.` (the DataModule's ``vocab.itos``). None: the net is built
+            when a checkpoint is loaded.
+        block_size: characters of context (the DataModule's). None: taken from the checkpoint.
         init_seed: seeds the initial weights (the lecture's 2147483647); None draws them from the global RNG.
         optimizer: ``"sgd"`` (the lecture: plain SGD, no momentum) or ``"adamw"``.
         lr: learning rate (the peak for ``onecycle``).
-        schedule: ``"step"``: lr, then lr x `lr_decay_factor` from `lr_decay_at` x max_steps on (the lecture:
-            0.1 then 0.01 after 50 %, 75 % for the deep net); ``"constant"``; ``"cosine"`` decay to
-            lr x `lr_decay_factor`; ``"onecycle"``: warm-up over `warmup` of the steps, then cosine anneal.
+        schedule: ``"step"``: lr, then lr x `lr_decay_factor` from `lr_decay_at` x max_steps on;
+            ``"constant"``; ``"cosine"`` decay to lr x `lr_decay_factor`; ``"onecycle"``: warm-up, then anneal.
         lr_decay_at: fraction of the training steps after which the ``step`` schedule drops the lr.
         lr_decay_factor: the ``step`` schedule's drop, and the floor of ``cosine``.
         warmup: fraction of steps spent warming up in ``onecycle``.
         weight_decay: decoupled weight decay (AdamW) or L2 (SGD) on weight matrices and the embedding only.
         momentum: SGD momentum (the lecture: 0).
         betas: AdamW's betas.
+        **net: the network's settings, `MLP`'s keyword arguments (n_embd, n_hidden, n_layers, init, ...);
+            their defaults are MLP's.
 
     Example::
 
-        model = MakemoreModule(n_hidden=200)
-        trainer = L.Trainer(max_steps=200_000)
-        trainer.fit(model, datamodule=NamesDataModule())
-        print(model.sample(5))
+        >>> model = MakemoreModule(vocab=[".", "a", "b"], block_size=3, n_hidden=16)
+        >>> model.net.head.out_features, model.hparams.n_hidden, model.hparams.n_layers
+        (3, 16, 1)
     """
 
     def __init__(
         self,
         vocab: list[str] | None = None,
         block_size: int | None = None,
-        n_embd: int = 10,
-        n_hidden: int = 200,
-        n_layers: int = 1,
-        init: InitName = "kaiming",
-        last_layer_scale: float | None = 0.01,
-        batchnorm: bool = True,
-        bn_momentum: float = 0.001,
-        bn_eps: float = 1e-5,
-        logits_batchnorm: bool = False,
-        logits_bn_gamma: float = 0.1,
-        activation: ActivationName = "tanh",
-        dropout: float = 0.0,
-        context_dropout: float = 0.0,
         init_seed: int | None = LECTURE_SEED,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.1,
@@ -112,20 +72,10 @@ class MakemoreModule(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
+        **net: Any,
     ) -> None:
         super().__init__()
-        check_mlp_args(
-            vocab_size=len(vocab) if vocab is not None else None,
-            block_size=block_size,
-            n_embd=n_embd,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            init=init,
-            activation=activation,
-            dropout=dropout,
-            bn_momentum=bn_momentum,
-            context_dropout=context_dropout,
-        )
+        net = net_settings(**net)  # MLP's defaults filled in (so hparams and logs hold every value), checked
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"Expected optimizer 'sgd' or 'adamw', but got {optimizer!r}.")
         if schedule not in SCHEDULES:
@@ -135,110 +85,41 @@ class MakemoreModule(L.LightningModule):
         if not 0.0 <= lr_decay_at <= 1.0 or not 0.0 <= warmup < 1.0:
             raise ValueError(f"Expected lr_decay_at in [0, 1] and warmup in [0, 1), got {lr_decay_at}, {warmup}.")
         if vocab is not None and (not vocab or vocab[0] != END_TOKEN):
-            raise ValueError(f"Expected vocab to start with {END_TOKEN!r}, but got {vocab[:3]!r}.")
+            raise ValueError(f"Expected vocab to start with {END_TOKEN!r}, but got {list(vocab)[:3]!r}.")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"Expected block_size to be an integer >= 1, but got {block_size!r}.")
         self.save_hyperparameters()
-        self.net: MLP | None = None
-        self._shadowed_hooks: list[str] = []
-        self.vocab: Vocabulary | None = None
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.net: MLP | None = None
+        self.vocab: Vocabulary | None = None
         if vocab is not None and block_size is not None:
-            self._build(Vocabulary(tuple(vocab)), block_size)
-
-    # -- building ------------------------------------------------------------------------------------
-    def _build(self, vocab: Vocabulary, block_size: int) -> None:
-        hp = self.hparams
-        generator = torch.Generator().manual_seed(hp.init_seed) if hp.init_seed is not None else None
-        self.vocab = vocab
-        # resolved values go into the checkpoint's hparams (and the logged ones), so a checkpoint rebuilds the net
-        for hparams in (self.hparams, getattr(self, "_hparams_initial", None) or {}):
-            hparams["vocab"], hparams["block_size"] = list(vocab.itos), block_size
-        net_args = {name: hp[name] for name in NET_ARGS}
-        self.net = MLP(vocab_size=len(vocab), block_size=block_size, generator=generator, **net_args)
-
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
-    @override
-    def configure_model(self) -> None:
-        """Build the net from the DataModule's vocabulary and block size, unless it exists already.
-
-        Lightning calls this after `setup`; callbacks that copy the model in their own `setup` (which runs
-        before the module's), such as `EMAWeightAveraging`, call it themselves first.
-        """
-        if self.net is not None:
-            return
-        datamodule = self._datamodule()
-        data_vocab = getattr(datamodule, "vocab", None)
-        block_size = self.hparams.block_size or getattr(datamodule, "block_size", None)
-        if data_vocab is None or block_size is None:
-            raise ValueError(
-                "The model has no vocabulary: pass a NamesDataModule (or `vocab` and `block_size`), "
-                "or load it from a checkpoint with --ckpt_path."
-            )
-        self._build(data_vocab, block_size)
-
-    @override
-    def setup(self, stage: str) -> None:
-        datamodule = self._datamodule()
-        if datamodule is not None and stage == "fit":
-            check_batch_size(self.hparams, datamodule.batch_size)
-        self.configure_model()
-        data_vocab = getattr(datamodule, "vocab", None)
-        if data_vocab is not None and tuple(data_vocab.itos) != tuple(self.vocab.itos):
-            raise ValueError(
-                f"The data's vocabulary ({len(data_vocab)} characters) differs from the model's "
-                f"({len(self.vocab)}): train on the same names file the checkpoint was trained on."
-            )
-        data_block = getattr(datamodule, "block_size", None)
-        if data_vocab is not None and data_block is not None and data_block != self.hparams.block_size:
-            raise ValueError(
-                f"Expected --data.block_size {self.hparams.block_size} (the model's), but got {data_block}."
-            )
+            self.vocab = Vocabulary(tuple(vocab))
+            # the one place the network is built (a checkpoint without data comes through here too)
+            generator = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
+            self.net = MLP(len(vocab), block_size, generator=generator, **net)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.net is None:  # a model created without vocabulary gets it from the checkpoint
-            hp = checkpoint.get("hyper_parameters", {})
-            if hp.get("vocab") and hp.get("block_size"):
-                self._build(Vocabulary(tuple(hp["vocab"])), hp["block_size"])
+        """A module created without vocabulary gets its net from the checkpoint's hyperparameters; one created
+        with another vocabulary or block size is refused with the reason (not a tensor-size mismatch)."""
+        saved = checkpoint.get("hyper_parameters", {})
+        if self.net is None and saved.get("vocab") and saved.get("block_size"):
+            built = type(self)(**{k: v for k, v in saved.items() if not k.startswith("_")})
+            self.hparams.update(built.hparams)
+            self.vocab, self.net = built.vocab, built.net
+            return
+        for key in ("vocab", "block_size"):
+            if saved.get(key) is not None and self.hparams.get(key) is not None and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"The checkpoint's {key} differs from the model's ({_short(saved[key])} vs "
+                    f"{_short(self.hparams[key])}): use the names file and --data.block_size it was trained with."
+                )
 
     @override
-    def on_fit_start(self) -> None:
-        # Lightning calls some 12 module hooks a step, each in a profiler context (~4 us); those this class
-        # leaves as LightningModule's empty methods are shadowed by None, which Lightning skips (it calls a
-        # hook only if it is callable). Subclasses that override one keep it; `teardown` restores them all.
-        hooks = list(_NOOP_STEP_HOOKS)
-        if self.trainer.gradient_clip_val is None:  # the default hook clips only when that is set
-            hooks.append("configure_gradient_clipping")
-        for hook in hooks:
-            if getattr(type(self), hook) is getattr(L.LightningModule, hook) and hook not in self.__dict__:
-                object.__setattr__(self, hook, None)
-                self._shadowed_hooks.append(hook)
-
-    @override
-    def teardown(self, stage: str) -> None:
-        for hook in self._shadowed_hooks:
-            self.__dict__.pop(hook, None)
-        self._shadowed_hooks = []
-
-    @override
-    def _call_batch_hook(self, hook_name: str, *args: Any) -> Any:
-        # Lightning looks up on every batch which of the module and the data module overrides each batch hook
-        # (two `is_overridden` each), then calls it in a profiler context. Neither overrides these two here,
-        # whose default returns the batch as it is: return it at once (a subclass that overrides one is called).
-        if hook_name in _IDENTITY_BATCH_HOOKS and not _overrides_batch_hook(self, hook_name):
-            return args[0]
-        return super()._call_batch_hook(hook_name, *args)
-
-    @override
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets `_current_fx_name` twice around every hook call (about 46 times a step);
-        # nn.Module.__setattr__'s Parameter/Module/buffer checks then cost ~7 % of this tiny model's step.
-        # A plain string attribute is stored exactly as nn.Module would store it.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_size"):
+            check_batch_size(self.hparams, datamodule.batch_size)
 
     # -- steps ---------------------------------------------------------------------------------------
     @override
@@ -290,6 +171,11 @@ class MakemoreModule(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
+        if self.net is None:
+            raise ValueError(
+                "The model has no network: create it with `vocab` and `block_size` (the DataModule's), "
+                "or load it from a checkpoint with --ckpt_path."
+            )
         hp = self.hparams
         decay, no_decay = [], []
         for p in self.net.parameters():
@@ -332,7 +218,7 @@ class MakemoreModule(L.LightningModule):
             model.sample(3)  # e.g. ['carlah', 'amelle', 'khyim']
         """
         if self.net is None or self.vocab is None:
-            raise RuntimeError("The model is not built yet: fit it, or load it from a checkpoint.")
+            raise RuntimeError("The model has no network yet: create it with `vocab`, or load a checkpoint.")
         if num < 1:
             raise ValueError(f"Expected num >= 1, but got {num}.")
         was_training = self.net.training
@@ -377,21 +263,14 @@ def _schedule(name: str, total: int, decay_at: float, decay_factor: float, warmu
     return onecycle
 
 
-def _overrides_batch_hook(module: L.LightningModule, hook: str) -> bool:
-    """Whether the module, or the data module it trains on, defines its own `hook`."""
-    if getattr(type(module), hook) is not getattr(L.LightningModule, hook):
-        return True
-    trainer = module._trainer
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    return datamodule is not None and getattr(type(datamodule), hook) is not getattr(L.LightningDataModule, hook)
-
-
 def _will_log(trainer: L.Trainer) -> bool:
-    """Whether Lightning writes this training step's metrics (steps n-1, 2n-1, ... for log_every_n_steps n)."""
-    connector = getattr(trainer, "_logger_connector", None)
-    if connector is not None and hasattr(connector, "should_update_logs"):
-        return bool(connector.should_update_logs)
-    return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+    """Whether Lightning writes this training step's metrics: steps n-1, 2n-1, ... for log_every_n_steps n, and
+    the step a run is asked to stop at (the rule of Lightning's logger connector, from public trainer state)."""
+    return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
+
+
+def _short(value: Any) -> str:
+    return f"{len(value)} characters" if isinstance(value, list) else repr(value)
 
 
 def check_batch_size(hparams: Any, batch_size: int) -> None:
@@ -415,8 +294,3 @@ def split_loss(net: torch.nn.Module, X: Tensor, Y: Tensor, batch_size: int = 655
         total += F.cross_entropy(net(x), y, reduction="sum").double().item()
     net.train(was_training)
     return total / len(X)
-
-
-# Lightning reads training_step's signature on every step (`inspect.getfullargspec`, about 10 us on a CPU here);
-# inspect returns a function's `__signature__` when it has one instead of rebuilding it
-MakemoreModule.training_step.__signature__ = inspect.signature(MakemoreModule.training_step)

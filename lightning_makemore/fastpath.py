@@ -1,0 +1,208 @@
+"""The fast path: every speed trick of lightning_makemore that reaches into Lightning's internals, in one place.
+
+Lightning does a fixed amount of bookkeeping around every hook of every training step (a profiler context, a
+`_current_fx_name` assignment, signature inspection, a look-up of who overrides the batch hooks). For a model as
+small as the lecture's MLP that bookkeeping is a large share of the step (measured in
+``benchmarks/results/speed.md``). `FastPath`, one callback, takes the parts that do nothing for a given run out of
+the training loop, for the duration of the training loop only:
+
+1. Module step hooks left as LightningModule's empty methods are shadowed by ``None`` on the instance
+   (Lightning calls a hook only if it is callable); ``configure_gradient_clipping`` too when nothing is clipped.
+2. The module's class is swapped for a subclass (same name) that stores ``_current_fx_name``, which Lightning
+   sets twice around every hook call, as a plain attribute instead of going through ``nn.Module.__setattr__``,
+   and returns the batch at once from the identity batch hooks (``_call_batch_hook``) that neither the module
+   nor the data module overrides.
+3. ``training_step`` carries its ``__signature__`` (Lightning inspects the signature on every step).
+4. On the callbacks it may touch (``callbacks=``: those the caller created itself, or ``"all"`` when the user
+   asks), the step hooks a callback does not override are shadowed by ``None``, and the per-step hook of a
+   `ModelCheckpoint` that saves only after validation (no step or time trigger) too.
+
+It is applied only on the Lightning versions it was tested on (`SUPPORTED`); elsewhere it does nothing and
+Lightning's public path runs, with the same results. Everything is undone at the end of training, on an
+exception and in ``teardown`` (each idempotent). Overridden hooks, gradient clipping and user callbacks that
+were not handed over are never touched. The model, the training logic and the monitors read as if it did not
+exist; ``train.py --fast_path false`` turns it off.
+
+Example::
+
+    >>> import lightning as L
+    >>> trainer = L.Trainer(callbacks=[FastPath()], logger=False, enable_progress_bar=False)
+    >>> any(isinstance(cb, FastPath) for cb in trainer.callbacks)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from typing_extensions import override
+
+#: Lightning versions (major.minor) the tricks were tested on with tests/test_fastpath.py (the lowest supported
+#: and the newest); on the others the public path runs
+SUPPORTED = ("2.2", "2.6")
+
+#: module step hooks whose default (LightningModule's) does nothing
+MODULE_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+)
+#: the callback hooks Lightning calls on every training step
+CALLBACK_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+#: batch hooks whose default (LightningModule's and LightningDataModule's) returns the batch unchanged
+IDENTITY_BATCH_HOOKS = ("on_before_batch_transfer", "on_after_batch_transfer")
+
+
+def supported(version: str = L.__version__) -> bool:
+    """Whether the tricks were tested on this Lightning version.
+
+    Example::
+
+        >>> supported("2.6.6"), supported("3.0.0")
+        (True, False)
+    """
+    return ".".join(version.split(".")[:2]) in SUPPORTED
+
+
+class FastPath(Callback):
+    """Applies the fast path at the start of training and undoes it at its end, on exception and in teardown.
+
+    Args:
+        callbacks: the callbacks whose idle step hooks it may shadow: those the caller created itself
+            (the CLI passes its own), ``"all"`` for every callback of the trainer, or none (the default).
+        enabled: False leaves everything as Lightning has it (the public path).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[FastPath(callbacks="all")])
+    """
+
+    def __init__(self, callbacks: Sequence[Callback] | Literal["all"] = (), enabled: bool = True) -> None:
+        self.callbacks = callbacks
+        self.enabled = enabled
+        self.active = False  # True while the tricks are applied (tests read it)
+        self._module: L.LightningModule | None = None
+        self._module_class: type | None = None
+        self._shadowed: list[tuple[Any, str]] = []
+        self._signature_set_on: Any = None
+
+    # -- applying ------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or not supported() or self.active:
+            return
+        self.active = True
+        self._module, self._module_class = pl_module, type(pl_module)
+        # 1. the module's empty step hooks
+        hooks = list(MODULE_STEP_HOOKS)
+        if trainer.gradient_clip_val is None:  # the default hook clips only when that is set
+            hooks.append("configure_gradient_clipping")
+        for hook in hooks:
+            if getattr(type(pl_module), hook) is getattr(L.LightningModule, hook):
+                self._shadow(pl_module, hook)
+        # 2. the module's class: plain `_current_fx_name`, identity batch hooks answered at once
+        datamodule = trainer.datamodule
+        identity = frozenset(
+            hook
+            for hook in IDENTITY_BATCH_HOOKS
+            if getattr(type(pl_module), hook) is getattr(L.LightningModule, hook)
+            and (datamodule is None or getattr(type(datamodule), hook) is getattr(L.LightningDataModule, hook))
+        )
+        object.__setattr__(pl_module, "_fastpath_identity_hooks", identity)
+        pl_module.__class__ = _fast_class(type(pl_module))
+        # 3. training_step's signature, computed once
+        step = getattr(self._module_class.training_step, "__func__", self._module_class.training_step)
+        if "__signature__" not in vars(step):
+            step.__signature__ = inspect.signature(step)
+            self._signature_set_on = step
+        # 4. the idle step hooks of the callbacks it may touch
+        allowed = trainer.callbacks if self.callbacks == "all" else self.callbacks
+        for cb in allowed:
+            if cb is self or cb not in trainer.callbacks or getattr(cb, "__dict__", None) is None:
+                continue
+            for hook in CALLBACK_STEP_HOOKS:
+                if getattr(type(cb), hook, None) is getattr(Callback, hook):
+                    self._shadow(cb, hook)
+            if isinstance(cb, ModelCheckpoint) and _saves_only_after_validation(cb, pl_module):
+                self._shadow(cb, "on_train_batch_end")
+
+    def _shadow(self, obj: Any, hook: str) -> None:
+        if hook not in obj.__dict__:
+            object.__setattr__(obj, hook, None)
+            self._shadowed.append((obj, hook))
+
+    # -- undoing -------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Undo everything (idempotent): hooks, the module's class, the cached signature."""
+        for obj, hook in self._shadowed:
+            if obj.__dict__.get(hook, 0) is None:
+                del obj.__dict__[hook]
+        self._shadowed = []
+        module, self._module = self._module, None
+        if module is not None and self._module_class is not None:
+            module.__class__ = self._module_class
+            module.__dict__.pop("_fastpath_identity_hooks", None)
+        self._module_class = None
+        if self._signature_set_on is not None:
+            self._signature_set_on.__dict__.pop("__signature__", None)
+            self._signature_set_on = None
+        self.active = False
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.restore()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore()
+
+
+def _saves_only_after_validation(cb: ModelCheckpoint, pl_module: L.LightningModule) -> bool:
+    """Whether `cb.on_train_batch_end` returns without doing anything on every step (no step or time trigger)."""
+    return (
+        pl_module.automatic_optimization
+        and getattr(cb, "_every_n_train_steps", 1) < 1
+        and getattr(cb, "_train_time_interval", 1) is None
+    )
+
+
+@functools.cache
+def _fast_class(cls: type[L.LightningModule]) -> type[L.LightningModule]:
+    """`cls` with the two per-step shortcuts of Lightning's internals; same name, so logs and errors read the same."""
+
+    class Fast(cls):  # type: ignore[valid-type,misc]
+        def __setattr__(self, name: str, value: Any) -> None:
+            # a plain string attribute, stored exactly as nn.Module would store it, minus its
+            # Parameter/Module/buffer checks
+            if name == "_current_fx_name":
+                object.__setattr__(self, name, value)
+            else:
+                super().__setattr__(name, value)
+
+        def _call_batch_hook(self, hook_name: str, *args: Any) -> Any:
+            # Lightning looks up on every batch which of the module and the data module overrides each batch
+            # hook; neither overrides these (checked when applied), whose default returns the batch as it is
+            if hook_name in self.__dict__["_fastpath_identity_hooks"]:
+                return args[0]
+            return super()._call_batch_hook(hook_name, *args)
+
+    Fast.__name__, Fast.__qualname__, Fast.__module__ = cls.__name__, cls.__qualname__, cls.__module__
+    return Fast

@@ -1,0 +1,131 @@
+"""fastpath.py: active during training on the tested Lightning versions, undone on every exit path, leaves the
+user's callbacks alone, and changes no result (losses, weights) against Lightning's public path."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_makemore import fastpath
+from lightning_makemore.cli import MakemoreCLI
+from lightning_makemore.data import NamesDataModule
+from lightning_makemore.fastpath import FastPath
+from lightning_makemore.module import MakemoreModule
+from tests.test_module import _trainer, model_for
+
+
+class Spy(Callback):
+    """Records, on each training step, what the fast path has changed (read through public Python only)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        fast = next(cb for cb in trainer.callbacks if isinstance(cb, FastPath))
+        self.seen.append(
+            {
+                "active": fast.active,
+                "class_swapped": type(pl_module) is not MakemoreModule,
+                "module_hooks": _shadowed(pl_module),
+                "signature": "__signature__" in vars(MakemoreModule.training_step),
+                "spy_untouched": not _shadowed(self),
+            }
+        )
+        self.losses.append(float(outputs["loss"]))
+
+
+def _shadowed(obj) -> set[str]:
+    """The hooks shadowed by None on an instance."""
+    return {name for name, value in vars(obj).items() if value is None and name.startswith(("on_", "configure_"))}
+
+
+def _cli(corpus, tmp_path, *flags: str, callbacks=()) -> MakemoreCLI:
+    args = ["fit", "--trainer.max_steps=25", "--trainer.log_every_n_steps=5", "--monitors=false"]
+    args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+    args += [f"--trainer.default_root_dir={tmp_path}", f"--data.path={corpus}", *flags]
+    return MakemoreCLI(
+        MakemoreModule,
+        NamesDataModule,
+        args=args,
+        trainer_defaults={"callbacks": list(callbacks)},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def test_fast_path_is_active_during_training_and_undone_after(small_corpus, tmp_path):
+    spy = Spy()
+    cli = _cli(small_corpus, tmp_path, callbacks=[spy])
+    assert fastpath.supported()  # the installed Lightning is one the tricks were tested on
+    assert len(spy.seen) == 25
+    first = spy.seen[0]
+    assert first["active"] and first["class_swapped"] and first["signature"] and first["spy_untouched"]
+    assert {"on_before_backward", "on_after_backward", "configure_gradient_clipping"} <= first["module_hooks"]
+    # undone: class, hooks, signature, callbacks
+    assert type(cli.model) is MakemoreModule and not cli.fast_path.active
+    assert not _shadowed(cli.model)
+    assert "__signature__" not in vars(MakemoreModule.training_step)
+    assert not any(_shadowed(cb) for cb in cli.trainer.callbacks)
+
+
+def test_results_are_identical_with_and_without_the_fast_path(small_corpus, tmp_path):
+    runs = {}
+    for enabled in (True, False):
+        spy = Spy()
+        cli = _cli(small_corpus, tmp_path / str(enabled), f"--fast_path={str(enabled).lower()}", callbacks=[spy])
+        assert spy.seen[0]["active"] is enabled and spy.seen[0]["class_swapped"] is enabled
+        runs[enabled] = spy.losses, cli.trainer.callback_metrics["val/loss"].item(), cli.model.net.state_dict()
+    assert runs[True][0] == runs[False][0]  # every step's training loss, bit for bit
+    assert runs[True][1] == runs[False][1]
+    for (name, a), b in zip(runs[True][2].items(), runs[False][2].values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class Boom(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 3:
+            raise RuntimeError("boom")
+
+
+def test_fast_path_is_undone_when_training_raises(small_corpus, tmp_path):
+    dm = NamesDataModule(path=str(small_corpus))
+    model = model_for(dm)
+    fast = FastPath(callbacks="all")
+    boom = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer(tmp_path, 10, callbacks=[fast, boom]).fit(model, datamodule=dm)
+    assert not fast.active and type(model) is MakemoreModule
+    assert not _shadowed(model)
+    assert not _shadowed(boom)
+    assert "__signature__" not in vars(MakemoreModule.training_step)
+
+
+def test_user_callbacks_are_touched_only_when_asked(small_corpus, tmp_path):
+    dm = NamesDataModule(path=str(small_corpus))
+    for allowed, expect_shadowed in ((), False), ("all", True):
+        spy = Spy()
+        _trainer(tmp_path, 3, callbacks=[FastPath(callbacks=allowed), spy]).fit(model_for(dm), datamodule=dm)
+        assert spy.seen[0]["spy_untouched"] is not expect_shadowed
+
+
+def test_untested_lightning_versions_run_the_public_path(small_corpus, tmp_path, monkeypatch):
+    assert fastpath.supported("2.6.0") and not fastpath.supported("9.0.0")
+    monkeypatch.setattr(fastpath, "SUPPORTED", ())
+    spy = Spy()
+    dm = NamesDataModule(path=str(small_corpus))
+    _trainer(tmp_path, 3, callbacks=[FastPath(callbacks="all"), spy]).fit(model_for(dm), datamodule=dm)
+    assert not any(s["active"] or s["class_swapped"] or s["module_hooks"] for s in spy.seen)
+
+
+def test_fast_class_keeps_the_name_and_behaviour():
+    model = MakemoreModule(vocab=[".", "a"], block_size=2, n_hidden=4)
+    fast_cls = fastpath._fast_class(MakemoreModule)
+    assert fast_cls.__name__ == "MakemoreModule" and issubclass(fast_cls, L.LightningModule)
+    assert fastpath._fast_class(MakemoreModule) is fast_cls  # built once per class
+    model.__class__ = fast_cls
+    model._current_fx_name = "training_step"
+    assert vars(model)["_current_fx_name"] == "training_step"
+    model.extra = torch.nn.Linear(1, 1)  # anything else still goes through nn.Module
+    assert "extra" in dict(model.named_children())
