@@ -332,6 +332,11 @@ FSDP_SCRIPT = textwrap.dedent(
 )
 
 
+needs_fsdp2 = pytest.mark.skipif(
+    not hasattr(L.strategies, "ModelParallelStrategy"), reason="Lightning < 2.4 has no ModelParallelStrategy (FSDP2)"
+)
+
+
 def _run_fsdp(tmp_path, mode: str) -> subprocess.CompletedProcess:
     script = tmp_path / "fsdp_run.py"
     script.write_text(FSDP_SCRIPT)
@@ -347,6 +352,7 @@ def _run_fsdp(tmp_path, mode: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@needs_fsdp2
 def test_fsdp2_two_processes_statistics_of_the_full_tensors(tmp_path):
     proc = _run_fsdp(tmp_path, "ok")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -376,9 +382,34 @@ def test_fsdp2_two_processes_statistics_of_the_full_tensors(tmp_path):
 
 
 @pytest.mark.slow
+@needs_fsdp2
 def test_fsdp2_a_monitor_failing_on_one_rank_stops_every_rank(tmp_path):
     proc = _run_fsdp(tmp_path, "fail")
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "monitor broke on rank 1" in output
     assert "MonitorRankError" in output and "failed on another rank" in output
+
+
+def test_bf16_mixed_precision_statistics_of_the_16_bit_tensors(tmp_path):
+    """Under ``precision="bf16-mixed"`` the activations are bfloat16: the statistics are theirs, in float64."""
+    seen: dict[int, torch.Tensor] = {}
+
+    class Reference(Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            def keep(module, args, output) -> None:
+                seen[trainer.global_step] = output.detach().clone()
+
+            pl_module.net[1].register_forward_hook(keep)
+
+    t = trainer(tmp_path, [*_monitors(), Reference()], max_steps=4, precision="bf16-mixed", log_every_n_steps=2)
+    t.fit(Classifier(), _batches(4))
+    acc = read_events(t.logger.log_dir)
+    for step in (1, 3):
+        ref = seen[step]
+        assert ref.dtype == torch.bfloat16
+        assert scalars(acc, "activation/net.1/mean")[step] == pytest.approx(ref.double().mean().item(), abs=1e-6)
+        assert scalars(acc, "activation/net.1/std")[step] == pytest.approx(ref.double().std().item(), rel=1e-5)
+        assert math.isfinite(scalars(acc, "activation_grad/net.1/std")[step])
+        assert math.isfinite(scalars(acc, "update_ratio/net.0.weight")[step])
+    assert histograms(acc, "activation/net.1")[3].num == 16 * HIDDEN
