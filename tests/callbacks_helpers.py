@@ -88,7 +88,7 @@ class Recorder(Callback):
         self.rows: dict[int, dict[str, float]] = {}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = trainer.global_step  # the optimizer step, Lightning's logging axis with one optimizer
         row = self.rows.setdefault(step, {})
         h, r = pl_module.h, pl_module.r
         row["act_mean"], row["act_std"] = h.mean().item(), h.std().item()

@@ -116,3 +116,21 @@ def test_figures_from_tensors():
     guide = [line for line in ax.get_lines() if list(line.get_ydata()) == [-3.0, -3.0]]
     assert len(guide) == 1
     assert list(ax.get_lines()[1].get_xdata()) == [20, 30]  # the shorter curve started later
+
+
+def test_figures_at_initialisation_about_five_over_the_fit_and_at_the_end(tmp_path):
+    monitors = [ActivationMonitor(every_n_steps=2, histogram_every_n_steps=4), UpdateRatioMonitor(every_n_steps=2)]
+    t = trainer(tmp_path, monitors, max_steps=40, log_every_n_steps=2)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 40))
+    acc = read_events(t.logger.log_dir)
+    # the first histogram step (3: the picture at initialisation), then every 8th step: 10 histogram steps / 5
+    assert [e.step for e in acc.Images("activation/distribution")] == [3, 7, 15, 23, 31, 39]
+    # the update-ratio history has no histograms: its figures fall on scalar steps (20 of them, every 4th)
+    assert [e.step for e in acc.Images("update_ratio/history")] == [1, 7, 15, 23, 31, 39]
+
+
+def test_figure_every_n_steps_zero_first_and_end_only(tmp_path):
+    monitor = ActivationMonitor(every_n_steps=2, histogram_every_n_steps=4, figure_every_n_steps=0)
+    t = trainer(tmp_path, [monitor], max_steps=14, log_every_n_steps=2)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 14))
+    assert [e.step for e in read_events(t.logger.log_dir).Images("activation/distribution")] == [3, 13]
