@@ -1,0 +1,240 @@
+"""Every logger gets what it can show: W&B and MLflow written locally by the real packages and read back with
+their own formats, CSV with scalars only; values checked against statistics computed here from the tensors."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+from callbacks._writers import Writer, writers_for
+from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+LR = 0.1
+STEPS = 4
+
+
+def monitors() -> list:
+    """Scalars every step, histograms and figures every 2 steps (steps 1 and 3) and at the end."""
+    every = {"every_n_steps": 1, "histogram_every_n_steps": 2, "figure_every_n_steps": 2}
+    return [ActivationMonitor(**every), UpdateRatioMonitor(every_n_steps=1, figure_every_n_steps=2)]
+
+
+def reference() -> dict[str, float | np.ndarray]:
+    """The tanh layer of ``TanhMLP`` is ``tanh`` of the fixed input: its statistics, computed directly."""
+    h = torch.tanh(saturating_batch(16)).double()  # (16, 8), the same on every step
+    return {
+        "std": h.std().item(),
+        "mean": h.mean().item(),
+        "saturation": (h.abs() > 0.97).double().mean().item(),
+        "values": h.flatten().numpy(),
+    }
+
+
+def _wandb_records(path: Path):
+    """The records of a ``.wandb`` file: W&B's header, then LevelDB's log format (32 KiB blocks of chunks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, chunk = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a record is complete
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            yield record
+            chunk = b""
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    rows = []
+    for record in _wandb_records(next(run_dir.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def _png_shape(data: bytes) -> tuple[int, int]:
+    """(height, width) from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
+def test_wandb_gets_scalars_histograms_figures_and_summary_table(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ref = reference()
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors")
+    t = trainer(tmp_path, monitors(), max_steps=STEPS, logger=logger)
+    try:
+        t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), STEPS))
+    finally:
+        wandb.finish()
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    rows = _wandb_history(run_dir)
+
+    def logged(key: str) -> dict[int, object]:
+        return {r["trainer/global_step"]: r[key] for r in rows if key in r}
+
+    # scalars on every step, equal to the directly computed statistics
+    assert sorted(logged("activation/act/std")) == list(range(STEPS))
+    for value in logged("activation/act/std").values():
+        assert value == pytest.approx(ref["std"], rel=1e-5)
+    assert set(logged("activation/act/saturation").values()) == {ref["saturation"]}
+    assert len(logged("update_ratio/head.weight")) == STEPS
+
+    # histograms from the monitor's own bins: 64 bins from min to max, holding every value once
+    hists = {k: v for k, v in logged("activation/act/_type").items() if v == "histogram"}
+    assert sorted(hists) == [1, 3]
+    counts, edges = logged("activation/act/values")[3], np.asarray(logged("activation/act/bins")[3])
+    assert len(counts) == 64 and len(edges) == 65
+    values = ref["values"]
+    assert edges[0] == pytest.approx(values.min(), rel=1e-6) and edges[-1] == pytest.approx(values.max(), rel=1e-6)
+    expected, _ = np.histogram(values, bins=edges)
+    assert sum(counts) == values.size
+    assert np.abs(np.asarray(counts) - expected).sum() <= 2  # a value on a bin edge may fall either side
+
+    # figures as images: a PNG per figure step, of the size W&B recorded
+    images = {k: v for k, v in logged("activation/distribution/_type").items() if v == "image-file"}
+    assert sorted(images) == [1, 3]
+    path = run_dir / "files" / logged("activation/distribution/path")[3]
+    height, width = _png_shape(path.read_bytes())
+    assert (height, width) == (logged("activation/distribution/height")[3], logged("activation/distribution/width")[3])
+    assert logged("update_ratio/history/_type")
+
+    # the end-of-fit summary as a table: one row per watched module
+    table_path = run_dir / "files" / next(iter(logged("activation/summary/path").values()))
+    table = json.loads(table_path.read_text())
+    assert table["columns"] == ["layer", "mean", "std", "saturation", "dead"]
+    rows_by_layer = {row[0]: row for row in table["data"]}
+    assert rows_by_layer["act (Tanh)"][2] == f"{ref['std']:.4f}"
+    assert rows_by_layer["act (Tanh)"][3] == f"{ref['saturation']:.2%}"
+    assert "relu (ReLU)" in rows_by_layer
+
+
+def test_mlflow_gets_scalars_figures_and_summary(tmp_path):
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+
+    ref = reference()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="monitors", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"))
+    t = trainer(tmp_path, monitors(), max_steps=STEPS, logger=logger)
+    t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), STEPS))
+
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(logger.run_id, "activation/act/std")
+    assert sorted(m.step for m in history) == list(range(STEPS))
+    for m in history:
+        assert m.value == pytest.approx(ref["std"], rel=1e-5)
+    assert {m.value for m in client.get_metric_history(logger.run_id, "activation/act/saturation")} == {
+        ref["saturation"]
+    }
+
+    # the figures as image artifacts with their step; MLflow has no histogram type (documented)
+    images = [Path(a.path).name for a in client.list_artifacts(logger.run_id, "images")]
+    pngs = [name for name in images if name.endswith(".png")]
+    steps = sorted(int(name.split("+step+")[1].split("+")[0]) for name in pngs if name.startswith("activation_"))
+    assert steps == [1, 3]
+    local = Path(client.download_artifacts(logger.run_id, f"images/{pngs[0]}", str(tmp_path / "dl")))
+    height, width = _png_shape(local.read_bytes())
+    assert width == 680 and height > 300
+
+    summary = Path(client.download_artifacts(logger.run_id, "summary/activation_summary.md", str(tmp_path / "dl")))
+    text = summary.read_text()
+    assert "| act (Tanh) |" in text and f"{ref['std']:.4f}" in text
+
+
+def test_csv_logger_gets_scalars_only_and_no_figure_is_drawn(tmp_path):
+    drawn = []
+
+    class Counting(ActivationMonitor):
+        def _draw_figure(self):
+            drawn.append(1)
+            return super()._draw_figure()
+
+    ref = reference()
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    writer = writers_for([logger])[0]
+    assert type(writer) is Writer and not writer.histograms and not writer.figures
+    every = {"every_n_steps": 1, "histogram_every_n_steps": 2, "figure_every_n_steps": 2}
+    t = trainer(tmp_path, [Counting(**every)], max_steps=STEPS, logger=logger)
+    t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), STEPS))
+    lines = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    column = header.index("activation/act/std")
+    values = [float(line.split(",")[column]) for line in lines[1:] if line.split(",")[column]]
+    assert len(values) == STEPS and all(v == pytest.approx(ref["std"], rel=1e-5) for v in values)
+    assert drawn == []  # nothing would show a figure: none is drawn
+
+
+def test_one_writer_per_logger_shared_by_all_monitors(tmp_path):
+    a, b = CSVLogger(str(tmp_path), name="a"), CSVLogger(str(tmp_path), name="b")
+    first, second = writers_for([a, b]), writers_for([a, b])
+    assert first[0] is second[0] and first[1] is second[1] and first[0] is not first[1]
+
+
+def test_callbacks_import_neither_wandb_nor_mlflow(tmp_path):
+    """A fit with CSV and TensorBoard loggers never imports wandb or mlflow (they are not dependencies)."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer
+import pathlib
+tmp = pathlib.Path({str(tmp_path)!r})
+group = CallbackGroup([ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1),
+                       ParameterMonitor(every_n_steps=1), UpdateRatioMonitor(every_n_steps=1)])
+loggers = [CSVLogger(str(tmp)), TensorBoardLogger(str(tmp))]
+trainer(tmp, [group], max_steps=2, logger=loggers).fit(TanhMLP(0.1), fixed_loader(saturating_batch(16), 2))
+print(sorted(m for m in ("wandb", "mlflow") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_group_and_tensorboard_layout(tmp_path):
+    """Monitors in a group and one passed alone write one merged layout; `activation_grad/*/mean` is gone."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from tests.callbacks_helpers import read_events
+
+    group = CallbackGroup([ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1)])
+    t = trainer(tmp_path, [group, ParameterMonitor(every_n_steps=1)], max_steps=2)
+    t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), 2))
+    acc = read_events(t.logger.log_dir)
+    assert not [tag for tag in acc.Tags()["scalars"] if tag.startswith("activation_grad/") and tag.endswith("/mean")]
+    event = acc.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    (category,) = layout.category
+    titles = [chart.title for chart in category.chart]
+    assert titles[0] == "loss"
+    assert titles[1].startswith("activation saturation") and titles[-1].startswith("weight grad:data")
+    assert any(title.startswith("activation gradient std") for title in titles)
+    tags = {chart.title: list(chart.multiline.tag) for chart in category.chart}
+    assert tags[titles[1]] == ["^activation/act/saturation$"]
