@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from callbacks._internals import compiled_by_lightning
+
 #: the attribute of ``torch._dynamo.eval_frame.OptimizedModule`` that holds the compiled module
 _ORIG = "_orig_mod."
 #: torch >= 2.6
@@ -30,7 +32,7 @@ def tag_name(qualified: str) -> str:
 
 def is_compiled(pl_module: "pl.LightningModule") -> bool:
     """Whether some of the module runs compiled: a compiled submodule, or ``trainer.fit(torch.compile(model))``."""
-    if getattr(pl_module, "_compiler_ctx", None) is not None:  # Lightning unwraps a compiled LightningModule
+    if compiled_by_lightning(pl_module):
         return True
     optimized = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
     return optimized is not None and any(isinstance(m, optimized) for m in pl_module.modules())

@@ -13,6 +13,15 @@ Two things, both on Lightning 2.2 to 2.6 (the versions the test suite ran on):
   ``LearningRateMonitor`` logs on the same private counter. On an untested Lightning the monitors fall back to
   ``global_step`` and say so once. With automatic optimization the public ``global_step`` is that axis.
 
+- **The legacy state key** (``Callback._legacy_state_key``, the key of a callback's state in checkpoints of
+  older Lightning releases, which Lightning itself falls back to): ``CallbackGroup`` loads its members' states
+  the way Lightning would. On an untested release only the current ``state_key`` is read.
+
+- **A LightningModule compiled before ``fit``** (``trainer.fit(torch.compile(model))``): Lightning unwraps it
+  and keeps the compiled functions in ``LightningModule._compiler_ctx``. The monitors read it to know that
+  recording steps must run eagerly (``callbacks._compile``). On an untested release they assume it is, which
+  only costs eager recording steps for a model that was not compiled (the same results).
+
 Nothing else in ``callbacks/`` touches a private Lightning attribute.
 """
 
@@ -46,6 +55,16 @@ STEP_HOOKS = (
     "on_before_zero_grad",
     "on_train_batch_end",
 )
+
+
+def compiled_by_lightning(pl_module: "pl.LightningModule") -> bool:
+    """Whether Lightning unwrapped a compiled LightningModule passed to ``fit`` (True when unsure)."""
+    return getattr(pl_module, "_compiler_ctx", None) is not None if IS_TESTED else True
+
+
+def legacy_state_key(callback: Callback) -> str | None:
+    """The key under which an older Lightning saved ``callback``'s state, or None (untested Lightning)."""
+    return getattr(callback, "_legacy_state_key", None) if IS_TESTED else None
 
 
 def shadow_step_hooks(callback: Callback, shadow: bool) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from callbacks._cadence import Alarm, Cadence, logging_step
-from callbacks._internals import STEP_HOOKS, shadow_step_hooks
+from callbacks._internals import STEP_HOOKS, legacy_state_key, shadow_step_hooks
 
 #: hooks whose state goes through the group itself (see `on_save_checkpoint` / `on_load_checkpoint`)
 _STATE_HOOKS = ("state_dict", "load_state_dict", "on_save_checkpoint", "on_load_checkpoint")
@@ -101,8 +101,7 @@ class CallbackGroup(Callback):
         states = checkpoint.get("callbacks", {})
         for cb in self.callbacks:
             cb.on_load_checkpoint(trainer, pl_module, checkpoint)
-            # `_legacy_state_key`: the key Lightning itself falls back to for checkpoints of older releases
-            state = states.get(cb.state_key, states.get(getattr(cb, "_legacy_state_key", cb.state_key)))
+            state = states.get(cb.state_key) or states.get(legacy_state_key(cb))  # as Lightning itself reads it
             if state:
                 cb.load_state_dict(state)
 
