@@ -1,34 +1,51 @@
-"""The command line: LightningCLI around `MakemoreModule` and `NamesDataModule` (run it as `python train.py`).
+"""Train, evaluate and sample makemore's MLP: LightningCLI around `MakemoreModule` and `NamesDataModule`.
 
-    python train.py fit                                  # the lecture's BatchNorm MLP, 200,000 steps
-    python train.py fit --config configs/deep.yaml       # a preset
-    python train.py fit --model.n_hidden 300 --data.batch_size 64 --trainer.max_steps 50000
-    python train.py test --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
-    python train.py predict --ckpt_path .../last.ckpt --data.num_samples 50   # no data file needed
+examples:
+  python train.py fit                                             # the lecture's BatchNorm MLP, 200,000 steps
+  python train.py fit --config configs/lecture/deep.yaml          # a preset (configs/, configs/lecture/)
+  python train.py fit --model.n_hidden 300 --trainer.max_steps 50000
+  python train.py test --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
+  python train.py predict --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --data.num_samples 50
 
-Bad values fail before training with one line that says what is allowed (set LIGHTNING_MAKEMORE_TRACEBACK=1
-for the full traceback).
+`python train.py fit --help` lists every flag: the model's and the data's first, then Lightning's Trainer.
+Bad values fail before training with one line that says what is allowed (LIGHTNING_MAKEMORE_TRACEBACK=1
+shows the full traceback).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import logging
 import os
+import re
 import sys
+import time
+import warnings
+from argparse import ArgumentError, RawDescriptionHelpFormatter
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_makemore.data import DataError, NamesDataModule
 from lightning_makemore.fastpath import FastPath
-from lightning_makemore.module import MakemoreModule, check_batch_size
+from lightning_makemore.model import net_settings
+from lightning_makemore.module import MakemoreModule, check_batch_size, split_loss
 
 PROGRESS_BAR_REFRESH = 50  # steps between progress-bar refreshes (Lightning's default, 1, is a cost per step)
+
+
+class UsageError(ValueError):
+    """A command-line mistake; the message is one line naming the flag, the allowed values and the fix."""
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -36,21 +53,46 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def make_monitors() -> list[Callback]:
-    """The four training-health monitors of the `callbacks` package, at their default cadence.
-
-    Grouped into one callback: Lightning's dispatch of every hook to every callback would otherwise cost
-    about 15 % of this small model's step before the monitors do any work.
-    """
+    """The four training-health monitors of the `callbacks` package, at their default cadence, in one group
+    (Lightning dispatches every hook to every callback: one callback instead of four is cheaper)."""
     from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
 
     return [CallbackGroup([ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()])]
 
 
-class MakemoreCLI(LightningCLI):
-    """LightningCLI with the lecture's defaults, monitors, checkpointing and name samples after `fit`."""
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts optimizer steps of `max_steps` ("Training 1200/200000"), not epochs without an end."""
 
     @override
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        if trainer.max_steps > 0:
+            bar = self.train_progress_bar
+            bar.reset(total=trainer.max_steps)
+            bar.n = bar.last_print_n = trainer.global_step
+            bar.set_description("Training")
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_batch_end(trainer, pl_module, *args)
+            return
+        step = trainer.global_step
+        if step % self.refresh_rate == 0 or step >= trainer.max_steps:
+            bar = self.train_progress_bar
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+
+class MakemoreCLI(LightningCLI):
+    """LightningCLI with the lecture's defaults, monitors, checkpointing, a summary and name samples after `fit`."""
+
+    @override
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # ours first in --help: the model's and the data's flags, ours, then Lightning's Trainer
+        parser.add_lightning_class_args(self.model_class, "model")
+        parser.add_lightning_class_args(self.datamodule_class, "data")
         parser.add_argument(
             "--monitors",
             type=bool,
@@ -72,16 +114,22 @@ class MakemoreCLI(LightningCLI):
             help="Skip Lightning's per-step bookkeeping that does nothing for this run (lightning_makemore/"
             "fastpath.py; same results). --fast_path false runs Lightning's public path only.",
         )
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model is built from the data's vocabulary and context length (read when the data is created)
         parser.link_arguments("data", "model.vocab", compute_fn=self._data_vocab, apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.block_size")
-        parser.set_defaults(
-            {
-                "trainer.max_steps": 200_000,
-                "trainer.max_epochs": -1,
-                "trainer.log_every_n_steps": 50,
-            }
-        )
+        parser.set_defaults({"trainer.max_steps": 200_000, "trainer.max_epochs": -1, "trainer.log_every_n_steps": 50})
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise UsageError(_explain(str(err))) from None
 
     def _data_vocab(self, data: NamesDataModule) -> list[str] | None:
         # sampling needs no data file: the model's vocabulary then comes from the checkpoint
@@ -96,8 +144,9 @@ class MakemoreCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer", {})
         threads = config.get("threads")
-        accelerator = str(config.get("trainer", {}).get("accelerator", "auto"))
+        accelerator = str(trainer.get("accelerator", "auto"))
         if threads is None and (accelerator == "cpu" or not torch.cuda.is_available()):
             threads = 1
         if threads is not None:
@@ -106,7 +155,12 @@ class MakemoreCLI(LightningCLI):
             torch.set_num_threads(threads)
         if self.subcommand == "fit":
             check_batch_size(config.model, config.data.batch_size)
-        if config.get("trainer", {}).get("sync_batchnorm") and not torch.cuda.is_available():
+            if (trainer.get("max_steps") or -1) <= 0 and (trainer.get("max_epochs") or -1) <= 0:
+                raise ValueError(
+                    "Expected --trainer.max_steps > 0 (or --trainer.max_epochs > 0): training would never end "
+                    "and the lr schedule needs its length."
+                )
+        if trainer.get("sync_batchnorm") and not torch.cuda.is_available():
             raise ValueError(
                 "--trainer.sync_batchnorm true needs CUDA GPUs (torch's SyncBatchNorm has no CPU version): "
                 "drop the flag on CPU, where each process normalises its own batch."
@@ -117,6 +171,12 @@ class MakemoreCLI(LightningCLI):
                 f"Checkpoint not found: {ckpt_path}. Pass a .ckpt file written by `train.py fit`, "
                 "e.g. lightning_logs/version_0/checkpoints/last.ckpt."
             )
+        if self.subcommand == "predict" and not ckpt_path:
+            raise ValueError(
+                "predict samples from a trained model: pass --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt."
+            )
+        if self.subcommand != "fit":
+            self.save_config_callback = None  # config.yaml belongs to the run that trained the model
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -125,7 +185,7 @@ class MakemoreCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer_config = config.get("trainer", {})
         ours: list[Callback] = []
-        if self.subcommand == "fit":
+        if self.subcommand == "fit" and not trainer_config.get("barebones"):
             if trainer_config.get("enable_checkpointing") is not False:
                 ours += [
                     # the best weights by validation loss ...
@@ -145,42 +205,174 @@ class MakemoreCLI(LightningCLI):
         given = _as_list(init.get("trainer", {}).get("callbacks"))
         users = [*given, *_as_list(self.trainer_defaults.get("callbacks"))]
         bar_given = any(isinstance(c, ProgressBar) for c in users)
-        if trainer_config.get("enable_progress_bar") is not False and not bar_given:
-            # Lightning's default bar refreshes every step, a cost per step; the loss on it changes every
-            # log_every_n_steps anyway
-            ours.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH))
+        if (
+            trainer_config.get("enable_progress_bar") is not False
+            and not bar_given
+            and not trainer_config.get("barebones")
+        ):
+            ours.append(StepProgressBar(refresh_rate=PROGRESS_BAR_REFRESH))
         self.fast_path = FastPath(enabled=config.get("fast_path", True))
+        logger = self._evaluation_logger(config, trainer_config)
+        if logger is not None:
+            kwargs["logger"] = logger
         trainer = super().instantiate_trainer(callbacks=[*given, *ours, self.fast_path], **kwargs)
         # the fast path may skip idle hooks of every callback but the user's (the CLI's, Lightning's defaults)
         self.fast_path.callbacks = [cb for cb in trainer.callbacks if not any(cb is u for u in users)]
         return trainer
 
+    def _evaluation_logger(self, config: Any, trainer_config: Any) -> Any:
+        """predict logs nothing; validate/test from a checkpoint write into the run that trained it (no new
+        empty lightning_logs/version_N). None: the user's choice or Lightning's default."""
+        if self.subcommand == "fit" or trainer_config.get("logger") not in (None, True):
+            return None
+        if self.subcommand == "predict":
+            return False
+        ckpt = Path(config.get("ckpt_path") or "")
+        if ckpt.is_file() and ckpt.parent.name == "checkpoints":
+            run = ckpt.resolve().parent.parent  # .../lightning_logs/version_0
+            return TensorBoardLogger(save_dir=run.parent.parent, name=run.parent.name, version=run.name)
+        return None
+
+    @override
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
     @override
     def after_fit(self) -> None:
         if self.trainer.interrupted:
             return
-        self._print_samples()
+        self._print_summary(time.perf_counter() - getattr(self, "_fit_started", time.perf_counter()))
 
     @rank_zero_only
-    def _print_samples(self) -> None:
-        dm: NamesDataModule = self.datamodule
-        names = self.model.sample(dm.num_samples, seed=dm.sample_seed)
-        print(f"\n{len(names)} names sampled from the trained model:\n" + "\n".join(names))
+    def _print_summary(self, seconds: float) -> None:
+        trainer, dm, model = self.trainer, self.datamodule, self.model
+        lines = ["", "Done."]
+        losses = []
+        if dm.splits.get("train"):
+            losses.append(f"train {split_loss(model.net, *dm.splits['train']):.4f}")
+        if "val/loss" in trainer.callback_metrics:
+            losses.append(f"val {float(trainer.callback_metrics['val/loss']):.4f}")
+        if losses:
+            lines.append(f"  loss        {', '.join(losses)} (whole splits, eval mode)")
+        of = f" of {trainer.max_steps:,}" if trainer.max_steps > 0 else ""
+        lines.append(f"  steps       {trainer.global_step:,}{of} in {seconds:.1f} s")
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            lines.append(f"  checkpoints {_rel(trainer.checkpoint_callback.dirpath)}")
+        if trainer.logger is not None and trainer.log_dir:
+            lines.append(f"  logs        {_rel(trainer.log_dir)}")
+            if isinstance(trainer.logger, TensorBoardLogger):
+                tensorboard = Path(sys.executable).parent / "tensorboard"
+                command = _rel(tensorboard) if tensorboard.is_file() else "tensorboard"
+                lines.append(f"  TensorBoard {command} --logdir {_rel(trainer.logger.root_dir)}")
+        names = model.sample(dm.num_samples, seed=dm.sample_seed)
+        lines.append(f"\n{len(names)} names sampled from the trained model:")
+        print("\n".join([*lines, *names]))
+
+
+def _rel(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it is inside it (shorter to read and to copy)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one-line argument errors
+
+
+def _known_flags() -> list[str]:
+    """Every flag of the CLI (the Trainer's included), for "did you mean"."""
+
+    def params(fn: Any) -> list[str]:
+        skip = {"self", "vocab", "block_size", "net", "args", "kwargs"}
+        return [name for name in inspect.signature(fn).parameters if name not in skip]
+
+    flags = [f"--model.{n}" for n in [*params(MakemoreModule.__init__), *net_settings()]]
+    flags += [f"--data.{n}" for n in params(NamesDataModule.__init__)]
+    flags += [f"--trainer.{n}" for n in params(L.Trainer.__init__)]
+    return [*flags, "--monitors", "--threads", "--fast_path", "--config", "--seed_everything", "--ckpt_path"]
+
+
+#: Lightning's generic flags that this model replaces with its own
+_NOT_OURS = {
+    "--optimizer": "--model.optimizer adamw (or sgd) with --model.lr",
+    "--lr_scheduler": "--model.schedule step|constant|cosine|onecycle",
+}
+
+
+def _explain(message: str) -> str:
+    """jsonargparse's error (often many lines) as one line with what is allowed and the closest flag."""
+    unknown = re.search(r"unrecognized arguments: (\S+)", message, re.IGNORECASE)
+    if unknown:
+        flag = unknown.group(1).split("=")[0]
+        if flag in _NOT_OURS:
+            return f"{flag} is Lightning's generic flag, which this model does not use: pass {_NOT_OURS[flag]}."
+        close = difflib.get_close_matches(flag, _known_flags(), n=1, cutoff=0.6)
+        hint = f": did you mean `{close[0]}`?" if close else "."
+        return f"unknown flag {flag}{hint}"
+    key = re.search(r'Parser key "([^"]+)"', message)
+    got = re.search(r"Got value: (.*)", message)
+    literal = re.search(r"Literal\[(.*?)\]", message)
+    if key and literal:
+        allowed = [v.strip().strip("'\"") for v in literal.group(1).split(",")]
+        value = got.group(1).strip() if got else "?"
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        return f"--{key.group(1)} {value} is not allowed{hint}: expected one of {', '.join(allowed)}."
+    if key:
+        expected = re.search(r"Expected a (.*?)\. Got", message)
+        kind = re.sub(r"<class '(\w+)'>", r"\1", expected.group(1)) if expected else "another value"
+        value = got.group(1).strip() if got else "?"
+        return f"--{key.group(1)} {value} is not allowed: expected {kind}."
+    return " ".join(message.split())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the entry point
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's examples kept one per line."""
+
+
+def _quiet_lightning() -> None:
+    """Only what is ours to say: no seeding banner, no product tips, no deprecation warnings from inside
+    Lightning, no callback warning when evaluating a checkpoint with other callbacks than it was trained with."""
+
+    class DropTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            return not ("Tip:" in text or "litlogger" in text or "litmodels" in text or "Seed set to" in text)
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch"):
+        logging.getLogger(name).addFilter(DropTips())
+    for message in (r".*LeafSpec.*", r".*Be aware that when using `ckpt_path`.*", r".*No seed found.*"):
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", message=r".*dirpath has changed from.*")
 
 
 def main(args: list[str] | None = None) -> MakemoreCLI | None:
     """Entry point of `train.py`: runs the CLI and turns known user errors into one line on stderr."""
+    _quiet_lightning()
     try:
         return MakemoreCLI(
             MakemoreModule,
             NamesDataModule,
             args=args,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,  # the model has its own (--model.optimizer, --model.schedule)
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": __doc__},
+            parser_kwargs={"description": __doc__, "exit_on_error": False, "formatter_class": _HelpFormatter},
         )
     except (DataError, ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("LIGHTNING_MAKEMORE_TRACEBACK"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
+        if isinstance(err, UsageError):
+            given = args if args is not None else sys.argv[1:]
+            command = given[0] if given and given[0] in MakemoreCLI.subcommands() else ""
+            print(f"Run `python train.py {command + ' ' if command else ''}--help` for every flag.", file=sys.stderr)
         sys.exit(2)
