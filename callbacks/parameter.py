@@ -1,14 +1,18 @@
 """Parameters, their gradients and their updates: ``ParameterMonitor``, ``UpdateRatioMonitor``.
 
 Both work from ``on_before_optimizer_step``, where the gradients are final: accumulated, all-reduced
-by DDP and unscaled by AMP. Under DDP every rank holds the same parameters and gradients, so rank
-zero alone computes and writes; the other ranks do nothing. Sharded strategies (FSDP, DeepSpeed)
-are not supported: each rank would see only its shard.
+by DDP and unscaled by AMP; with several optimizers (automatic or manual optimization) each optimizer's
+parameters are read before its own step. With several processes every rank takes part in the same
+collectives: under DDP every rank holds the same tensors, so rank zero contributes them and the others
+zeros; under FSDP2 (``fully_shard``, parameters and gradients are ``DTensor``) every rank contributes
+the statistics of its local shard, and counts, sums, sums of squares, min/max and bin counts are summed
+or maxed: the statistics and histograms are those of the full tensors, never gathered.
 """
 
 import math
+import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -19,10 +23,16 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from callbacks._base import _Monitor
+from callbacks._compile import tag_name
 from callbacks._selection import check_patterns, select_parameters
 from callbacks._stats import StatsBuffer, Summary
 
 _WIDE = (torch.float32, torch.float64)
+
+try:  # torch >= 2.4 (FSDP2)
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - older torch, no FSDP2 either
+    DTensor = Replicate = None  # type: ignore[assignment,misc]
 
 
 def _check_ndim(min_ndim: int) -> int:
@@ -31,26 +41,36 @@ def _check_ndim(min_ndim: int) -> int:
     return min_ndim
 
 
+def _local_part(t: Tensor, trainer: "pl.Trainer") -> Tensor | None:
+    """What this rank contributes of ``t`` to a statistic over the full tensor, or None (nothing).
+
+    A ``DTensor`` (FSDP2) contributes its local shard, from one rank per replica (the first along each
+    replicated mesh dim); a plain tensor, the same on every rank (DDP), is contributed by rank zero.
+    """
+    if DTensor is not None and isinstance(t, DTensor):
+        mesh = t.device_mesh
+        for dim, placement in enumerate(t.placements):
+            if isinstance(placement, Replicate) and mesh.size(dim) > 1 and mesh.get_local_rank(dim) != 0:
+                return None
+        return t.to_local()
+    return t if trainer.world_size <= 1 or trainer.global_rank == 0 else None
+
+
 class _ParamMonitor(_Monitor):
     def __init__(self, params: Sequence[str] | None, min_ndim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.params = check_patterns(params, "params")
         self.min_ndim = _check_ndim(min_ndim)
-        self._state_key: str | None = None
-        self._named: dict[str, Tensor] = {}
+        self._named: dict[str, Tensor] = {}  # tag name (without `_orig_mod.`) -> parameter
 
-    @property
     @override
-    def state_key(self) -> str:
-        # Lightning formats this on every hook call: compute it once
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(params=list(self.params or ()), min_ndim=self.min_ndim)
-        return self._state_key
+    def _state_key_args(self) -> dict[str, Any]:
+        return {"params": list(self.params or ()), "min_ndim": self.min_ndim}
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         params = dict(pl_module.named_parameters())
-        self._named = {n: params[n] for n in select_parameters(pl_module, self.params, self.min_ndim)}
+        self._named = {tag_name(n): params[n] for n in select_parameters(pl_module, self.params, self.min_ndim)}
         if not self._named:
             rank_zero_warn(
                 f"{type(self).__name__} found no parameter to watch (trainable, >= {self.min_ndim}-D"
@@ -87,7 +107,8 @@ class ParameterMonitor(_ParamMonitor):
             biases or norm gains), as in the lecture.
         every_n_steps: log scalars every n optimizer steps; default ``Trainer(log_every_n_steps)``.
         histogram_every_n_steps: default ``10 * every_n_steps``; ``0`` turns histograms off.
-        figure_every_n_steps: default ``2000 * every_n_steps``; ``0``: only at the end of fit.
+        figure_every_n_steps: first histogram step, every n steps and end of fit; default about 5 a fit;
+            ``0``: only the first and the end of fit.
         bins: histogram bins.
         vanishing_grad_to_data: grad:data ratio below which a parameter's gradient is "vanishing".
         warn: emit health warnings.
@@ -105,6 +126,9 @@ class ParameterMonitor(_ParamMonitor):
     """
 
     _prefix = "param_grad"
+    _chart_titles: ClassVar[dict[tuple[str, str], tuple[str, int]]] = {
+        ("param_grad/", "/grad_to_data"): ("weight grad:data ratio (grad std / weight std)", 5),
+    }
     _figure_tag = "param_grad/distribution"
     _patience = 3
 
@@ -133,39 +157,66 @@ class ParameterMonitor(_ParamMonitor):
         self.vanishing_grad_to_data = float(vanishing_grad_to_data)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._ratios: dict[str, float] = {}
+        self._last_step = -1  # the step of `_last`
 
     @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
     ) -> None:
-        if not self._active or not trainer.is_global_zero:
+        if not self._active:
             return
         pairs = self._in_optimizer(optimizer)
         if not pairs:
             return
-        if not self._hist_now and self._scalars_now and self._log_stds(trainer, pairs):
+        step = self._step
+        if self._last_step != step:  # the first optimizer of this step (several step in manual optimization)
+            self._last_step, self._last = step, {}
+        single = trainer.world_size <= 1
+        if single and not self._hist_now and self._scalars_now and self._log_stds(trainer, pairs):
             return
         buffer = StatsBuffer()
         keys = []
+        error: BaseException | None = None
         for name, p in pairs:
             self._shapes[name] = tuple(p.shape)
-            buffer.add(f"param/{name}", p, keep=self._hist_now)
             keys.append(f"param/{name}")
-            if p.grad is not None:
-                buffer.add(f"param_grad/{name}", p.grad, keep=self._hist_now)
+            if p.grad is not None:  # the same on every rank: DDP and FSDP2 reduce every gradient
                 keys.append(f"param_grad/{name}")
-        # no reduction: DDP has already all-reduced the gradients, every rank holds the same numbers
-        summaries = buffer.reduce(keys, pairs[0][1].device, None, self._hist_now, self.bins)
-        step = self._step
+            if error is not None:
+                continue
+            try:
+                for key, t in ((f"param/{name}", p), (f"param_grad/{name}", p.grad)):
+                    local = _local_part(t, trainer) if t is not None else None
+                    if local is not None:
+                        buffer.add(key, local, keep=self._hist_now)
+            except Exception as e:  # raised on every rank by `reduce`, after the collectives
+                error = e
+        summaries = buffer.reduce(
+            keys,
+            trainer.strategy.root_device,
+            self._reducer(trainer),
+            self._hist_now,
+            self.bins,
+            error=error,
+            who=f"{type(self).__name__} (step {step}, rank {trainer.global_rank})",
+            rank=trainer.global_rank,
+        )
         metrics: dict[str, float] = {}
         grads: dict[str, Summary] = {}
+        bad = [k for k in keys if k in summaries and summaries[k].nonfinite]
+        where = (
+            f"first in parameter order: `{bad[0]}` of {len(bad)} affected, step {step},"
+            f" rank {summaries[bad[0]].nonfinite_rank}"
+            if bad
+            else ""
+        )
         for key, s in summaries.items():
             if self._hist_now:
                 self._log_histogram(trainer, key, s, step)
             if not key.startswith("param_grad/"):
                 continue
             name = key[len("param_grad/") :]
-            self._check_nonfinite(key, s)
+            self._check_nonfinite(key, s, where)
             data = summaries[f"param/{name}"]
             ratio = s.std / data.std if data.std > 0 else float("nan")
             grads[name] = s
@@ -173,8 +224,7 @@ class ParameterMonitor(_ParamMonitor):
                 metrics.update(self._nonfinite_metric(key, s))
                 metrics.update(self._grad_scalars(name, s.std, ratio))
         self._log_scalars(trainer, metrics, step)
-        if grads:
-            self._last = grads
+        self._last.update(grads)
         if self._hist_now:
             self._last_hist_step = step
         if self._figure_now:
@@ -187,7 +237,8 @@ class ParameterMonitor(_ParamMonitor):
             f"vanishing/{name}",
             ratio < self.vanishing_grad_to_data or grad_std == 0.0,
             self._patience,
-            f"gradient of `{name}` is vanishing: grad:data ratio {ratio:.2e} (< {self.vanishing_grad_to_data:.0e}).",
+            f"gradient of `{name}` is vanishing: grad:data ratio {ratio:.2e} (< {self.vanishing_grad_to_data:.0e})"
+            f" for {self._patience} logged steps. Check for saturated activations or a too-small init after it.",
         )
         return {f"param_grad/{name}/std": grad_std, f"param_grad/{name}/grad_to_data": ratio}
 
@@ -224,7 +275,7 @@ class ParameterMonitor(_ParamMonitor):
             f"{n} {tuple(self._shapes.get(n, ()))}": Distribution(
                 s.edges,
                 s.counts,
-                f"mean {s.mean:+.2e}, std {s.std:.2e}, grad:data {self._ratios.get(n, math.nan):.2e}",
+                f"std {s.std:.1e}, grad:data {self._ratios.get(n, math.nan):.1e}",
             )
             for n, s in self._last.items()
             if s.edges is not None and s.counts is not None
@@ -236,13 +287,12 @@ class ParameterMonitor(_ParamMonitor):
         )
 
     @override
-    def _summary_rows(self) -> list[str]:
-        rows = ["| parameter | shape | grad mean | grad std | grad:data |", "|---|---|---|---|---|"]
-        rows += [
-            f"| {n} | {self._shapes.get(n, ())} | {s.mean:+.3e} | {s.std:.3e} | {self._ratios.get(n, math.nan):.3e} |"
+    def _summary_rows(self) -> tuple[list[str], list[list[str]]]:
+        rows = [
+            [n, str(self._shapes.get(n, ())), f"{s.mean:+.3e}", f"{s.std:.3e}", f"{self._ratios.get(n, math.nan):.3e}"]
             for n, s in self._last.items()
         ]
-        return rows
+        return ["parameter", "shape", "grad mean", "grad std", "grad:data"], rows
 
 
 class UpdateRatioMonitor(_ParamMonitor):
@@ -252,14 +302,18 @@ class UpdateRatioMonitor(_ParamMonitor):
     ``on_before_optimizer_step`` on those steps only), so it holds for any optimizer: for plain SGD it is
     the lecture's ``log10((lr * grad).std() / p.std())``. Logs scalars ``update_ratio/{name}`` and the
     figure ``update_ratio/history`` (every ratio over time, guide line at -3: "about 1e-3 is healthy").
-    A ratio outside ``[low, high]`` on ``patience`` consecutive logged steps is warned about once.
+    When the median parameter's ratio stays outside ``[low, high]`` for ``patience`` consecutive logged
+    steps, the learning rate is warned about once (too low / too high). The median, because the learning
+    rate is shared: one parameter far above the rest, like an output layer scaled down at init, is
+    expected early on and raises nothing.
     The history is part of the checkpoint, so a resumed run continues its curves.
 
     Args:
         params: ``fnmatch`` patterns of parameter names; default: all trainable ones with ``min_ndim``.
         min_ndim: only parameters with at least this many dims (default 2, as in the lecture).
         every_n_steps: measure every n optimizer steps; default ``Trainer(log_every_n_steps)``.
-        figure_every_n_steps: default ``2000 * every_n_steps``; ``0``: only at the end of fit.
+        figure_every_n_steps: first histogram step, every n steps and end of fit; default about 5 a fit;
+            ``0``: only the first and the end of fit.
         low: log10 ratio below which updates are too small (learning rate too low).
         high: log10 ratio above which updates are too large (learning rate too high).
         patience: consecutive logged steps out of ``[low, high]`` before warning.
@@ -278,7 +332,11 @@ class UpdateRatioMonitor(_ParamMonitor):
     """
 
     _prefix = "update_ratio"
+    _chart_titles: ClassVar[dict[tuple[str, str], tuple[str, int]]] = {
+        ("update_ratio/", ""): ("update:data ratio, log10: about -3 is healthy (> -2 lr too high, < -4 too low)", 6),
+    }
     _figure_tag = "update_ratio/history"
+    _histograms = False  # its figure (the history) falls on scalar steps
 
     def __init__(
         self,
@@ -302,27 +360,21 @@ class UpdateRatioMonitor(_ParamMonitor):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"Expected `patience` to be an int >= 1, but got {patience!r}.")
         self.low, self.high, self.patience = float(low), float(high), patience
-        self._before: dict[str, Tensor] = {}
+        self._before: dict[str, tuple[Tensor, Tensor | None]] = {}  # name -> (parameter, this rank's part before)
         #: logged steps and, per parameter, the log10 ratio at each (NaN where not measured)
         self.steps: list[int] = []
         self.history: dict[str, list[float]] = {}
 
     @override
-    def _set_step_flags(self, trainer: "pl.Trainer", batch_idx: int) -> None:
-        super()._set_step_flags(trainer, batch_idx)
-        step = self._step
-        self._hist_now = False
-        self._figure_now = self._has_tb and self._fig_n > 0 and self._scalars_now and (step + 1) % self._fig_n == 0
-
-    @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
     ) -> None:
-        if not self._scalars_now or not trainer.is_global_zero:
+        if not self._scalars_now:
             return
         for name, p in self._in_optimizer(optimizer):
             if p.grad is not None and name not in self._before:
-                self._before[name] = p.detach().clone()
+                local = _local_part(p, trainer)  # the same names on every rank, this rank's part or None
+                self._before[name] = (p, local.detach().clone() if local is not None else None)
 
     @override
     def on_train_batch_end(
@@ -333,16 +385,40 @@ class UpdateRatioMonitor(_ParamMonitor):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self._before or not self._step_ends(trainer):
+        if not self._before or not self._step_ends(trainer, pl_module, batch_idx):
             return
+        # std(after - before) / std(before) from counts, sums and sums of squares: reducible over shards
+        buffer = StatsBuffer()
+        error: BaseException | None = None
+        try:
+            with torch.no_grad():
+                for name, (p, before) in self._before.items():
+                    after = _local_part(p, trainer)
+                    if before is not None and after is not None:
+                        buffer.add(f"{name}/update", after.detach() - before, keep=False)
+                        buffer.add(f"{name}/data", before, keep=False)
+        except Exception as e:  # raised on every rank by `reduce`, after the collectives
+            error = e
         names = list(self._before)
-        with torch.no_grad():
-            ratios = torch.stack(
-                [((self._named[n].detach() - self._before[n]).std() / self._before[n].std()).log10() for n in names]
-            )
         self._before.clear()
-        values = ratios.cpu().tolist()
-        self._record(trainer, dict(zip(names, values, strict=True)))
+        summaries = buffer.reduce(
+            [f"{n}/{part}" for n in names for part in ("update", "data")],
+            trainer.strategy.root_device,
+            self._reducer(trainer),
+            False,
+            self.bins,
+            error=error,
+            who=f"{type(self).__name__} (step {self._step}, rank {trainer.global_rank})",
+            rank=trainer.global_rank,
+        )
+        ratios = {}
+        for n in names:
+            update, data = summaries.get(f"{n}/update"), summaries.get(f"{n}/data")
+            if update is not None and data is not None:
+                ratio = update.std / data.std if data.std > 0 else math.nan
+                ratios[n] = math.log10(ratio) if ratio > 0 else (-math.inf if ratio == 0 else math.nan)
+        self._record(trainer, ratios)
+        self.cadence.finish_step()
 
     def _record(self, trainer: "pl.Trainer", ratios: dict[str, float]) -> None:
         step = self._step
@@ -352,20 +428,28 @@ class UpdateRatioMonitor(_ParamMonitor):
         for n in [*self.history, *(n for n in ratios if n not in self.history)]:  # stable legend order
             series = self.history.setdefault(n, [math.nan] * (len(self.steps) - 1))
             series.append(ratios.get(n, math.nan))
-        for n, v in ratios.items():
+        # The learning rate is one number for every layer, so the rule reads the median parameter: a single
+        # parameter far above the rest (an output layer scaled down at init: its small weights make every
+        # update large relative to them, for the first thousands of steps) is expected, not a wrong lr.
+        finite = sorted((v, n) for n, v in ratios.items() if math.isfinite(v))
+        if finite:
+            median = statistics.median(v for v, _ in finite)
+            (lo, lo_name), (hi, hi_name) = finite[0], finite[-1]
             self._check(
-                f"low/{n}",
-                math.isfinite(v) and v < self.low,
+                "lr/low",
+                median < self.low,
                 self.patience,
-                f"updates of `{n}` are tiny: log10(update/data) = {v:.2f} < {self.low} for"
-                f" {self.patience} logged steps. The learning rate is probably too low.",
+                f"updates are tiny: the median parameter's log10(update/data) is {median:.2f} < {self.low} for"
+                f" {self.patience} logged steps (smallest: `{lo_name}` {lo:.2f}). The learning rate is probably"
+                " too low.",
             )
             self._check(
-                f"high/{n}",
-                math.isfinite(v) and v > self.high,
+                "lr/high",
+                median > self.high,
                 self.patience,
-                f"updates of `{n}` are large: log10(update/data) = {v:.2f} > {self.high} for"
-                f" {self.patience} logged steps. The learning rate is probably too high.",
+                f"updates are large: the median parameter's log10(update/data) is {median:.2f} > {self.high} for"
+                f" {self.patience} logged steps (largest: `{hi_name}` {hi:.2f}). The learning rate is probably"
+                " too high.",
             )
         self._last_hist_step = step
         if self._figure_now:
@@ -380,10 +464,9 @@ class UpdateRatioMonitor(_ParamMonitor):
         return plot_update_ratios(self.history, self.steps)
 
     @override
-    def _summary_rows(self) -> list[str]:
-        rows = ["| parameter | last log10(update/data) |", "|---|---|"]
-        rows += [f"| {n} | {v[-1]:+.2f} |" for n, v in self.history.items() if v]
-        return rows
+    def _summary_rows(self) -> tuple[list[str], list[list[str]]]:
+        rows = [[n, f"{v[-1]:+.2f}"] for n, v in self.history.items() if v]
+        return ["parameter", "last log10(update/data)"], rows
 
     @override
     def state_dict(self) -> dict[str, Any]:
