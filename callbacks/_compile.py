@@ -5,8 +5,9 @@ makes dynamo recompile (its guards check the hooks). So on the steps a monitor r
 step runs under ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6): every compiled function runs its
 original Python code, the module hooks fire, and nothing is compiled. The hooks are removed and the stance
 restored at the end of the step, so the compiled graph's guards hold again on the next step: a fit compiles
-once whatever the cadence (``tests/test_callbacks_setups.py`` counts the compilations). On an older torch the
-compiled modules' activations are not watched, and the monitor says so once.
+as often as without the monitors (``tests/test_callbacks_setups.py`` counts the graphs). On an older torch the
+hooks are registered all the same (dynamo may skip them, or trace them in and recompile), and the monitor
+says so once.
 
 Tags use the uncompiled names: ``net._orig_mod.0`` (``self.net = torch.compile(net)``) is logged as ``net.0``,
 so compiled and uncompiled runs write the same tags.
@@ -75,8 +76,9 @@ class EagerSteps:
         if compiled and not HAS_STANCE:
             rank_zero_warn(
                 f"{owner}: the model is compiled and torch {torch.__version__} has no"
-                " `torch.compiler.set_stance` (torch >= 2.6): the activations inside compiled modules are not"
-                " watched. Upgrade torch, or fit the model uncompiled to watch them."
+                " `torch.compiler.set_stance` (torch >= 2.6): the activations inside compiled modules may not be"
+                " watched, or be watched at the cost of recompiling on logged steps. Upgrade torch, or fit the"
+                " model uncompiled to watch them."
             )
 
     def enter(self) -> None:

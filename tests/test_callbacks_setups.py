@@ -413,3 +413,15 @@ def test_bf16_mixed_precision_statistics_of_the_16_bit_tensors(tmp_path):
         assert math.isfinite(scalars(acc, "activation_grad/net.1/std")[step])
         assert math.isfinite(scalars(acc, "update_ratio/net.0.weight")[step])
     assert histograms(acc, "activation/net.1")[3].num == 16 * HIDDEN
+
+
+def test_compiled_model_on_a_torch_without_set_stance_warns_once(tmp_path, monkeypatch):
+    from callbacks import _compile
+
+    monkeypatch.setattr(_compile, "HAS_STANCE", False)  # what torch < 2.6 lacks
+    torch._dynamo.reset()
+    t = trainer(tmp_path, [ActivationMonitor(every_n_steps=1), ParameterMonitor(every_n_steps=1)], max_steps=2)
+    with pytest.warns(UserWarning, match=r"set_stance.*may not be\s+watched") as record:
+        t.fit(Classifier(compile_net=True), _batches(2))
+    assert sum("set_stance" in str(w.message) for w in record) == 1
+    assert "param_grad/net.0.weight/std" in read_events(t.logger.log_dir).Tags()["scalars"]  # read outside the graph
