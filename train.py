@@ -1,7 +1,8 @@
 """Train, evaluate and sample makemore's MLP from the command line. `python train.py --help` for more.
 
-python train.py fit                      # the lecture's BatchNorm MLP (200,000 steps of batch 32)
-python train.py fit --help               # every --model.*, --data.* and --trainer.* flag
+python train.py fit                                    # the lecture's BatchNorm MLP (200,000 steps of batch 32)
+python train.py fit --config configs/lecture/deep.yaml  # the lecture's deep net (configs/ holds the presets)
+python train.py fit --help                             # every --model.*, --data.* and --trainer.* flag
 python train.py predict --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
 """
 

@@ -65,12 +65,13 @@ class StepProgressBar(TQDMProgressBar):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
-        if trainer.max_steps > 0:
-            bar = self.train_progress_bar
-            bar.reset(total=trainer.max_steps)
-            bar.n = bar.last_print_n = trainer.global_step
-            bar.set_description("Training")
+        if trainer.max_steps <= 0:
+            super().on_train_epoch_start(trainer)
+            return
+        bar = self.train_progress_bar
+        bar.set_description("Training", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.last_print_n = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -153,6 +154,8 @@ class MakemoreCLI(LightningCLI):
             if threads < 1:
                 raise ValueError(f"Expected --threads >= 1, but got {threads}.")
             torch.set_num_threads(threads)
+        if trainer.get("barebones"):
+            trainer.log_every_n_steps = None  # our default of 50 would be refused: barebones logs nothing
         if self.subcommand == "fit":
             check_batch_size(config.model, config.data.batch_size)
             if (trainer.get("max_steps") or -1) <= 0 and (trainer.get("max_epochs") or -1) <= 0:
@@ -337,18 +340,30 @@ class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the description's examples kept one per line."""
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's product tips (litlogger, litmodels) and its seeding banner are not ours to say."""
+
+    @override
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Tip:" in text or "litlogger" in text or "litmodels" in text or "Seed set to" in text)
+
+
+_DROP_TIPS = _DropLightningTips()
+
+
 def _quiet_lightning() -> None:
     """Only what is ours to say: no seeding banner, no product tips, no deprecation warnings from inside
     Lightning, no callback warning when evaluating a checkpoint with other callbacks than it was trained with."""
-
-    class DropTips(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            text = record.getMessage()
-            return not ("Tip:" in text or "litlogger" in text or "litmodels" in text or "Seed set to" in text)
-
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch"):
-        logging.getLogger(name).addFilter(DropTips())
-    for message in (r".*LeafSpec.*", r".*Be aware that when using `ckpt_path`.*", r".*No seed found.*"):
+        logging.getLogger(name).addFilter(_DROP_TIPS)  # the same filter object: adding it again does nothing
+    for message in (
+        r".*LeafSpec.*",
+        r".*Be aware that when using `ckpt_path`.*",
+        r".*No seed found.*",
+        r"(?s).*JsonargparseDeprecationWarning.*",  # LightningCLI's own use of jsonargparse
+        r"(?s).*will be removed in v5\.0\.0.*",
+    ):
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", message=r".*dirpath has changed from.*")
 

@@ -72,7 +72,8 @@ class MLP(nn.Module):
         n_hidden: width of every hidden layer.
         n_layers: number of [Linear -> BatchNorm -> activation] blocks (1 = the lecture's shallow net,
             5 = its deep net).
-        init: the init regime, see the module docstring.
+        init: the init regime: ``pytorch`` (PyTorch's defaults), ``naive`` (plain randn: the lecture's first
+            net), ``tanh_fix`` (the lecture's hand-tuned scales) or ``kaiming`` (gain / sqrt(fan_in)).
         last_layer_scale: softmax fix: output weights ``randn * scale``, output bias 0. None leaves the
             output layer to `init`.
         batchnorm: BatchNorm1d after each hidden Linear, whose bias is then dropped (BatchNorm's beta
