@@ -89,7 +89,7 @@ class Vocabulary:
 
         >>> v = Vocabulary.from_names(["emma", "ava"])
         >>> v.itos, v.encode("ma"), v.decode([3, 1])
-        (['.', 'a', 'e', 'm', 'v'], [3, 1], 'ma')
+        (('.', 'a', 'e', 'm', 'v'), [3, 1], 'ma')
     """
 
     itos: tuple[str, ...]
@@ -339,7 +339,7 @@ class NamesDataModule(L.LightningDataModule):
         >>> dm = NamesDataModule(path=str(path), block_size=2)
         >>> dm.vocab.itos
         ('.', 'a', 'e', 'i', 'm', 'v')
-        >>> dm.setup("fit"); dm.X_train.shape  # emma: 5 windows (80 % of the 3 names: 2 names)
+        >>> dm.setup("fit"); dm.X_train.shape  # the windows of 2 of the 3 names (the 80 % train split)
         torch.Size([9, 2])
     """
 
