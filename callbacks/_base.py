@@ -164,8 +164,9 @@ class _Monitor(Callback):
     # ---------------------------------------------------------------- writing (rank zero)
     #: the dashboard chart of each kind of scalar: (tag prefix, tag suffix) -> (chart title, place on the dashboard)
     _chart_titles: ClassVar[dict[tuple[str, str], tuple[str, int]]] = {}
-    #: the tags already put on a chart (an instance attribute from the first logged step)
+    #: the tags already put on a chart, and for which writers (instance attributes from the first logged step)
     _charted: frozenset[str] = frozenset()
+    _charted_for: tuple[int, ...] = ()
 
     @staticmethod
     def _writers(trainer: "pl.Trainer") -> list[Writer]:
@@ -189,6 +190,9 @@ class _Monitor(Callback):
         writers = self._writers(trainer)
         for writer in writers:
             writer.scalars(metrics, step)
+        key = tuple(id(w) for w in writers)
+        if key != self._charted_for:  # another fit, other loggers: their layouts start empty
+            self._charted, self._charted_for = frozenset(), key
         new = [tag for tag in metrics if tag not in self._charted]
         if new:  # the layout grows (first logged step, a late `/nonfinite`): each writer rewrites its own
             self._charted = self._charted | set(new)

@@ -509,5 +509,5 @@ class GradientMonitor(_OutputMonitor):
 
     @override
     def _summary_rows(self) -> tuple[list[str], list[list[str]]]:
-        rows = [[self._labels[n], f"{s.mean:+.3e}", f"{s.std:.3e}"] for n, s in self._last.items()]
-        return ["layer", "grad mean", "grad std"], rows
+        rows = [[self._labels[n], f"{s.std:.3e}"] for n, s in self._last.items()]
+        return ["layer", "grad std"], rows

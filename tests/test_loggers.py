@@ -238,3 +238,13 @@ def test_group_and_tensorboard_layout(tmp_path):
     assert any(title.startswith("activation gradient std") for title in titles)
     tags = {chart.title: list(chart.multiline.tag) for chart in category.chart}
     assert tags[titles[1]] == ["^activation/act/saturation$"]
+
+
+def test_a_second_fit_with_a_new_logger_gets_its_own_layout(tmp_path):
+    from tests.callbacks_helpers import read_events, tb_logger
+
+    monitor = ActivationMonitor(every_n_steps=1)
+    for name in ("first", "second"):
+        t = trainer(tmp_path, [monitor], max_steps=2, logger=tb_logger(tmp_path, name))
+        t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), 2))
+        assert read_events(t.logger.log_dir).Tensors("custom_scalars__config__"), name
