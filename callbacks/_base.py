@@ -67,6 +67,7 @@ class _Monitor(Callback):
         self.cadence = Cadence(every_n_steps, histogram_every_n_steps, figure_every_n_steps, self._histograms)
         self._has_tb = False  # resolved in `setup`
         self._asleep = False  # step hooks shadowed (see `_set_asleep`)
+        self._pending_error: BaseException | None = None  # a write that failed on this rank (see `_write_guarded`)
         self._state_key: str | None = None
         # health bookkeeping (kept in the checkpoint)
         self._streaks: dict[str, int] = {}
@@ -154,6 +155,23 @@ class _Monitor(Callback):
     def _step_ends(trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx: int) -> bool:
         """Whether the logging step ends with this batch (the last micro-batch of an accumulation)."""
         return step_ends(trainer, pl_module, batch_idx)
+
+    def _write_guarded(self, trainer: "pl.Trainer", write: Callable[[], None]) -> None:
+        """Runs the writing of a reduced step. With several processes an error (rank zero writes, e.g. a logger's
+        network or disk) is kept instead of raised: the next reduce carries it to every rank, which all raise it;
+        raised here, on one rank, it would leave the others waiting in their next collective."""
+        if trainer.world_size <= 1:
+            write()
+            return
+        try:
+            write()
+        except Exception as error:  # raised on every rank by the next `StatsBuffer.reduce`
+            self._pending_error = self._pending_error or error
+
+    def _take_error(self, error: BaseException | None) -> BaseException | None:
+        """``error``, or the write error kept since the last reduce (then forgotten)."""
+        pending, self._pending_error = self._pending_error, None
+        return error or pending
 
     @staticmethod
     def _reducer(trainer: "pl.Trainer") -> Callable[[Tensor, str], Tensor] | None:
@@ -278,6 +296,9 @@ class _Monitor(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._set_asleep(False)
         self.cadence.reset()
+        pending, self._pending_error = self._pending_error, None
+        if pending is not None and stage == "fit":
+            raise pending  # a write of the last logged step failed: no reduce came after it
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

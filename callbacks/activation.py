@@ -158,7 +158,7 @@ class _OutputMonitor(_Monitor):
         self._remove_handles()
         # every rank reduces the same names, even those its own forward never reached; an error of any rank's
         # hooks is raised on every rank after the collectives
-        error, self._error = self._error, None
+        error, self._error = self._take_error(self._error), None
         summaries = self._buffer.reduce(
             self._names,
             trainer.strategy.root_device,
@@ -169,7 +169,7 @@ class _OutputMonitor(_Monitor):
             who=f"{type(self).__name__} (step {self._step}, rank {trainer.global_rank})",
             rank=trainer.global_rank,
         )
-        self._write(trainer, summaries)
+        self._write_guarded(trainer, lambda: self._write(trainer, summaries))
         self.cadence.finish_step()
 
     def _write(self, trainer: "pl.Trainer", summaries: dict[str, Summary]) -> None:

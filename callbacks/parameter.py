@@ -197,10 +197,13 @@ class ParameterMonitor(_ParamMonitor):
             self._reducer(trainer),
             self._hist_now,
             self.bins,
-            error=error,
+            error=self._take_error(error),
             who=f"{type(self).__name__} (step {step}, rank {trainer.global_rank})",
             rank=trainer.global_rank,
         )
+        self._write_guarded(trainer, lambda: self._write(trainer, keys, summaries, step))
+
+    def _write(self, trainer: "pl.Trainer", keys: list[str], summaries: dict[str, Summary], step: int) -> None:
         metrics: dict[str, float] = {}
         grads: dict[str, Summary] = {}
         bad = [k for k in keys if k in summaries and summaries[k].nonfinite]
@@ -407,7 +410,7 @@ class UpdateRatioMonitor(_ParamMonitor):
             self._reducer(trainer),
             False,
             self.bins,
-            error=error,
+            error=self._take_error(error),
             who=f"{type(self).__name__} (step {self._step}, rank {trainer.global_rank})",
             rank=trainer.global_rank,
         )
@@ -417,7 +420,7 @@ class UpdateRatioMonitor(_ParamMonitor):
             if update is not None and data is not None:
                 ratio = update.std / data.std if data.std > 0 else math.nan
                 ratios[n] = math.log10(ratio) if ratio > 0 else (-math.inf if ratio == 0 else math.nan)
-        self._record(trainer, ratios)
+        self._write_guarded(trainer, lambda: self._record(trainer, ratios))
         self.cadence.finish_step()
 
     def _record(self, trainer: "pl.Trainer", ratios: dict[str, float]) -> None:

@@ -45,6 +45,13 @@ DDP_SCRIPT = textwrap.dedent(
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    class FailingWrite(ActivationMonitor):
+        # rank zero's writing fails at step 1 (a logger's disk or network): the other rank must not wait for it
+        def _log_scalars(self, trainer, metrics, step):
+            if trainer.is_global_zero and step == 1:
+                raise OSError("writer broke on rank 0")
+            return super()._log_scalars(trainer, metrics, step)
+
     if __name__ == "__main__":
         out = sys.argv[1]
         # rank r sees x = r + small: rank 0 values in [0, 0.1), rank 1 in [1, 1.1) before the Linear
@@ -53,6 +60,8 @@ DDP_SCRIPT = textwrap.dedent(
         loader = DataLoader(TensorDataset(x, y), batch_size=8)  # per rank; DistributedSampler splits
         monitors = [ActivationMonitor(every_n_steps=2, histogram_every_n_steps=2), GradientMonitor(every_n_steps=2),
                     ParameterMonitor(every_n_steps=2), UpdateRatioMonitor(every_n_steps=2)]
+        if sys.argv[2:] == ["fail_write"]:
+            monitors = [FailingWrite(every_n_steps=1)]
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, log_every_n_steps=2,
                             logger=TensorBoardLogger(out, name="ddp", version=0), callbacks=monitors,
                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -62,14 +71,23 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_global_histograms(tmp_path):
+def _run_ddp(tmp_path, *args: str) -> subprocess.CompletedProcess:
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,  # a hang fails the test instead of the suite
     )
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_global_histograms(tmp_path):
+    proc = _run_ddp(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = read_events(str(tmp_path / "ddp" / "version_0"))
     global_batch = 2 * 8  # 2 ranks x 8 rows
@@ -141,3 +159,13 @@ def test_tensorboard_server_lists_the_tags(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.mark.slow
+def test_ddp_a_write_failing_on_rank_zero_stops_every_rank(tmp_path):
+    """Rank zero alone writes: its error travels in the next logged step's all-reduce, and both ranks raise."""
+    proc = _run_ddp(tmp_path, "fail_write")
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "writer broke on rank 0" in output
+    assert "MonitorRankError" in output and "failed on another rank" in output
