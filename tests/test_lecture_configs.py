@@ -53,14 +53,17 @@ def test_every_stage_has_a_config():
 @pytest.mark.parametrize(
     "path", [*sorted(LECTURE.glob("*.yaml")), ROOT / "configs" / "best.yaml"], ids=lambda p: p.stem
 )
-def test_config_parses_with_train_py(path: Path, monkeypatch):
+def test_config_parses_with_train_py(path: Path, monkeypatch, small_corpus):
     """`python train.py fit --config <path>` would accept it, and sees the values the file holds."""
     monkeypatch.setattr("sys.argv", ["train.py"])  # LightningCLI warns when pytest's own arguments are there
     cli = MakemoreCLI(
         MakemoreModule,
         NamesDataModule,
         run=False,
-        args=["--config", str(path), "--monitors", "false", "--trainer.logger", "false", "--seed_everything", "false"],
+        args=[
+            *("--config", str(path), "--data.path", str(small_corpus), "--monitors", "false"),
+            *("--trainer.logger", "false", "--seed_everything", "false"),
+        ],
     )
     config = load(path)
     for key, value in config["model"].items():

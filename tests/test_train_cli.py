@@ -44,11 +44,11 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, names_path):
+def short_run(tmp_path_factory, small_corpus):
     """One 60-step fit shared by the tests below (monitors off: the callbacks have their own tests)."""
     tmp = tmp_path_factory.mktemp("fit")
     args = ["fit", "--trainer.max_steps", "60", "--trainer.log_every_n_steps", "10", "--monitors", "false", *QUIET]
-    proc = train(args, tmp, names_path)
+    proc = train(args, tmp, small_corpus)
     return tmp, proc
 
 
@@ -69,11 +69,11 @@ def test_fit_writes_tensorboard_losses_checkpoints_and_samples(short_run):
     assert (logdir / "config.yaml").is_file()
 
 
-def test_resume_continues_from_the_saved_step(short_run, names_path):
+def test_resume_continues_from_the_saved_step(short_run, small_corpus):
     tmp, _ = short_run
     ckpt = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     args = ["fit", "--ckpt_path", str(ckpt), "--trainer.max_steps", "80", "--trainer.log_every_n_steps", "10"]
-    train([*args, "--monitors", "false", *QUIET], tmp, names_path)
+    train([*args, "--monitors", "false", *QUIET], tmp, small_corpus)
     steps = [s for s, _ in scalars(tmp / "lightning_logs" / "version_1")["train/loss"]]
     assert steps == [69, 79]  # continues after step 60; nothing re-trained from 0
     resumed = torch.load(tmp / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -99,15 +99,15 @@ def test_predict_without_any_data_setting_does_not_download(short_run):
     assert not (tmp / "empty-cache" / "lightning_makemore").exists()  # nothing downloaded
 
 
-def test_validate_and_test_subcommands(short_run, names_path):
+def test_validate_and_test_subcommands(short_run, small_corpus):
     tmp, _ = short_run
     ckpt = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    proc = train(["test", "--ckpt_path", str(ckpt), *QUIET], tmp, names_path)
+    proc = train(["test", "--ckpt_path", str(ckpt), *QUIET], tmp, small_corpus)
     assert "test/loss" in proc.stdout
 
 
-def test_help_explains_the_flags(tmp_path, names_path):
-    out = train(["fit", "--help"], tmp_path, names_path).stdout
+def test_help_explains_the_flags(tmp_path, small_corpus):
+    out = train(["fit", "--help"], tmp_path, small_corpus).stdout
     for flag in ["--model.n_hidden", "--model.init", "--data.batch_size", "--data.path", "--monitors", "--threads"]:
         assert flag in out
     assert "naive" in out and "kaiming" in out  # the allowed init names are listed
@@ -123,8 +123,8 @@ def test_help_explains_the_flags(tmp_path, names_path):
         (["--data.path", "/nonexistent/names.txt"], "Names file not found: /nonexistent/names.txt"),
     ],
 )
-def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, names_path, flags, message):
-    proc = train(["fit", "--trainer.max_steps", "5", *flags, *QUIET], tmp_path, names_path, check=False)
+def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, small_corpus, flags, message):
+    proc = train(["fit", "--trainer.max_steps", "5", *flags, *QUIET], tmp_path, small_corpus, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
