@@ -10,9 +10,9 @@ PY := $(VENV)/bin/python
 # CUDA build (several GB of NVIDIA libraries), on macOS and Windows the CPU one. Choose yours, e.g.
 #   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
-# the floor of `lightning` in pyproject.toml; old Lightning imports pkg_resources, gone from setuptools 81
+# the floor of `lightning` in pyproject.toml, read from it; old Lightning imports pkg_resources (setuptools < 81)
 LOWEST_VENV := .venv-lowest
-LOWEST ?= lightning==2.2.5 setuptools<81
+LOWEST ?= $(shell sed -n 's/^ *"lightning>=\([0-9.]*\).*/lightning==\1/p' pyproject.toml) setuptools<81
 
 .PHONY: train test lint setup clean tensorboard test-lowest
 
