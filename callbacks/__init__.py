@@ -5,13 +5,25 @@
 - :class:`ParameterMonitor`: parameters and their gradients, with the grad:data ratio.
 - :class:`UpdateRatioMonitor`: log10 of the update:data ratio per parameter, over time.
 - :class:`CallbackGroup`: several callbacks dispatched as one (cheaper per step for tiny models).
+- :func:`register_activation`: teach the default selection a module class of your own (bounded, ReLU-like, other).
+- :class:`HealthWarning`: the category of the monitors' warnings (filter it like any warning).
 - :mod:`callbacks.figures`: the lecture-style figures, usable from scripts.
 
 This package depends on Lightning and PyTorch only; it never imports ``lightning_makemore``.
 """
 
+from callbacks._selection import register_activation
+from callbacks._warnings import HealthWarning
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
 from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
 
-__all__ = ["ActivationMonitor", "CallbackGroup", "GradientMonitor", "ParameterMonitor", "UpdateRatioMonitor"]
+__all__ = [
+    "ActivationMonitor",
+    "CallbackGroup",
+    "GradientMonitor",
+    "HealthWarning",
+    "ParameterMonitor",
+    "UpdateRatioMonitor",
+    "register_activation",
+]

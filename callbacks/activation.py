@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -23,8 +22,16 @@ from typing_extensions import override
 
 from callbacks._base import _check_positive, _Monitor
 from callbacks._compile import EagerSteps, tag_name
-from callbacks._selection import ModuleSpec, check_specs, is_relu_like, saturation_spec, select_modules
+from callbacks._selection import (
+    ModuleSpec,
+    check_specs,
+    empty_selection_message,
+    is_relu_like,
+    saturation_spec,
+    select_modules,
+)
 from callbacks._stats import StatsBuffer, Summary
+from callbacks._warnings import health_warning
 
 
 def _first_tensor(output: Any) -> Tensor | None:
@@ -109,9 +116,12 @@ class _OutputMonitor(_Monitor):
             self._hooks.append((module, self._make_hook(name, module)))
         self._eager.setup(pl_module, bool(self._names), type(self).__name__)
         if not self._names:
-            rank_zero_warn(
-                f"{type(self).__name__} found no module to watch in {type(pl_module).__name__}: pass"
-                " `modules=[nn.SomeType, 'some.name.*']` to choose some."
+            health_warning(
+                empty_selection_message(pl_module, type(self).__name__)
+                if self.modules is None
+                else f"{type(self).__name__} found no module matching"
+                f" `modules=[{', '.join(getattr(m, '__name__', repr(m)) for m in self.modules)}]` in"
+                f" {type(pl_module).__name__}: check the types and name patterns against its `named_modules()`."
             )
 
     def _make_hook(self, name: str, module: nn.Module) -> Any:

@@ -1,9 +1,11 @@
 """The four monitors against independently computed statistics, on a tanh MLP and on Lightning's BoringModel."""
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -270,3 +272,27 @@ def test_makemore_module(tmp_path):
     tags = acc.Tags()
     assert {"activation_grad/net.blocks.1.act/std", "update_ratio/net.embedding.weight"} <= set(tags["scalars"])
     assert "activation/net.blocks.1.act" in tags["histograms"]  # the final step always has histograms
+
+
+class FunctionalMLP(TanhMLP):
+    """Activations as function calls only: the default selection finds nothing to hook."""
+
+    def __init__(self) -> None:
+        super().__init__(unused=False)
+        del self.act, self.relu
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.tanh(x), F.relu(self.hidden(x))], dim=1))
+
+
+@pytest.mark.parametrize("monitor", [ActivationMonitor, GradientMonitor])
+def test_functional_model_gets_one_warning_with_a_suggestion(tmp_path, monitor):
+    t = trainer(tmp_path, [monitor(every_n_steps=1)], max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(FunctionalMLP(), fixed_loader(saturating_batch(16), 2))
+    found = [str(w.message) for w in caught if "found no activation module" in str(w.message)]
+    assert len(found) == 1
+    assert found[0].startswith(f"{monitor.__name__} found no activation module in FunctionalMLP (it has 2 Linear)")
+    assert f"{monitor.__name__}(modules=[nn.Linear])" in found[0]
+    assert not any(tag.startswith("activation") for tag in t.logged_metrics)
