@@ -244,10 +244,13 @@ class MakemoreCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.interrupted:
             return
-        self._print_summary(time.perf_counter() - getattr(self, "_fit_started", time.perf_counter()))
+        seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
+        # `trainer.log_dir` is a collective under DDP: read on every rank, printed on rank zero
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        self._print_summary(seconds, log_dir)
 
     @rank_zero_only
-    def _print_summary(self, seconds: float) -> None:
+    def _print_summary(self, seconds: float, log_dir: str | None) -> None:
         trainer, dm, model = self.trainer, self.datamodule, self.model
         lines = ["", "Done."]
         losses = []
@@ -261,8 +264,8 @@ class MakemoreCLI(LightningCLI):
         lines.append(f"  steps       {trainer.global_step:,}{of} in {seconds:.1f} s")
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
             lines.append(f"  checkpoints {_rel(trainer.checkpoint_callback.dirpath)}")
-        if trainer.logger is not None and trainer.log_dir:
-            lines.append(f"  logs        {_rel(trainer.log_dir)}")
+        if log_dir:
+            lines.append(f"  logs        {_rel(log_dir)}")
             if isinstance(trainer.logger, TensorBoardLogger):
                 tensorboard = Path(sys.executable).parent / "tensorboard"
                 command = _rel(tensorboard) if tensorboard.is_file() else "tensorboard"
