@@ -137,16 +137,6 @@ def test_group_calls_monitors_only_around_their_logged_steps(tmp_path):
     assert not monitor._handles  # the forward hooks are gone between logged steps
 
 
-def test_next_active_step_is_the_next_logged_step():
-    monitor = ActivationMonitor()
-    monitor._n, monitor._hist_n, monitor._has_tb, monitor._final_step = 50, 500, True, 1000
-    assert [monitor._next_active_step(s) for s in (0, 48, 49, 50, 998, 999)] == [49, 49, 49, 99, 999, 999]
-    monitor._n, monitor._hist_n = 0, 30  # scalars off: histograms only
-    assert monitor._next_active_step(0) == 29
-    monitor._has_tb = False  # no TensorBoard: no histograms either, only the final step is left
-    assert monitor._next_active_step(0) == 999
-
-
 def test_parameter_scalars_without_histograms_count_nan_gradients(tmp_path):
     """Steps without histograms use two stds a parameter; with NaN among the gradients they fall back to the
     full statistics, which count the non-finite entries and leave them out."""
