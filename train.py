@@ -6,7 +6,15 @@ python train.py fit --help                             # every --model.*, --data
 python train.py predict --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
 """
 
-from lightning_makemore.cli import main
+import os
+import warnings
+
+# warnings about Lightning's own dependencies, not for the user: Lightning 2.2 imports setuptools' deprecated
+# pkg_resources, and LightningCLI calls jsonargparse functions that jsonargparse deprecates (its own switch)
+warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+from lightning_makemore.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
