@@ -32,7 +32,8 @@ too. Rows alternate within each repeat (rotated each repeat); figures are median
 it is not run but composed from measured rows: at `log_every_n_steps=50`, 1,000 steps hold 18 steps with
 scalars only (cost of one: 10 x (``scalars`` - ``none``) per step) and 2 with scalars and histograms (10 x
 (``dense`` - ``none``)), the rest asleep (the monitors' sleeping steps cost microseconds:
-`benchmarks/bench_callbacks.py`). The log size is composed the same way.
+`benchmarks/bench_callbacks.py`). The log size is composed the same way. Run directly (``--steps`` >= 500),
+its first histogram step and the figure drawn on it fall in the window unless ``--warmup`` is >= 500.
 
 Memory: peak RSS of this process sampled every 10 ms during each fit, minus its RSS when the fit starts
 (all rows share one process, so the growth is the per-row figure; allocator caches from earlier rows
@@ -561,7 +562,7 @@ LABELS = {
 }
 
 
-def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, clock: str) -> None:
+def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, clock: str, revision: str) -> None:
     med = {r: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for r, runs in results.items()}
     base = med["none"][clock] / args.steps  # seconds per step
     rows: dict[str, dict[str, Any]] = {}
@@ -595,7 +596,7 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
         }
     what = "CPU" if clock == "cpu" else "wall"
     print(f"\n{_machine()}; {_versions()}; torch threads {torch.get_num_threads()}")
-    print(f"device {args.device}, precision {args.precision}, compile {args.compile}; {_revision()}")
+    print(f"device {args.device}, precision {args.precision}, compile {args.compile}; {revision} at the start")
     print(
         f"steps {args.steps} timed per fit (after {args.warmup + 1}), repeats {args.repeats};"
         f" steps/s from {what} time (medians); overhead against `none`, spread = min .. max over repeats\n"
@@ -649,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     CLOCK.cuda = args.device == "cuda"
     for name in ("lightning.pytorch", "lightning.fabric", "wandb"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    revision = _revision()  # what `callbacks` was when imported, as near as git can tell
     with _benchmark_scope(args) as root:
         if args.profile:
             CLOCK.profiler = cProfile.Profile(time.process_time)  # CPU time: others share the machine
@@ -673,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
                     f" {args.steps} steps (fit {time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
-        report(results, args, clock)
+        report(results, args, clock, revision)
 
 
 @contextlib.contextmanager
