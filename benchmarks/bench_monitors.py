@@ -40,7 +40,7 @@ Memory: peak RSS of this process sampled every 10 ms during each fit, minus its 
 may hide part of it). Log size: bytes of the TensorBoard event records of the window's steps (or, for
 W&B, of the `.wandb` history records that hold histograms), per 1,000 steps.
 
-    python benchmarks/bench_monitors.py                 # ~10 min on 2 shared CPU cores
+    python benchmarks/bench_monitors.py --repeats 2     # 12 min on 2 quiet CPU cores (a step is ~2 s)
     python benchmarks/bench_monitors.py --quick         # a tiny model, one repeat: checks the script runs
     python benchmarks/bench_monitors.py --compile       # the same rows on torch.compile'd models
     python benchmarks/bench_monitors.py --device cuda --precision bf16-mixed --steps 1000
