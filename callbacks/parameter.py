@@ -398,7 +398,13 @@ class UpdateRatioMonitor(_ParamMonitor):
                 for name, (p, before) in self._before.items():
                     after = _local_part(p, trainer)
                     if before is not None and after is not None:
-                        buffer.add(f"{name}/update", after.detach() - before, keep=False)
+                        # on a step with NaN/inf the difference is made again rather than held
+                        buffer.add(
+                            f"{name}/update",
+                            after.detach() - before,
+                            keep=False,
+                            recompute=lambda a=after, b=before: a.detach() - b,
+                        )
                         buffer.add(f"{name}/data", before, keep=False)
         except Exception as e:  # raised on every rank by `reduce`, after the collectives
             error = e

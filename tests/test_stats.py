@@ -23,7 +23,9 @@ from callbacks._stats import (
     UNITS,
     MonitorRankError,
     StatsBuffer,
+    _scatter_counts,
     bin_counts,
+    fast_stats,
     local_stats,
 )
 from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer
@@ -241,3 +243,130 @@ def test_one_host_read_per_monitor_per_logged_step(tmp_path, histograms):
         counts[with_monitors] = reads.count
     logged_steps = 3  # steps 1, 3, 5 (5 is also the final step)
     assert counts[True] - counts[False] == 4 * logged_steps
+
+
+def _mixed(seed: int) -> torch.Tensor:
+    """(8, 5, 6): a large mean next to a small spread, where the sum of squares needs float64 accumulation."""
+    g = torch.Generator().manual_seed(seed)
+    return 3.0 + 1e-3 * torch.randn(8, 5, 6, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["normal", "one", "int", "bf16", "mixed"])
+def test_fast_stats_equal_the_nan_aware_ones_on_finite_tensors(kind):
+    x = _mixed(4) if kind == "mixed" else _tensor(kind)
+    for saturation, relu_like in ((None, False), ((0.0, 0.5), True)):
+        fast_s, fast_m = fast_stats(x, saturation, relu_like)
+        slow_s, slow_m = local_stats(x, saturation, relu_like)
+        assert fast_s[[COUNT, NONFINITE, SATURATED, DEAD, UNITS]].tolist() == (
+            slow_s[[COUNT, NONFINITE, SATURATED, DEAD, UNITS]].tolist()
+        )
+        # float64 throughout (the NaN-aware path squares in float32 first: equal to ~1e-7)
+        a = x.double().numpy().ravel()
+        assert fast_s[[SUM, SUMSQ]].tolist() == pytest.approx([a.sum(), (a**2).sum()], rel=1e-12, abs=1e-12)
+        assert fast_s[[SUM, SUMSQ]].tolist() == pytest.approx(slow_s[[SUM, SUMSQ]].tolist(), rel=1e-6)
+        assert fast_m.tolist() == slow_m.tolist()
+
+
+def test_fast_stats_make_nan_and_inf_visible_in_the_sums():
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(10, 4)
+        x[3, 1] = bad
+        sums, _ = fast_stats(x)
+        assert not math.isfinite(sums[SUMSQ].item())
+
+
+@pytest.mark.parametrize("bins", [1, 4, 64])
+def test_bin_counts_of_a_finite_tensor_against_numpy_histogram(bins):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(5)).clamp(-1.5, 2.0)
+    lo, hi = torch.tensor(-1.5, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    expected, _ = np.histogram(x.numpy(), bins=bins, range=(-1.5, 2.0))
+    assert bin_counts(x, lo, hi, bins, finite=True).tolist() == expected.tolist()
+    assert bin_counts(x, lo, hi, bins).tolist() == expected.tolist()
+
+
+def test_bin_counts_said_finite_never_fails_on_nan_or_inf():
+    """The fast pass bins a tensor with NaN/inf as if finite before it knows; the counts are wrong but in range."""
+    x = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.5])
+    counts = bin_counts(x, torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), 4, True)
+    assert counts.shape == (4,) and counts.sum().item() == 4
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    assert bin_counts(torch.ones(3), nan, nan, 4, finite=True).sum().item() == 3
+
+
+def test_the_scatter_counts_of_cuda_equal_bincount():
+    """The CUDA path (scatter_add_, no host read), run on the CPU against bincount of the finite entries."""
+    g = torch.Generator().manual_seed(6)
+    idx = torch.randint(0, 8, (500,), generator=g)
+    finite = torch.rand(500, generator=g) > 0.1
+    assert _scatter_counts(idx.clone(), finite, 8).tolist() == torch.bincount(idx[finite], minlength=8).tolist()
+    assert _scatter_counts(idx.clone(), None, 8).tolist() == torch.bincount(idx, minlength=8).tolist()
+
+
+@pytest.mark.parametrize("histograms", [False, True])
+def test_a_step_with_nan_and_inf_gets_the_nan_aware_statistics(histograms):
+    """NaN/inf in one of two micro-batches: the name is recomputed NaN-aware (against numpy); a finite name
+    beside it keeps its fast statistics; the host is read twice on such a step."""
+    g = torch.Generator().manual_seed(7)
+    a, b, c = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g) * 2, torch.randn(3, 5, generator=g)
+    b[0, 0], b[1, 1], b[2, 2] = float("nan"), float("inf"), float("-inf")
+    buffer = StatsBuffer()
+    buffer.add("x", a, keep=histograms, saturation=(0.0, 1.0), relu_like=True)
+    buffer.add("x", b, keep=histograms, saturation=(0.0, 1.0), relu_like=True)
+    buffer.add("ok", c, keep=histograms)
+    with HostReads() as reads:
+        s = buffer.reduce(["x", "ok"], torch.device("cpu"), None, histograms=histograms, bins=8)
+    assert reads.count == 2
+    both = torch.cat([a, b]).double().numpy().ravel()
+    finite = both[np.isfinite(both)]
+    x = s["x"]
+    assert (x.count, x.nonfinite, x.nonfinite_rank) == (finite.size, 3, 0)
+    assert x.mean == pytest.approx(finite.mean()) and x.std == pytest.approx(finite.std(ddof=1))
+    assert x.saturation == pytest.approx((np.abs(finite) > 1.0).sum() / finite.size)
+    assert x.dead == pytest.approx(sum(local_stats(t, relu_like=True)[0][DEAD].item() for t in (a, b)) / 10)
+    assert s["ok"].mean == pytest.approx(c.double().mean().item()) and s["ok"].nonfinite == 0
+    if histograms:
+        assert (x.min, x.max) == (finite.min(), finite.max())
+        expected, edges = np.histogram(finite, bins=8, range=(finite.min(), finite.max()))
+        assert x.counts == expected.tolist() and x.edges == pytest.approx(edges.tolist())
+        ok = c.double().numpy().ravel()
+        assert s["ok"].counts == np.histogram(ok, bins=8, range=(ok.min(), ok.max()))[0].tolist()
+
+
+def test_recompute_is_called_only_on_a_step_with_nan():
+    made = []
+
+    def remake(t: torch.Tensor) -> Any:
+        def make() -> torch.Tensor:
+            made.append(1)
+            return t
+
+        return make
+
+    fine, bad = torch.randn(5, 3), torch.randn(5, 3)
+    bad[0, 0] = float("nan")
+    buffer = StatsBuffer()
+    buffer.add("u", fine, keep=False, recompute=remake(fine))
+    assert buffer.reduce(["u"], torch.device("cpu"), None, False, 4)["u"].count == 15 and not made
+    buffer.add("u", bad, keep=False, recompute=remake(bad))
+    u = buffer.reduce(["u"], torch.device("cpu"), None, False, 4)["u"]
+    finite = bad.double().numpy().ravel()[1:]
+    assert made == [1] and (u.count, u.nonfinite) == (14, 1) and u.mean == pytest.approx(finite.mean())
+
+
+def test_a_failed_recompute_on_one_rank_is_raised_on_every_rank():
+    """The NaN-aware second pass joins the collectives even when making a tensor again fails on one rank."""
+
+    def work(rank: int, reducer: Any) -> Any:
+        x = torch.ones(4)
+        x[0] = float("nan")
+
+        def fail() -> torch.Tensor:
+            raise ValueError("cannot remake")
+
+        buffer = StatsBuffer()
+        buffer.add("u", x, keep=False, recompute=fail if rank == 0 else None)
+        return buffer.reduce(["u"], torch.device("cpu"), reducer, False, 4, who="Probe", rank=rank)
+
+    r0, r1 = _two_ranks(work)
+    assert isinstance(r0, ValueError) and str(r0) == "cannot remake"
+    assert isinstance(r1, MonitorRankError) and "Probe" in str(r1)
