@@ -153,11 +153,13 @@ def bin_counts(x: Tensor, lo: Tensor, hi: Tensor, bins: int, finite: bool = Fals
     # clamped after the integer cast: NaN/inf (in x or in lo/hi) land in some bin instead of out of range,
     # so that binning a tensor wrongly said finite gives wrong counts (recomputed by the caller), never an
     # error. Values outside [lo, hi] go to the edge bins (up to 2**63 bins away; `reduce` never has any).
-    idx = (flat - lo.to(flat.dtype)).mul_(scale.to(flat.dtype)).floor_().long().clamp_(0, bins - 1)
+    pos = (flat - lo.to(flat.dtype)).mul_(scale.to(flat.dtype)).floor_()
     if flat.device.type == "cpu":
+        idx = pos.int().clamp_(0, bins - 1)  # int32: bincount takes it, half the bytes of int64
         if not finite:
             idx = idx[torch.isfinite(flat)]
         return torch.bincount(idx, minlength=bins).to(torch.float64)
+    idx = pos.long().clamp_(0, bins - 1)  # scatter_add_ wants int64
     return _scatter_counts(idx, None if finite else torch.isfinite(flat), bins)
 
 
