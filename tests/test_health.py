@@ -161,6 +161,8 @@ def test_warning_prints_one_line_without_source_echo():
     code = f"""
 import sys, warnings
 sys.path.insert(0, {str(ROOT)!r})
+# Lightning < 2.3 warns about its own pkg_resources import when imported: not ours, not under test
+warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated")
 from callbacks._warnings import HealthWarning, health_warning
 health_warning("ActivationMonitor: shown")
 warnings.filterwarnings("ignore", category=HealthWarning)
