@@ -38,6 +38,17 @@ NEG_MIN, MAX = range(2)
 Reducer = Callable[[Tensor, str], Tensor]
 
 
+def _dead_units(x: Tensor, relu_like: bool) -> list[Tensor]:
+    """``[dead units, units]`` (float64, on x's device): positions over all dims but the first (the batch) that
+    are never positive in ``x``; two zeros when ``relu_like`` is False."""
+    if not relu_like:
+        return list(torch.zeros(2, dtype=torch.float64, device=x.device).unbind())
+    rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)  # (B, units)
+    alive = (rows > 0).any(0)  # (units,)
+    units = torch.full((), float(alive.numel()), dtype=torch.float64, device=x.device)
+    return [units - alive.sum(dtype=torch.float64), units]
+
+
 def local_stats(
     x: Tensor, saturation: tuple[float, float] | None = None, relu_like: bool = False, minmax: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -73,13 +84,7 @@ def local_stats(
         parts.append((centered.abs() > limit).logical_and_(finite).sum(dtype=torch.float64))
     else:
         parts.append(torch.zeros((), dtype=torch.float64, device=device))
-    if relu_like:
-        rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else flat.reshape(1, -1)  # (B, units)
-        alive = (rows > 0).any(0)  # (units,)
-        parts.append(alive.numel() - alive.sum(dtype=torch.float64))
-        parts.append(torch.full((), float(alive.numel()), dtype=torch.float64, device=device))
-    else:
-        parts.extend(torch.zeros(2, dtype=torch.float64, device=device).unbind())
+    parts.extend(_dead_units(x, relu_like))
     sums = torch.stack(parts)
     if not minmax:
         return sums, torch.full((2,), float("-inf"), dtype=torch.float64, device=device)
@@ -128,13 +133,7 @@ def fast_stats(
         parts.append((centered > limit).sum(dtype=torch.float64))
     else:
         parts.append(zero)
-    if relu_like:
-        rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else flat.reshape(1, -1)  # (B, units)
-        alive = (rows > 0).any(0)  # (units,)
-        parts.append(alive.numel() - alive.sum(dtype=torch.float64))
-        parts.append(torch.full((), float(alive.numel()), dtype=torch.float64, device=device))
-    else:
-        parts.extend([zero, zero])
+    parts.extend(_dead_units(x, relu_like))
     sums = torch.stack(parts)
     if not minmax:
         return sums, torch.full((2,), float("-inf"), dtype=torch.float64, device=device)

@@ -1,5 +1,8 @@
 """Shared pieces of the callbacks tests: a small tanh MLP, fixed data, a reference recorder, event reading."""
 
+import json
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +136,16 @@ def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
 
 def histograms(acc: EventAccumulator, tag: str) -> dict[int, Any]:
     return {e.step: e.histogram_value for e in acc.Histograms(tag)}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a TensorBoard server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> Any:
+    """GETs ``url`` (a local server) and decodes its JSON."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())

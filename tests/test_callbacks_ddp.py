@@ -1,19 +1,26 @@
 """Multi-process and end-to-end checks: DDP on 2 CPU processes (gloo), a real TensorBoard server."""
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
-from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
+from tests.callbacks_helpers import (
+    TanhMLP,
+    fixed_loader,
+    free_port,
+    get_json,
+    histograms,
+    read_events,
+    saturating_batch,
+    scalars,
+    trainer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,17 +109,6 @@ def test_ddp_two_cpu_processes_global_histograms(tmp_path):
     assert sorted(scalars(acc, "param_grad/lin.weight/grad_to_data")) == [1, 3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
 def test_tensorboard_server_lists_the_tags(tmp_path):
     t = trainer(
         tmp_path,
@@ -125,7 +121,7 @@ def test_tensorboard_server_lists_the_tags(tmp_path):
         max_steps=4,
     )
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 4))
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path)]
     server = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
@@ -139,7 +135,7 @@ def test_tensorboard_server_lists_the_tags(tmp_path):
         tags: dict[str, dict] = {}
         while time.monotonic() < deadline:
             try:
-                tags = {kind: _get_json(f"{base}/{kind}/tags") for kind in ("scalars", "histograms", "images")}
+                tags = {kind: get_json(f"{base}/{kind}/tags") for kind in ("scalars", "histograms", "images")}
                 if all(tags[kind].get("run/version_0") for kind in tags):
                     break
             except OSError:

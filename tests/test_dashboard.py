@@ -2,8 +2,6 @@
 every layer on it) and, through the plugin's own HTTP API, the data of every chart's tags."""
 
 import contextlib
-import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +12,10 @@ import pytest
 import torch
 
 from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
-from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer
+from tests.callbacks_helpers import TanhMLP, fixed_loader, free_port, get_json, saturating_batch, trainer
 
 RUN = "run/version_0"
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
 
 
 def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
@@ -38,7 +25,7 @@ def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
     t = trainer(tmp_path, [group, *alone], max_steps=STEPS, log_every_n_steps=1)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(16), STEPS))
 
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path)]
     server = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
@@ -52,7 +39,7 @@ def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not layout:
             with contextlib.suppress(OSError):  # not listening yet
-                layout = _get_json(f"{base}/layout")
+                layout = get_json(f"{base}/layout")
             if server.poll() is not None:
                 pytest.fail(f"tensorboard exited: {server.stderr.read()[-2000:]}")
             time.sleep(0.5)
@@ -73,7 +60,7 @@ def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
             served[title] = {}
             for pattern in patterns:
                 query = urllib.parse.urlencode({"run": RUN, "tag": pattern})
-                reply = _get_json(f"{base}/scalars?{query}")
+                reply = get_json(f"{base}/scalars?{query}")
                 assert reply["regex_valid"], pattern
                 served[title].update(reply["tag_to_events"])
         expected = {
