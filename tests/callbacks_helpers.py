@@ -1,12 +1,19 @@
 """Shared pieces of the callbacks tests: a small tanh MLP, fixed data, a reference recorder, event reading."""
 
+import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -149,3 +156,71 @@ def get_json(url: str) -> Any:
     """GETs ``url`` (a local server) and decodes its JSON."""
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_two_process_script(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs ``source`` (a script that launches its own 2 CPU processes) in ``tmp_path`` with ``args``.
+
+    The timeout makes a hang fail the test instead of the suite.
+    """
+    script = tmp_path / "run.py"
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+class TensorBoardServer:
+    """The real TensorBoard serving a log directory on a free local port (see :func:`tensorboard_server`)."""
+
+    def __init__(self, process: subprocess.Popen, url: str) -> None:
+        self.process = process
+        self.url = url
+
+    def poll(self, fetch: Callable[[], Any], timeout: float) -> Any:
+        """Calls ``fetch`` until it returns something truthy or ``timeout`` s pass (then the last result).
+
+        ``OSError`` means "not listening yet"; a server that exited fails the test at once with its stderr.
+        """
+        deadline = time.monotonic() + timeout
+        result = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                result = fetch()
+                if result:
+                    return result
+            if self.process.poll() is not None:
+                pytest.fail(f"tensorboard exited: {self.process.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+        return result
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir: Path) -> Iterator[TensorBoardServer]:
+    """Starts ``tensorboard --logdir logdir`` on 127.0.0.1 and stops it (killed if it must be) on exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield TensorBoardServer(process, f"http://127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

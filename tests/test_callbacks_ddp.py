@@ -1,11 +1,7 @@
 """Multi-process and end-to-end checks: DDP on 2 CPU processes (gloo), a real TensorBoard server."""
 
-import os
 import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 
@@ -13,16 +9,15 @@ from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, Upda
 from tests.callbacks_helpers import (
     TanhMLP,
     fixed_loader,
-    free_port,
     get_json,
     histograms,
     read_events,
+    run_two_process_script,
     saturating_batch,
     scalars,
+    tensorboard_server,
     trainer,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 DDP_SCRIPT = textwrap.dedent(
     """
@@ -79,17 +74,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 
 def _run_ddp(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    return subprocess.run(
-        [sys.executable, str(script), str(tmp_path), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,  # a hang fails the test instead of the suite
-    )
+    return run_two_process_script(tmp_path, DDP_SCRIPT, *args)
 
 
 @pytest.mark.slow
@@ -121,40 +106,20 @@ def test_tensorboard_server_lists_the_tags(tmp_path):
         max_steps=4,
     )
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 4))
-    port = free_port()
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path)]
-    server = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}/data/plugin"
-    try:
-        deadline = time.monotonic() + 60
-        tags: dict[str, dict] = {}
-        while time.monotonic() < deadline:
-            try:
-                tags = {kind: get_json(f"{base}/{kind}/tags") for kind in ("scalars", "histograms", "images")}
-                if all(tags[kind].get("run/version_0") for kind in tags):
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None:
-                pytest.fail(f"tensorboard exited: {server.stderr.read()[-2000:]}")
-            time.sleep(0.5)
-        run = "run/version_0"
+    run = "run/version_0"
+    with tensorboard_server(tmp_path) as server:
+
+        def all_tags() -> dict[str, dict] | None:
+            kinds = ("scalars", "histograms", "images")
+            tags = {kind: get_json(f"{server.url}/data/plugin/{kind}/tags") for kind in kinds}
+            return tags if all(tags[kind].get(run) for kind in kinds) else None
+
+        tags = server.poll(all_tags, timeout=60)
+        assert tags, "TensorBoard did not serve the run's scalars, histograms and images within 60 s"
         assert "activation/act/saturation" in tags["scalars"][run]
         assert "update_ratio/head.weight" in tags["scalars"][run]
         assert {"activation/act", "activation_grad/act", "param_grad/head.weight"} <= set(tags["histograms"][run])
         assert {"activation/distribution", "update_ratio/history"} <= set(tags["images"][run])
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.mark.slow

@@ -5,11 +5,8 @@ uncompiled, the full tensors saved by a separate callback, or the numbers comput
 """
 
 import math
-import os
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -20,9 +17,8 @@ from torch import nn
 
 from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
 from callbacks._compile import HAS_STANCE
-from tests.callbacks_helpers import histograms, read_events, scalars, trainer
+from tests.callbacks_helpers import histograms, read_events, run_two_process_script, scalars, trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 IN, HIDDEN, CLASSES = 6, 12, 3
 
 
@@ -338,17 +334,7 @@ needs_fsdp2 = pytest.mark.skipif(
 
 
 def _run_fsdp(tmp_path, mode: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "fsdp_run.py"
-    script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    return subprocess.run(
-        [sys.executable, str(script), str(tmp_path), mode],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,  # a hang fails the test instead of the suite
-    )
+    return run_two_process_script(tmp_path, FSDP_SCRIPT, mode)
 
 
 @pytest.mark.slow

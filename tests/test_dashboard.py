@@ -1,10 +1,6 @@
 """The real TensorBoard server serves the monitors' dashboard: the custom-scalars layout (one chart per question,
 every layer on it) and, through the plugin's own HTTP API, the data of every chart's tags."""
 
-import contextlib
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 
@@ -12,7 +8,7 @@ import pytest
 import torch
 
 from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
-from tests.callbacks_helpers import TanhMLP, fixed_loader, free_port, get_json, saturating_batch, trainer
+from tests.callbacks_helpers import TanhMLP, fixed_loader, get_json, saturating_batch, tensorboard_server, trainer
 
 RUN = "run/version_0"
 STEPS = 4
@@ -25,24 +21,9 @@ def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
     t = trainer(tmp_path, [group, *alone], max_steps=STEPS, log_every_n_steps=1)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(16), STEPS))
 
-    port = free_port()
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path)]
-    server = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}/data/plugin/custom_scalars"
-    try:
-        layout: dict = {}
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not layout:
-            with contextlib.suppress(OSError):  # not listening yet
-                layout = get_json(f"{base}/layout")
-            if server.poll() is not None:
-                pytest.fail(f"tensorboard exited: {server.stderr.read()[-2000:]}")
-            time.sleep(0.5)
+    with tensorboard_server(tmp_path) as server:
+        base = f"{server.url}/data/plugin/custom_scalars"
+        layout = server.poll(lambda: get_json(f"{base}/layout"), timeout=90)
         assert layout, "no custom-scalars layout served within 90 s"
 
         (category,) = layout["category"]
@@ -83,10 +64,3 @@ def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
         saturation = (h.abs() > 0.97).float().mean().item()
         for _wall, _step, value in served[titles[1]]["activation/act/saturation"]:
             assert value == pytest.approx(saturation)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
