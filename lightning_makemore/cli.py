@@ -30,10 +30,13 @@ import lightning as L
 import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.parameter import UninitializedParameter
+from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_makemore.data import DataError, NamesDataModule
@@ -61,17 +64,30 @@ def make_monitors() -> list[Callback]:
 
 
 class StepProgressBar(TQDMProgressBar):
-    """The training bar counts optimizer steps of `max_steps` ("Training 1200/200000"), not epochs without an end."""
+    """The training bar counts optimizer steps of `max_steps` ("Training 1200/200000"), not epochs without an end.
+
+    One bar for the whole fit: it starts when training starts (or resumes) and is never reset at an epoch's end,
+    so its rate and time left are the steps since then over the time since then (validation included). It is
+    closed with the last epoch, before Lightning says why the fit stopped, so that line stands on its own.
+    Without `max_steps` (a fit of `max_epochs`) it is Lightning's bar, one per epoch.
+    """
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.max_steps <= 0:
+            return
+        bar = self.train_progress_bar
+        bar.set_description("Training", refresh=False)
+        bar.reset(total=trainer.max_steps)  # starts the bar's clock
+        # a resumed fit counts from its checkpoint's step: the rate is over the steps of this run only
+        bar.initial = bar.n = bar.last_print_n = trainer.global_step
+        bar.refresh()
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         if trainer.max_steps <= 0:
             super().on_train_epoch_start(trainer)
-            return
-        bar = self.train_progress_bar
-        bar.set_description("Training", refresh=False)
-        bar.reset(total=trainer.max_steps)
-        bar.n = bar.last_print_n = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -84,6 +100,63 @@ class StepProgressBar(TQDMProgressBar):
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)  # the postfix gains the epoch's val/loss
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        # `current_epoch` counts completed epochs: this one is not counted yet
+        last_epoch = (trainer.max_epochs or -1) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+        if last_step or last_epoch:
+            # ends the bar's line now: Lightning's "`Trainer.fit` stopped: ..." comes next, on a line of its own
+            # (closing again in `on_train_end` prints nothing)
+            self.train_progress_bar.close()
+
+
+class LayerSummary(ModelSummary):
+    """The model summary printed when fit starts: the network's layers, their parameters, the total.
+
+    One row per layer (a module without submodules, or one holding parameters of its own), named as the monitors'
+    charts name it, e.g. ``net.blocks.0.linear``. Lightning's own summary also lists the metric objects
+    (``val_loss``, ``test_loss``: no parameters, nothing to learn) and, without an example input, a
+    ``Total FLOPs: 0`` line; both are left out here. Printed on rank zero, through Lightning's logger.
+    """
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(self.table(pl_module))
+
+    @staticmethod
+    def table(pl_module: torch.nn.Module) -> str:
+        """The summary as text: `Layer  Type  Params` rows, then the total (trainable count and size in MB)."""
+        rows = [("Layer", "Type", "Params")]
+        for name, module in pl_module.named_modules():
+            if not name or any(isinstance(m, Metric) for m in _ancestors(pl_module, name)):
+                continue
+            own = list(module.parameters(recurse=False))
+            if own or not any(True for _ in module.children()):
+                rows.append((name, type(module).__name__, f"{sum(_numel(p) for p in own):,}"))
+        params = list(pl_module.parameters())
+        total = sum(_numel(p) for p in params)
+        trainable = sum(_numel(p) for p in params if p.requires_grad)
+        megabytes = sum(_numel(p) * p.element_size() for p in params) / 1e6
+        which = "all trainable" if trainable == total else f"{trainable:,} trainable"
+        rows.append(("Total", "", f"{total:,}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [f"{n:<{widths[0]}}  {t:<{widths[1]}}  {p:>{widths[2]}}" for n, t, p in rows]
+        lines[-1] += f"  ({which}, {megabytes:.2f} MB)"
+        return "\n".join(lines)
+
+
+def _ancestors(root: torch.nn.Module, name: str) -> list[torch.nn.Module]:
+    """The modules on the path from `root` (excluded) to its submodule `name` (included)."""
+    parts = name.split(".")
+    return [root.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts))]
+
+
+def _numel(p: torch.Tensor) -> int:
+    return 0 if isinstance(p, UninitializedParameter) else p.numel()  # a lazy module's weights have no size yet
 
 
 class MakemoreCLI(LightningCLI):
@@ -214,6 +287,14 @@ class MakemoreCLI(LightningCLI):
             and not trainer_config.get("barebones")
         ):
             ours.append(StepProgressBar(refresh_rate=PROGRESS_BAR_REFRESH))
+        if (
+            self.subcommand == "fit"
+            and trainer_config.get("enable_model_summary") is not False
+            and not trainer_config.get("barebones")
+            and not any(isinstance(c, ModelSummary) for c in users)
+        ):
+            ours.append(LayerSummary())
+            kwargs["enable_model_summary"] = False  # Lightning would add its own, or say it skipped it
         self.fast_path = FastPath(enabled=config.get("fast_path", True))
         logger = self._evaluation_logger(config, trainer_config)
         if logger is not None:
