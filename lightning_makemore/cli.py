@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import DefaultHelpFormatter
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -296,7 +297,7 @@ class MakemoreCLI(LightningCLI):
             ours.append(LayerSummary())
             kwargs["enable_model_summary"] = False  # Lightning would add its own, or say it skipped it
         self.fast_path = FastPath(enabled=config.get("fast_path", True))
-        logger = self._evaluation_logger(config, trainer_config)
+        logger = self._default_logger(config, trainer_config)
         if logger is not None:
             kwargs["logger"] = logger
         trainer = super().instantiate_trainer(callbacks=[*given, *ours, self.fast_path], **kwargs)
@@ -304,18 +305,25 @@ class MakemoreCLI(LightningCLI):
         self.fast_path.callbacks = [cb for cb in trainer.callbacks if not any(cb is u for u in users)]
         return trainer
 
-    def _evaluation_logger(self, config: Any, trainer_config: Any) -> Any:
-        """predict logs nothing; validate/test from a checkpoint write into the run that trained it (no new
-        empty lightning_logs/version_N). None: the user's choice or Lightning's default."""
-        if self.subcommand == "fit" or trainer_config.get("logger") not in (None, True):
-            return None
+    def _default_logger(self, config: Any, trainer_config: Any) -> Any:
+        """The logger when the user chose none (`--trainer.logger` unset or true): Lightning's default
+        TensorBoardLogger, without its `hp_metric = -1` placeholder chart. predict logs nothing; validate/test
+        from a checkpoint write into the run that trained it (no new empty lightning_logs/version_N).
+        None: the user's own choice stands."""
+        if trainer_config.get("logger") not in (None, True) or trainer_config.get("barebones"):
+            return None  # the user's logger, or none at all in barebones mode
         if self.subcommand == "predict":
             return False
         ckpt = Path(config.get("ckpt_path") or "")
-        if ckpt.is_file() and ckpt.parent.name == "checkpoints":
+        if self.subcommand != "fit" and ckpt.is_file() and ckpt.parent.name == "checkpoints":
             run = ckpt.resolve().parent.parent  # .../lightning_logs/version_0
-            return TensorBoardLogger(save_dir=run.parent.parent, name=run.parent.name, version=run.name)
-        return None
+            save_dir, name, version = run.parent.parent, run.parent.name, run.name
+            return TensorBoardLogger(save_dir=save_dir, name=name, version=version, default_hp_metric=False)
+        # where and how Lightning's own default logger (`logger=True`) writes
+        root = trainer_config.get("default_root_dir") or os.getcwd()
+        if "://" not in str(root):
+            root = os.path.normpath(os.path.expanduser(root))
+        return TensorBoardLogger(save_dir=root, version=SLURMEnvironment.job_id(), default_hp_metric=False)
 
     @override
     def before_fit(self) -> None:

@@ -133,6 +133,9 @@ class MakemoreModule(L.LightningModule):
         # each self.log call costs about as much as this model's whole step: log only what will be written
         if _will_log(self.trainer):
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(y))
+            # the lr this step uses, beside the loss: the schedule's drop explains the cliff in every chart
+            lr = self.optimizers(use_pl_optimizer=False).param_groups[0]["lr"]
+            self.log("train/lr", lr, batch_size=len(y))
         return loss
 
     @override

@@ -69,6 +69,17 @@ def test_fit_writes_tensorboard_losses_checkpoints_and_samples(short_run):
     assert (logdir / "config.yaml").is_file()
 
 
+def test_tensorboard_has_the_lr_beside_the_loss_and_no_hp_metric(short_run, small_corpus):
+    tmp, _ = short_run
+    run = tmp / "lightning_logs" / "version_0"
+    train(["test", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *QUIET], tmp, small_corpus)  # same run
+    tags = scalars(run)
+    # the lecture's step schedule over 60 steps: lr 0.1 for steps 0-29, 0.01 from step 0.5 x 60 = 30 on
+    assert tags["train/lr"] == [(s, pytest.approx(0.1 if s < 30 else 0.01)) for s in (9, 19, 29, 39, 49, 59)]
+    assert [s for s, _ in tags["train/lr"]] == [s for s, _ in tags["train/loss"]]  # on the loss's steps
+    assert "test/loss" in tags and not [tag for tag in tags if "hp_metric" in tag]  # neither fit nor test wrote it
+
+
 def test_resume_continues_from_the_saved_step(short_run, small_corpus):
     tmp, _ = short_run
     ckpt = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
