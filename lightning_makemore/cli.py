@@ -52,6 +52,30 @@ class UsageError(ValueError):
     """A command-line mistake; the message is one line naming the flag, the allowed values and the fix."""
 
 
+class NothingToTrain(Exception):
+    """`fit --ckpt_path` from a checkpoint that already reached `max_steps`: nothing is wrong, and nothing to do.
+    The message is one line with the numbers and what to run instead."""
+
+
+def _check_something_to_train(ckpt_path: str, max_steps: int | None) -> None:
+    """Raises `NothingToTrain` when the checkpoint's step is already `max_steps` or more (Lightning would open a
+    new run folder and stop at once, with a train loss and no validation)."""
+    if not max_steps or max_steps <= 0:
+        return
+    try:
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step")
+    except Exception:  # not a checkpoint: Lightning says why when it loads it
+        return
+    if not isinstance(step, int) or step < max_steps:
+        return
+    where = "already at" if step == max_steps else "past"
+    raise NothingToTrain(
+        f"Nothing to train: {ckpt_path} is at step {step:,}, {where} --trainer.max_steps {max_steps:,}. "
+        f"Pass a larger --trainer.max_steps to train on, `python train.py test --ckpt_path {ckpt_path}` to "
+        f"evaluate it, or `python train.py predict --ckpt_path {ckpt_path}` to sample names."
+    )
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
 
@@ -248,6 +272,8 @@ class MakemoreCLI(LightningCLI):
                 f"Checkpoint not found: {ckpt_path}. Pass a .ckpt file written by `train.py fit`, "
                 "e.g. lightning_logs/version_0/checkpoints/last.ckpt."
             )
+        if self.subcommand == "fit" and ckpt_path and os.path.isfile(ckpt_path):
+            _check_something_to_train(ckpt_path, trainer.get("max_steps"))
         if self.subcommand == "predict" and not ckpt_path:
             raise ValueError(
                 "predict samples from a trained model: pass --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt."
@@ -364,6 +390,11 @@ class MakemoreCLI(LightningCLI):
         print("\n".join([*lines, *names]))
 
 
+@rank_zero_only
+def _print_rank_zero(text: str) -> None:
+    print(text)
+
+
 def _rel(path: str | os.PathLike) -> str:
     """`path` relative to the working directory when it is inside it (shorter to read and to copy)."""
     path = Path(path).resolve()
@@ -473,6 +504,9 @@ def main(args: list[str] | None = None) -> MakemoreCLI | None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": __doc__, "exit_on_error": False, "formatter_class": _HelpFormatter},
         )
+    except NothingToTrain as done:
+        _print_rank_zero(str(done))  # not an error: exit status 0, no run folder
+        return None
     except (DataError, ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("LIGHTNING_MAKEMORE_TRACEBACK"):
             raise

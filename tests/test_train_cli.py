@@ -91,6 +91,23 @@ def test_resume_continues_from_the_saved_step(short_run, small_corpus):
     assert resumed["global_step"] == 80
 
 
+@pytest.mark.parametrize(("max_steps", "where"), [(60, "already at"), (40, "past")])
+def test_fit_from_a_finished_checkpoint_says_so_in_one_line_and_opens_no_run(short_run, small_corpus, max_steps, where):
+    tmp, _ = short_run
+    logs = tmp / "lightning_logs"
+    runs = sorted(p.name for p in logs.iterdir())
+    ckpt = "lightning_logs/version_0/checkpoints/last.ckpt"  # at step 60
+    args = ["fit", "--ckpt_path", ckpt, "--trainer.max_steps", str(max_steps), "--monitors", "false"]
+    proc = train(args, tmp, small_corpus)  # nothing is wrong: exit status 0
+    assert proc.stdout.splitlines() == [
+        f"Nothing to train: {ckpt} is at step 60, {where} --trainer.max_steps {max_steps}. Pass a larger "
+        f"--trainer.max_steps to train on, `python train.py test --ckpt_path {ckpt}` to evaluate it, or "
+        f"`python train.py predict --ckpt_path {ckpt}` to sample names."
+    ]
+    assert proc.stderr == ""
+    assert sorted(p.name for p in logs.iterdir()) == runs  # no new lightning_logs/version_N
+
+
 def test_predict_from_a_checkpoint_needs_no_data_file(short_run):
     tmp, _ = short_run
     ckpt = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
