@@ -2,6 +2,7 @@
 #   make train        train the lecture's BatchNorm MLP (pass flags with ARGS="--trainer.max_steps 20000")
 #   make test         lint and run the test suite
 #   make tensorboard  serve lightning_logs/ at http://localhost:6006 (ARGS="--port 6007" to change)
+#   make docs         build the documentation site (mkdocs --strict) into build/site/
 #   make test-lowest  the test suite on the lowest Lightning pyproject.toml allows, in .venv-lowest/
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +15,7 @@ TORCH ?= torch==2.13.0
 LOWEST_VENV := .venv-lowest
 LOWEST ?= $(shell sed -n 's/^ *"lightning>=\([0-9.]*\).*/lightning==\1/p' pyproject.toml) setuptools<81
 
-.PHONY: train test lint setup clean tensorboard test-lowest
+.PHONY: train test lint setup clean tensorboard test-lowest docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,11 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# the site of docs/ and mkdocs.yml; --strict: a broken link, anchor, API reference or a page left out of the nav
+# fails. tests/test_docs.py runs the same build, so `make test` covers it. NO_MKDOCS_2_WARNING: Material's banner.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # the same torch, the lowest Lightning, everything else as the resolver picks it; the dev extras only (the
 # integration tests with transformers, W&B and MLflow skip without them)

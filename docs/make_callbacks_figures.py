@@ -1,4 +1,4 @@
-"""Draws the figures of the README's callbacks section with the callbacks' own figure code (``callbacks.figures``).
+"""Draws the pictures of docs/charts.md (healthy, saturated, vanishing) with ``callbacks.figures``.
 
 A 5-layer tanh MLP (Linear(100) -> Tanh, no BatchNorm) as in the lecture, on random character
 contexts, with three weight gains: 5/3 (Kaiming for tanh: healthy), 3 (saturated), 0.5 (vanishing).
