@@ -30,6 +30,9 @@ train: $(VENV)/.installed
 	$(PY) train.py fit $(ARGS)
 
 tensorboard: $(VENV)/.installed
+	@port=$$(printf '%s\n' "$(ARGS)" | sed -n 's/.*--port[= ]*\([0-9][0-9]*\).*/\1/p'); \
+	host=$$(printf '%s\n' "$(ARGS)" | sed -n 's/.*--host[= ]*\([^ ]*\).*/\1/p'); \
+	echo "Training-health dashboard (Custom Scalars): http://$${host:-localhost}:$${port:-6006}/#custom_scalars"
 	$(VENV)/bin/tensorboard --logdir lightning_logs $(ARGS)
 
 lint: $(VENV)/.installed

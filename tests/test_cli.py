@@ -3,7 +3,14 @@ flags that work or say why, and no empty run folders from predict/test. Real com
 
 from __future__ import annotations
 
+import os
 import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +20,7 @@ import torch.nn.functional as F
 from lightning_makemore.cli import main
 from lightning_makemore.data import NamesDataModule
 from lightning_makemore.module import MakemoreModule
+from tests.callbacks_helpers import free_port, get_json
 from tests.conftest import ROOT
 from tests.test_train_cli import QUIET, scalars, train
 
@@ -153,6 +161,17 @@ def test_enable_checkpointing_false_trains_without_checkpoints(tmp_path, small_c
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_logger_the_user_chooses_is_kept(tmp_path, small_corpus, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--data.path", str(small_corpus), "--trainer.max_steps", "20", "--monitors", "false", *QUIET]
+    cli = main([*args, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "csv"])
+    assert [type(logger) for logger in cli.trainer.loggers] == [CSVLogger]
+    assert (tmp_path / "csv" / "lightning_logs" / "version_0" / "metrics.csv").is_file()
+    assert not list(tmp_path.rglob("events.out.tfevents*"))  # no TensorBoard logger added beside it
+
+
 @pytest.mark.parametrize(
     ("flags", "outcome"),
     [
@@ -175,3 +194,35 @@ def test_trainer_flags_work_or_fail_with_our_one_line_reason(
     else:
         lines, err = _errors(capsys, args)
         assert lines[0].startswith(outcome) and len(lines) == 1, err
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_tensorboard_prints_the_custom_scalars_url_on_the_given_port_then_serves_it():
+    tensorboard = Path(sys.prefix) / "bin" / "tensorboard"
+    if not tensorboard.is_file():
+        pytest.skip(f"no {tensorboard}")
+    port = free_port()
+    # this environment's venv, taken as installed (-o: never `make setup` from a test)
+    command = ["make", "-s", "-C", str(ROOT), f"VENV={sys.prefix}", "-o", f"{sys.prefix}/.installed", "tensorboard"]
+    proc = subprocess.Popen(
+        [*command, f"ARGS=--port {port} --host 127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # make, its shell and tensorboard: stopped together below
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)  # a Makefile that prints nothing fails, not hangs
+        first = proc.stdout.readline().strip() if ready else "(nothing printed)"
+        assert first == f"Training-health dashboard (Custom Scalars): http://127.0.0.1:{port}/#custom_scalars"
+        deadline, plugins = time.monotonic() + 60, None
+        while plugins is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                plugins = get_json(f"http://127.0.0.1:{port}/data/plugins_listing")
+            except OSError:
+                time.sleep(0.5)
+        assert plugins is not None and "custom_scalars" in plugins  # served where the line says
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+        proc.stdout.close()
