@@ -4,7 +4,8 @@ The examples of `docs/**/*.md` run with the README's machinery and rules (`tests
 ```python blocks each in a fresh process in a fresh scratch directory, ```bash commands by `RULES`, in one
 scratch directory per page, in page order; `<!-- not-run: reason -->` before a block skips it with that reason.
 The build runs once here (into a temporary folder), so `make test` and CI fail on a broken page, link, anchor,
-API reference or included file; `make docs` runs the same build into build/site/.
+API reference or included file; `make docs` runs the same build into build/site/. The end-of-fit block shown on
+the lecture page is compared line by line with what a short `train.py fit` prints (its numbers are a full run's).
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.test_readme import (
+    FIT_STEPS,
     README_TEXT,
+    TIMEOUT_S,
     Block,
     Command,
     block_id,
     check_command,
     check_fences,
     check_python_block,
+    code_blocks,
     command_id,
     python_blocks,
     reader_environment,
@@ -154,6 +158,48 @@ def test_readme_first_screen_gets_a_student_to_the_charts():
     first = "\n".join(README_TEXT.splitlines()[:FIRST_SCREEN_LINES])
     for needed in ("make train", "make tensorboard", "custom_scalars", "saturated", "learning rate", "docs/charts.md"):
         assert needed in first, f"{needed!r} is not in the README's first {FIRST_SCREEN_LINES} lines"
+
+
+def printed_pattern(line: str) -> str:
+    """A documented output line as a regex: its numbers, the time, the run's version and the venv's path vary."""
+    pattern = re.escape(line).replace(r"\.venv/bin/tensorboard", r"\S*tensorboard")
+    pattern = re.sub(r"version_\d+", r"version_\\d+", pattern)
+    pattern = re.sub(r"\d[\d,]*(\\\.\d+)?", r"[\\d,]+(\\.\\d+)?", pattern)
+    return pattern.replace("…", r"[\d.]+")  # the seconds, elided on the page
+
+
+def test_printed_pattern():
+    steps = printed_pattern("  steps       200,000 of 200,000 in … s")
+    assert re.fullmatch(steps, "  steps       3 of 3 in 1.4 s")
+    assert not re.fullmatch(steps, "  steps       3 in 1.4 s")
+    loss = printed_pattern("  loss        train 2.0684, val 2.1109 (whole splits, eval mode)")
+    assert re.fullmatch(loss, "  loss        train 3.2531, val 3.2542 (whole splits, eval mode)")
+    assert not re.fullmatch(loss, "  loss        train 3.2531 (whole splits, eval mode)")
+    tensorboard = printed_pattern("  TensorBoard .venv/bin/tensorboard --logdir lightning_logs")
+    assert re.fullmatch(tensorboard, "  TensorBoard /tmp/x/.venv/bin/tensorboard --logdir lightning_logs")
+    logs = printed_pattern("  logs        lightning_logs/version_0")
+    assert re.fullmatch(logs, "  logs        lightning_logs/version_7")
+
+
+def test_the_documented_end_of_fit_block_is_what_fit_prints(tmp_path: Path, reader_env: dict[str, str]):
+    """The lecture page's end-of-fit block has the lines a fit prints today (numbers aside: they are a full run's)."""
+    (block,) = [b for b in code_blocks(TEXTS["docs/lecture.md"]) if b.lang == "text" and b.code.startswith("Done.")]
+    summary, names = block.code.split("\n\n")[:2]
+    documented = [*summary.splitlines(), names.splitlines()[0]]  # the summary and the names' heading
+    workdir = reader_workdir(tmp_path)
+    proc = subprocess.run(
+        ["python", "train.py", "fit", *FIT_STEPS.split()],
+        cwd=workdir,
+        env=reader_env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout[proc.stdout.index("Done.") :].replace("\n\n", "\n").splitlines()[: len(documented)]
+    for doc_line, line in zip(documented, printed, strict=True):
+        assert re.fullmatch(printed_pattern(doc_line), line), f"documented {doc_line!r}, printed {line!r}"
 
 
 @pytest.mark.parametrize("item", COMMANDS, ids=_command_id)
