@@ -4,10 +4,14 @@
 - :class:`GradientMonitor`: gradients w.r.t. those activations.
 - :class:`ParameterMonitor`: parameters and their gradients, with the grad:data ratio.
 - :class:`UpdateRatioMonitor`: log10 of the update:data ratio per parameter, over time.
-- :class:`CallbackGroup`: several callbacks dispatched as one (cheaper per step for tiny models).
+- :class:`CallbackGroup`: several callbacks dispatched as one (its monitors record as one).
 - :func:`register_activation`: teach the default selection a module class of your own (bounded, ReLU-like, other).
 - :class:`HealthWarning`: the category of the monitors' warnings (filter it like any warning).
 - :mod:`callbacks.figures`: the lecture-style figures, usable from scripts.
+
+Inside, data flows one way: probes (``callbacks.probes``: what is watched and what a summary means) -> one
+recorder (``callbacks._recorder``: the step, the hooks, one reduction, the state) -> judges
+(``callbacks.judges``: findings from summaries) -> writers (``callbacks._writers``: one per logger kind).
 
 This package depends on Lightning and PyTorch only; it never imports ``lightning_makemore``.
 """

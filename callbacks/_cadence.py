@@ -1,21 +1,21 @@
-"""When a monitor logs, and when it may sleep: one cadence object, shared by the monitors and ``CallbackGroup``.
+"""When a probe records: one pure function of the step and the fit's plan.
 
 The step axis is Lightning's logging step, the x axis of ``self.log``: the optimizer step with automatic
 optimization (``trainer.global_step``), the training batch with manual optimization (where ``global_step``
-counts every optimizer's steps). On that axis, step ``s`` has
+counts every optimizer's steps). All micro-batches of an accumulated step belong to that step. On that axis,
+with a probe's :class:`Schedule`, step ``s`` of a fit planned as :class:`Plan` ``(first, last)`` has
 
-- scalars when ``(s + 1) % every_n_steps == 0`` (the steps on which Lightning writes ``self.log`` metrics);
-- histograms when ``(s + 1) % histogram_every_n_steps == 0`` and at the final step of the fit;
-- a figure on the first histogram step of the fit (the picture at initialisation), every
-  ``figure_every_n_steps`` on histogram steps (by default about five over a fit of known length) and at
-  the end of fit (drawn by the monitor from its last histograms).
-
-All micro-batches of an accumulated step belong to that step. The final step is planned from ``max_steps``
-and ``max_epochs``; with manual optimization the optimizer steps per batch are measured on the first
-batches (exact when every batch takes the same optimizer steps, e.g. a GAN stepping both optimizers).
+- scalars when ``(s + 1) % n == 0`` (the steps on which Lightning writes ``self.log`` metrics), and on step 0
+  of a fit that starts from scratch (the picture at initialisation, before any update);
+- histograms when ``(s + 1) % hist_n == 0``, on step 0 of a fresh fit, and at the final step;
+- a figure on the fit's first histogram step (step 0 of a fresh fit), every ``fig_n`` steps among histogram
+  steps (by default about :data:`FIGURES_PER_FIT` over a fit of known length), and at the end of fit (drawn from
+  the last histograms recorded, whatever the data source). A probe without histograms has its figures on its
+  scalar steps.
 """
 
 import math
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 
@@ -42,145 +42,137 @@ def step_ends(trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx:
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or bool(trainer.is_last_batch)
 
 
-class Alarm:
-    """Sleep until a step: ``sleeping(step)`` until ``wake``, except on the batches of ``awake_step``."""
-
-    def __init__(self) -> None:
-        self.wake = -1
-        self.awake_step = -1
-
-    def sleeping(self, step: int) -> bool:
-        return step < self.wake and step != self.awake_step
-
-    def set(self, step: int, active: bool, wake: int) -> None:
-        """After planning ``step``: stay awake for its other micro-batches when ``active``, sleep until ``wake``."""
-        self.wake = wake
-        self.awake_step = step if active else -1
-
-    def reset(self) -> None:
-        """Wake on the next batch (the plan may have changed: a new epoch, a validation, a resume)."""
-        self.wake = self.awake_step = -1
+def _check_steps(value: int | None, arg: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"Expected `{arg}` to be None or an int >= 0, but got {value!r}.")
+    return value
 
 
-class Cadence:
-    """Decides on which steps a monitor logs scalars, histograms and figures, and until when it may sleep.
+@dataclass(frozen=True)
+class Plan:
+    """The fit as known at a step: its first step (0 for a fresh fit) and its final step (:data:`OPEN`: unknown)."""
 
-    Args:
-        every_n_steps: scalars every n steps; None: ``Trainer(log_every_n_steps)``; 0: never.
-        histogram_every_n_steps: None: ``10 * every_n_steps``; 0: never.
-        figure_every_n_steps: None: about ``FIGURES_PER_FIT`` over a fit of known length, else every
-            ``2000 * every_n_steps``; 0: only the first and the end of fit.
-        histograms: False for a monitor without histograms (its figures then fall on scalar steps).
+    first: int = 0
+    last: int = OPEN
 
-    Example::
+    @property
+    def fresh(self) -> bool:
+        return self.first == 0
 
-        cadence = Cadence(every_n_steps=5, histogram_every_n_steps=50)
-        cadence.setup(trainer, histograms=True)  # in the monitor's `setup`
-        if cadence.on_batch_start(trainer, pl_module):  # False: asleep, nothing to do on this batch
-            ...  # cadence.scalars, cadence.histograms, cadence.figure, cadence.step
-    """
 
-    def __init__(
-        self,
-        every_n_steps: int | None = None,
-        histogram_every_n_steps: int | None = None,
-        figure_every_n_steps: int | None = None,
-        histograms: bool = True,
-    ) -> None:
-        self.every_n_steps = every_n_steps
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.figure_every_n_steps = figure_every_n_steps
-        self.with_histograms = histograms
-        # resolved in `setup` / `plan`
-        self.n = self.hist_n = self.fig_n = 0
-        self.last = OPEN  # the final step as planned (a lower bound while it is not known exactly)
-        # the current step and what happens on it
-        self.step = -1
-        self.scalars = self.histograms = self.figure = False
-        self.alarm = Alarm()
-        self._first_figure = -1  # the step of the first figure of this fit
-        self._origin: tuple[int, int] | None = None  # (logging step, global step) at the first batch of the fit
-        self._rate: float | None = None  # optimizer steps per logging step
+@dataclass(frozen=True)
+class Moment:
+    """What a probe records on one step."""
+
+    scalars: bool = False
+    histograms: bool = False
+    figure: bool = False
 
     @property
     def active(self) -> bool:
-        """Whether the monitor logs anything on the current step."""
         return self.scalars or self.histograms
 
-    def setup(self, trainer: "pl.Trainer", histograms: bool) -> None:
-        """Resolves the defaults from the Trainer; ``histograms``: whether a logger can show them."""
-        self.n = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
-        hist_n = self.histogram_every_n_steps if self.histogram_every_n_steps is not None else 10 * self.n
-        self.hist_n = hist_n if histograms and self.with_histograms else 0
-        self.fig_n = self.figure_every_n_steps if self.figure_every_n_steps is not None else 2000 * self.n
-        self.step, self.last, self._first_figure, self._origin, self._rate = -1, OPEN, -1, None, None
-        self.reset()
 
-    def reset(self) -> None:
-        self.scalars = self.histograms = self.figure = False
-        self.alarm.reset()
+IDLE = Moment()
 
-    def plan(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
-        """Plans the final step from ``max_steps`` / ``max_epochs`` (and the default figure cadence)."""
-        last = OPEN
-        if trainer.max_steps is not None and trainer.max_steps >= 0:
-            # automatic optimization: one optimizer step a step (it supports one optimizer); manual: measured,
-            # and before that the most a batch can take (every optimizer steps once)
-            rate = 1.0 if pl_module.automatic_optimization else self._rate or max(len(trainer.optimizers), 1)
-            remaining = max(math.ceil((trainer.max_steps - trainer.global_step) / rate - 1e-9), 1)
-            last = step + remaining - 1
-        n_batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
-        if isinstance(n_batches, int) and n_batches > 0 and max_epochs is not None and max_epochs >= 0:
-            accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-            last = min(last, max_epochs * -(-n_batches // accumulate) - 1)
-        self.last = last
-        if self.figure_every_n_steps is None and last < OPEN:
-            base = self.hist_n or self.n
-            if base > 0:
-                self.fig_n = base * max(1, math.ceil((last + 1) // base / FIGURES_PER_FIT))
 
-    def on_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> bool:
-        """Sets the current step's flags; False when asleep (then nothing is logged on this batch)."""
-        step = logging_step(trainer, pl_module)
-        if self.alarm.sleeping(step):
-            self.scalars = self.histograms = self.figure = False
-            return False
-        if step != self.step:
-            self._observe(trainer, pl_module, step)
-        self.step = step
-        self.scalars = self.n > 0 and (step + 1) % self.n == 0
-        self.histograms = self.hist_n > 0 and ((step + 1) % self.hist_n == 0 or step >= self.last)
-        figure_steps = self.histograms if self.hist_n > 0 else self.scalars and not self.with_histograms
-        self.figure = figure_steps and (
-            self._first_figure in (-1, step) or (self.fig_n > 0 and (step + 1) % self.fig_n == 0)
-        )
-        if self.figure and self._first_figure < 0:
-            self._first_figure = step
-        self.alarm.set(step, self.active, self.next_active_step(step + 1))
-        return True
+@dataclass(frozen=True)
+class Schedule:
+    """A probe's cadence resolved against the Trainer: scalars every ``n``, histograms every ``hist_n`` (0: never),
+    figures every ``fig_n`` (None: about :data:`FIGURES_PER_FIT` over a fit of known length), drawn from the
+    histograms (``from_histograms``; none without them) or on scalar steps."""
 
-    def _observe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
-        if not pl_module.automatic_optimization:  # measure the optimizer steps per batch
-            if self._origin is None:
-                self._origin = (step, trainer.global_step)
-            elif step > self._origin[0]:
-                self._rate = (trainer.global_step - self._origin[1]) / (step - self._origin[0]) or None
-        self.plan(trainer, pl_module, step)
+    n: int
+    hist_n: int
+    fig_n: int | None
+    from_histograms: bool = True
 
-    def next_active_step(self, step: int) -> int:
-        """The first step >= ``step`` on which the monitor may log (a lower bound): it may sleep until then.
+    def figure_every(self, plan: Plan) -> int:
+        if self.fig_n is not None:
+            return self.fig_n
+        base = self.hist_n or self.n
+        if plan.last >= OPEN or base <= 0:
+            return 2000 * self.n
+        return base * max(1, math.ceil((plan.last + 1) // base / FIGURES_PER_FIT))
 
-        Public for ``CallbackGroup``, which sleeps until the first of its members' next steps.
-        """
-        candidates = [self.last]
-        if self._origin is not None and self._rate is None:
-            candidates.append(self._origin[0] + 1)  # manual optimization: measure the steps per batch
+    def _hist_step(self, step: int, plan: Plan) -> bool:
+        return self.hist_n > 0 and ((step + 1) % self.hist_n == 0 or step >= plan.last or step == 0)
+
+    def first_figure(self, plan: Plan) -> int:
+        """The fit's first figure step: its first histogram step (its first scalar step without histograms)."""
+        if plan.fresh:
+            return 0
+        every = self.hist_n if self.from_histograms else self.n
+        if every <= 0:
+            return plan.last
+        return min(plan.first + (-(plan.first + 1)) % every, plan.last)
+
+    def moment(self, step: int, plan: Plan) -> Moment:
+        """What is recorded on ``step``: a pure function of the step and the plan."""
+        start = step == 0  # the picture at initialisation, before any update
+        scalars = self.n > 0 and ((step + 1) % self.n == 0 or start)
+        histograms = self._hist_step(step, plan)
+        on = histograms if self.from_histograms else scalars
+        every = self.figure_every(plan)
+        figure = on and (step == self.first_figure(plan) or (every > 0 and (step + 1) % every == 0))
+        return Moment(scalars, histograms, figure)
+
+    def next_step(self, step: int, plan: Plan) -> int:
+        """The first step >= ``step`` that may record (a lower bound): nothing is recorded before it."""
+        candidates = [plan.last]
+        if step == 0:
+            candidates.append(0)
         if self.n > 0:
             candidates.append(step + (-(step + 1)) % self.n)
         if self.hist_n > 0:
             candidates.append(step + (-(step + 1)) % self.hist_n)
         return max(step, min(candidates))
 
-    def finish_step(self) -> None:
-        """The current step is written: its remaining hooks (if any) have nothing to do."""
-        self.scalars = self.histograms = self.figure = False
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a probe records, as the user asked; :meth:`resolve` fills the defaults from the Trainer.
+
+    Args:
+        every_n_steps: scalars every n steps; None: ``Trainer(log_every_n_steps)``; 0: never.
+        histogram_every_n_steps: None: ``10 * every_n_steps``; 0: never.
+        figure_every_n_steps: None: about ``FIGURES_PER_FIT`` over a fit of known length, else every
+            ``2000 * every_n_steps``; 0: only the first and the end of fit.
+    """
+
+    every_n_steps: int | None = None
+    histogram_every_n_steps: int | None = None
+    figure_every_n_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_steps(self.every_n_steps, "every_n_steps")
+        _check_steps(self.histogram_every_n_steps, "histogram_every_n_steps")
+        _check_steps(self.figure_every_n_steps, "figure_every_n_steps")
+
+    def resolve(self, log_every_n_steps: int, histograms: bool, from_histograms: bool = True) -> Schedule:
+        """The schedule under a Trainer logging every ``log_every_n_steps``.
+
+        ``histograms``: whether they are recorded (a probe that has them, and a logger or figure that shows them);
+        ``from_histograms``: whether the probe's figure is drawn from its histograms (else on scalar steps).
+        """
+        n = self.every_n_steps if self.every_n_steps is not None else log_every_n_steps
+        hist_n = self.histogram_every_n_steps if self.histogram_every_n_steps is not None else 10 * n
+        return Schedule(n, hist_n if histograms else 0, self.figure_every_n_steps, from_histograms)
+
+
+def plan_fit(trainer: "pl.Trainer", pl_module: "pl.LightningModule", first: int, step: int, rate: float | None) -> Plan:
+    """The fit's :class:`Plan` at ``step``, from ``max_steps`` and ``max_epochs``.
+
+    ``rate``: optimizer steps per logging step, measured under manual optimization (None until measured: every
+    optimizer stepping once a batch is assumed, the most a batch can take). One with automatic optimization.
+    """
+    last = OPEN
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        rate = 1.0 if pl_module.automatic_optimization else rate or max(len(trainer.optimizers), 1)
+        remaining = max(math.ceil((trainer.max_steps - trainer.global_step) / rate - 1e-9), 1)
+        last = step + remaining - 1
+    n_batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
+    if isinstance(n_batches, int) and n_batches > 0 and max_epochs is not None and max_epochs >= 0:
+        accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        last = min(last, max_epochs * -(-n_batches // accumulate) - 1)
+    return Plan(first, last)

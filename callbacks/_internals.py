@@ -1,34 +1,39 @@
-"""Everything the monitors take from Lightning's private internals, in one place, gated on the tested versions.
+"""Every private attribute ``callbacks/`` reads, in one place, each gated on the versions it was tested with.
 
-Two things, both on Lightning 2.2 to 2.6 (the versions the test suite ran on):
+Lightning 2.2 to 2.6 (``LIGHTNING_TESTED``: the lowest version ``pyproject.toml`` allows and the newest, both in
+CI) and torch 2.13 (``TORCH_TESTED``). Elsewhere each falls back to the public path, with the same results:
 
-- **The sleep trick** (speed only): while a monitor (or a ``CallbackGroup``) has nothing to do until a later
-  step, its training-step hooks are shadowed by ``None`` on the instance. Lightning calls a callback's hook
-  only if ``callable(getattr(callback, name))``, so a shadowed hook costs nothing instead of a call inside a
-  profiler context. Elsewhere (another Lightning, or ``SHADOW_STEP_HOOKS = False``) the hooks are called and
-  return at once: the same results, a little slower (``tests/test_callbacks_group.py`` checks both).
+- **The sleep trick** (speed only): while the recorder has nothing to record until a later step, its
+  training-step hooks are shadowed by ``None`` on the instance. Lightning calls a callback's hook only if
+  ``callable(getattr(callback, name))``, so a shadowed hook costs nothing instead of a call inside a profiler
+  context. Elsewhere (another Lightning, or ``CALLBACKS_NO_SHADOW=1``) the hooks are called and return at once
+  (``tests/test_callbacks_group.py`` checks both give the same logs).
 - **The batch axis of manual optimization**: with ``automatic_optimization = False`` Lightning's ``self.log``
   writes on ``fit_loop.epoch_loop._batches_that_stepped`` (one per training batch), while the public
   ``trainer.global_step`` counts every optimizer's steps (two a batch for a GAN). Lightning's own
-  ``LearningRateMonitor`` logs on the same private counter. On an untested Lightning the monitors fall back to
-  ``global_step`` and say so once. With automatic optimization the public ``global_step`` is that axis.
-
-- **The legacy state key** (``Callback._legacy_state_key``, the key of a callback's state in checkpoints of
-  older Lightning releases, which Lightning itself falls back to): ``CallbackGroup`` loads its members' states
-  the way Lightning would. On an untested release only the current ``state_key`` is read.
-
-- **A LightningModule compiled before ``fit``** (``trainer.fit(torch.compile(model))``): Lightning unwraps it
-  and keeps the compiled functions in ``LightningModule._compiler_ctx``. The monitors read it to know that
-  recording steps must run eagerly (``callbacks._compile``). On an untested release they assume it is, which
-  only costs eager recording steps for a model that was not compiled (the same results).
-
-Nothing else in ``callbacks/`` touches a private Lightning attribute.
+  ``LearningRateMonitor`` logs on the same private counter. Elsewhere the monitors log on ``global_step`` and
+  say so once. With automatic optimization the public ``global_step`` is that axis.
+- **The legacy state key** (``Callback._legacy_state_key``, the key of a callback's state in checkpoints of older
+  Lightning releases, which Lightning itself falls back to): ``CallbackGroup`` loads its members' states the way
+  Lightning would. Elsewhere only the current ``state_key`` is read.
+- **A LightningModule compiled before ``fit``** (``trainer.fit(torch.compile(model))``): Lightning unwraps it and
+  keeps the compiled functions in ``LightningModule._compiler_ctx``. Elsewhere the monitors assume it is, which
+  only costs eager recorded steps for a model that was not compiled (the same results).
+- **A logger's metric prefix** (``TensorBoardLogger(prefix=...)``, ``WandbLogger(prefix=...)``: ``logger._prefix``,
+  no public accessor): the writers that bypass ``log_metrics`` apply it as the logger would. Elsewhere they read
+  no prefix and the TensorBoard writer goes through ``log_metrics``.
+- **One TensorBoard event per step** (speed only): torch's ``SummaryWriter.add_scalar`` writes one event per
+  value; the writer puts a step's scalars into one event through the writer's ``_get_file_writer()``. Elsewhere,
+  one ``add_scalar`` per value.
 """
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import lightning
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -38,16 +43,19 @@ def _minor(version: str) -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-#: the Lightning releases (major, minor) on which the tricks below were tested
-TESTED = ((2, 2), (2, 6))
+#: the Lightning releases (major, minor) the tricks were tested on: the lowest allowed and the newest, both in CI
+LIGHTNING_TESTED = ((2, 2), (2, 6))
 LIGHTNING = _minor(lightning.__version__)
-IS_TESTED = TESTED[0] <= LIGHTNING <= TESTED[1]
+IS_TESTED = LIGHTNING_TESTED[0] <= LIGHTNING <= LIGHTNING_TESTED[1]
+#: the torch releases the TensorBoard shortcut was tested on
+TORCH_TESTED = ((2, 13), (2, 13))
+TORCH_IS_TESTED = TORCH_TESTED[0] <= _minor(torch.__version__) <= TORCH_TESTED[1]
 
 #: shadow idle step hooks by None (the sleep trick); off on untested Lightning releases or with
 #: ``CALLBACKS_NO_SHADOW=1``, and a test switches it off to compare results
 SHADOW_STEP_HOOKS = IS_TESTED and os.environ.get("CALLBACKS_NO_SHADOW", "") != "1"
 
-#: the training-step hooks after ``on_train_batch_start``, which a sleeping monitor does not need
+#: the training-step hooks after ``on_train_batch_start``, which a sleeping recorder does not need
 STEP_HOOKS = (
     "on_before_backward",
     "on_after_backward",
@@ -94,3 +102,26 @@ def batch_axis(trainer: "pl.Trainer") -> int:
             " log on `trainer.global_step`, which counts every optimizer's steps, not on `self.log`'s batch axis."
         )
     return trainer.global_step
+
+
+def logger_prefix(logger: Any) -> str | None:
+    """The metric prefix of a TensorBoard or W&B logger: ``""`` when none, None when unknown (untested Lightning)."""
+    return str(getattr(logger, "_prefix", "") or "") if IS_TESTED else None
+
+
+def write_scalars_event(writer: Any, metrics: Mapping[str, float], step: int) -> bool:
+    """Writes scalars as one TensorBoard event: the values ``add_scalar`` would write one event each for.
+
+    A recorded step of the four monitors has some 15 scalars; one ``add_scalar`` is a proto, an event and a queue
+    put each, one event holding all of them costs about as much as one of those. Returns False (nothing written)
+    on an untested torch or a writer other than torch's ``SummaryWriter`` (tensorboardX has its own protos).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not TORCH_IS_TESTED or type(writer) is not SummaryWriter:
+        return False
+    from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
+
+    summary = SummaryProto(value=[SummaryProto.Value(tag=tag, simple_value=float(v)) for tag, v in metrics.items()])
+    writer._get_file_writer().add_summary(summary, step)
+    return True

@@ -319,6 +319,29 @@ def is_relu_like(module: nn.Module) -> bool:
     return info is not None and info.kind == "relu_like"
 
 
+#: ReLU-like activations whose gradient is exactly zero for every negative input (by class, and by normalised name)
+_ZERO_BELOW: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+_ZERO_BELOW_NAMES = frozenset(("relu", "relu6", "relusquared", "squaredrelu", "relu2"))
+
+
+def gradient_below_zero(module: nn.Module) -> Literal["none", "some"] | None:
+    """For a ReLU-like module, what gradient a unit gets when its input is negative: ``"none"`` (ReLU, ReLU6,
+    ReLU²: a unit never positive never learns again) or ``"some"`` (GELU, SiLU, ELU, LeakyReLU, ...: small,
+    not zero); None for other modules.
+
+    Example::
+
+        >>> from torch import nn
+        >>> gradient_below_zero(nn.ReLU()), gradient_below_zero(nn.GELU()), gradient_below_zero(nn.Tanh())
+        ('none', 'some', None)
+    """
+    if not is_relu_like(module):
+        return None
+    if isinstance(module, _ZERO_BELOW) or _normalise(type(module).__name__) in _ZERO_BELOW_NAMES:
+        return "none"
+    return "some"
+
+
 def saturation_spec(module: nn.Module, threshold: float) -> tuple[float, float] | None:
     """``(center, limit)`` such that an output ``y`` is saturated when ``|y - center| > limit``.
 
@@ -490,3 +513,105 @@ def select_parameters(root: nn.Module, patterns: tuple[str, ...] | None, min_ndi
         and p.ndim >= min_ndim
         and (patterns is None or any(fnmatchcase(name, pat) for pat in patterns))
     ]
+
+
+@dataclass(frozen=True)
+class Watched:
+    """A module a probe watches: its tag name (without ``torch.compile``'s ``_orig_mod.``), its label
+    ``"name (Tanh)"``, the module and its qualified name in the model."""
+
+    name: str
+    label: str
+    module: nn.Module
+    qualified: str
+
+
+def watch_modules(root: nn.Module, specs: tuple[ModuleSpec, ...] | None, owner: str) -> list[Watched]:
+    """The modules ``specs`` select in ``root`` (:func:`select_modules`), each once, and one warning when there is
+    none (``owner``: the monitor's name, for the message)."""
+    watched: dict[str, Watched] = {}
+    for qualified, module in select_modules(root, specs):
+        name = tag_name(qualified)  # the same module reached through a compiled wrapper and its original: once
+        watched.setdefault(name, Watched(name, f"{name} ({type(module).__name__})", module, qualified))
+    if not watched:
+        from callbacks._warnings import health_warning
+
+        health_warning(
+            empty_selection_message(root, owner)
+            if specs is None
+            else f"{owner} found no module matching"
+            f" `modules=[{', '.join(getattr(m, '__name__', repr(m)) for m in specs)}]` in"
+            f" {type(root).__name__}: check the types and name patterns against its `named_modules()`."
+        )
+    return list(watched.values())
+
+
+_SKIPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+
+
+def _previous_leaf(root: nn.Module, qualified: str) -> tuple[str, nn.Module] | None:
+    """The leaf module right before ``qualified``: the previous child of the same parent in registration order
+    (``nn.Sequential``'s order, and the usual ``self.bn = ...; self.act = ...``), skipping dropout and identity
+    layers; for a container, its last leaf."""
+    parent_name, _, child = qualified.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    children = list(parent.named_children())
+    names = [n for n, _ in children]
+    if child not in names:
+        return None
+    for prev_name, prev in reversed(children[: names.index(child)]):
+        leaf_name, leaf = prev_name, prev
+        for sub_name, sub in prev.named_modules():
+            if not list(sub.children()):
+                leaf_name, leaf = f"{prev_name}.{sub_name}" if sub_name else prev_name, sub
+        if isinstance(leaf, _SKIPPED):
+            continue
+        return f"{parent_name + '.' if parent_name else ''}{leaf_name}", leaf
+    return None
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: any whose class name has "Norm" in it (BatchNorm, LayerNorm, GroupNorm, RMSNorm, the
+    lecture's hand-written ``BatchNorm1d``)."""
+    return "norm" in type(module).__name__.lower()
+
+
+def norm_before(root: nn.Module, qualified: str) -> str | None:
+    """``"name (BatchNorm1d)"`` of the normalisation layer right before module ``qualified``, or None.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh())
+        >>> norm_before(net, "2"), norm_before(net, "1")
+        ('1 (BatchNorm1d)', None)
+    """
+    prev = _previous_leaf(root, qualified)
+    if prev is None or not is_norm(prev[1]):
+        return None
+    return f"{tag_name(prev[0])} ({type(prev[1]).__name__})"
+
+
+def biases_before_batchnorm(root: nn.Module) -> list[tuple[str, str]]:
+    """``(bias name, norm label)`` for every layer with a bias right before a batch normalisation, which subtracts
+    the batch mean of each feature, so that bias does nothing (only the norm's own shift counts).
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8, bias=False))
+        >>> biases_before_batchnorm(net)
+        [('0.bias', '1 (BatchNorm1d)')]
+    """
+    found = []
+    for name, module in root.named_modules():
+        if not name or "batchnorm" not in type(module).__name__.lower():
+            continue
+        prev = _previous_leaf(root, name)
+        bias = getattr(prev[1], "bias", None) if prev is not None else None
+        if isinstance(bias, nn.Parameter) and bias.requires_grad:
+            found.append((tag_name(f"{prev[0]}.bias"), f"{tag_name(name)} ({type(module).__name__})"))
+    return found

@@ -1,30 +1,38 @@
-"""Tensor statistics computed on the tensor's device, reducible across ranks.
+"""Tensor statistics: a watched tensor is summarised where it is seen, then let go; summaries reduce across ranks.
 
-Every monitored tensor is summarised by two small float64 vectors:
+Every watched tensor becomes a :class:`Partial`, a few small float64 tensors on its device:
 
-- a *sum* vector (summed over micro-batches and ranks): finite count, non-finite count, sum,
+- a *sum* vector (summed over module calls, micro-batches and ranks): finite count, non-finite count, sum,
   sum of squares, saturated count, dead units, units;
-- a *max* vector (maxed over micro-batches and ranks): ``-min`` and ``max`` of the finite values.
+- a *max* vector (maxed likewise): ``-min`` and ``max`` of the finite values, and the exponent of its
+  histogram grid;
+- on histogram steps, the counts of its finite values on a fine grid of width ``2**e`` anchored at zero (bin
+  ``k`` holds ``[k * 2**e, (k + 1) * 2**e)``), ``e`` the smallest exponent for which the tensor's range fits
+  :data:`GRID` bins.
 
-Histograms are binned on the device against edges agreed by every rank (after the min/max
-all-reduce), then the bin counts are summed. Nothing here synchronises with the host until
-``StatsBuffer.reduce`` packs everything it returns into one tensor and copies it to the CPU once
-(one device->host copy per monitor per logged step). The buffer takes the fast path
-(:func:`fast_stats`: no NaN/inf masking); a tensor holding NaN/inf makes its sums non-finite, seen after
-that copy, and only then are the NaN-aware statistics (:func:`local_stats`) of those names recomputed from
-the tensors the buffer held, collectives and copy again: a second copy on steps with NaN/inf, never on a
-finite one. Every rank runs the same collectives in the same order whatever it holds; an error on one
-rank travels in the sum all-reduce and is raised on every rank after it, so no rank waits forever for
-another.
+Nothing keeps the tensor: a recorded step holds no watched tensor longer than its hook, and the temporaries
+of a summary are bounded by :data:`CHUNK` elements whatever the tensor's size (``tests/test_memory.py``).
+Grids of different exponents nest (a bin of width ``2**E`` is the union of ``2**(E - e)`` bins of width
+``2**e``), so the partial histograms of every call, micro-batch and rank add up exactly: :meth:`Pool.reduce`
+takes the largest exponent and the global min/max, and coarsens every grid to at most ``bins`` equal bins of
+width ``m * 2**E`` (an integer ``m``), their edges multiples of that width. They are exact histograms of
+every value, with round edges: the first edge at or below the min, the last above the max.
 
-Left out on purpose: exact quantiles (they do not reduce across ranks), and ``torch.histc`` or
-``bincount`` on CUDA (the first raises under ``Trainer(deterministic=True)``, the second reads its max
-back to the host): CUDA bins with ``scatter_add_``, the CPU with ``bincount``.
+NaN/inf are counted and left out of every other statistic. On the CPU, where reading a value costs nothing,
+a tensor is summarised in few passes (sum, float64 norm, ``aminmax``) and again with masks only when its sum
+of squares shows NaN/inf; on an accelerator, where a read would stall the device, the masked passes run
+always and nothing is read before :meth:`Pool.reduce`, which copies everything of a step to the host once.
+Every rank runs the same collectives in the same order whatever it holds; an error on one rank travels in
+the sum all-reduce and is raised on every rank after it, so no rank waits forever for another.
+
+Left out on purpose: exact quantiles (they do not reduce across ranks), and ``torch.histc`` or ``bincount``
+on CUDA (the first raises under ``Trainer(deterministic=True)``, the second reads its max back to the host):
+CUDA bins with ``scatter_add_``, the CPU with ``bincount``.
 """
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -32,144 +40,168 @@ from torch import Tensor
 # positions in the "sum" vector
 COUNT, NONFINITE, SUM, SUMSQ, SATURATED, DEAD, UNITS = range(7)
 N_SUM = 7
-# positions in the "max" vector (the third, -rank of the ranks with NaN/inf, only in `StatsBuffer.reduce`)
-NEG_MIN, MAX = range(2)
+# positions in the "max" vector (NEG_RANK, -rank of the ranks with NaN/inf, is added by `Pool.reduce`)
+NEG_MIN, MAX, EXPONENT, NEG_RANK = range(4)
+
+#: bins of a tensor's fine histogram grid (its range fits them; coarsened to the requested bins at the reduce)
+GRID = 1024
+#: elements summarised at a time: the temporaries of a summary never exceed this many elements
+CHUNK = 1 << 20
 
 Reducer = Callable[[Tensor, str], Tensor]
+_F64 = torch.float64
 
 
-def _dead_units(x: Tensor, relu_like: bool) -> list[Tensor]:
-    """``[dead units, units]`` (float64, on x's device): positions over all dims but the first (the batch) that
-    are never positive in ``x``; two zeros when ``relu_like`` is False."""
-    if not relu_like:
-        return list(torch.zeros(2, dtype=torch.float64, device=x.device).unbind())
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value on ``device`` costs nothing (the CPU), so a summary may branch on one."""
+    return device.type == "cpu"
+
+
+def _float_dtype(x: Tensor) -> torch.dtype:
+    # integers, and 16-bit floats whose squares would round (bf16 keeps 8 bits), are summarised in float32
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _chunks(x: Tensor) -> list[Tensor]:
+    """``x`` as flat chunks of at most :data:`CHUNK` elements (one row at least), in its float dtype.
+
+    A contiguous tensor is split as it lies; any other along its first dim, so that no copy of the whole is made.
+    """
+    dtype = _float_dtype(x)
+    if x.is_contiguous() or x.ndim == 0:
+        flat = x.reshape(-1)
+        parts = [flat] if flat.numel() <= CHUNK else list(flat.split(CHUNK))
+    else:
+        rows = max(1, CHUNK // max(x[0].numel(), 1))
+        parts = [part.reshape(-1) for part in x.split(rows)]
+    return [p.to(dtype) for p in parts]
+
+
+def _dead_units(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dead units, units)``: positions over all dims but the first (the batch) never positive in ``x``."""
     rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)  # (B, units)
-    alive = (rows > 0).any(0)  # (units,)
-    units = torch.full((), float(alive.numel()), dtype=torch.float64, device=x.device)
-    return [units - alive.sum(dtype=torch.float64), units]
+    alive = torch.zeros(rows.shape[1], dtype=torch.bool, device=x.device)
+    step = max(1, CHUNK // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        alive |= (rows[start : start + step] > 0).any(0)
+    units = torch.full((), float(alive.numel()), dtype=_F64, device=x.device)
+    return units - alive.sum(dtype=_F64), units
 
 
-def local_stats(
-    x: Tensor, saturation: tuple[float, float] | None = None, relu_like: bool = False, minmax: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Summarises one tensor into a ``(7,)`` sum vector and a ``(2,)`` max vector (float64, on x's device).
+def _moments(x: Tensor, saturation: tuple[float, float] | None, masked: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``[count, nonfinite, sum, sum of squares, saturated]`` and the finite min and max, over chunks.
+
+    ``masked`` leaves NaN/inf out (and counts them); otherwise the tensor is taken to be finite, and a NaN/inf
+    shows as a non-finite sum of squares.
+    """
+    device = x.device
+    acc = torch.zeros(5, dtype=_F64, device=device)
+    lo = torch.full((), math.inf, dtype=_F64, device=device)
+    hi = torch.full((), -math.inf, dtype=_F64, device=device)
+    zero = torch.zeros((), dtype=_F64, device=device)
+    for chunk in _chunks(x):
+        finite = torch.isfinite(chunk) if masked else None
+        if finite is not None:
+            n = finite.sum(dtype=_F64)
+            values = chunk.where(finite, 0.0)
+            c_lo = chunk.masked_fill(~finite, math.inf).min()
+            c_hi = chunk.masked_fill(~finite, -math.inf).max()
+        else:
+            n = torch.full((), float(chunk.numel()), dtype=_F64, device=device)
+            values = chunk
+            c_lo, c_hi = torch.aminmax(chunk)
+        parts = [n, chunk.numel() - n, values.sum(dtype=_F64), torch.linalg.vector_norm(values, dtype=_F64).square()]
+        if saturation is not None:
+            center, limit = saturation
+            saturated = ((values - center).abs_() if center != 0 else values.abs()).gt_(limit)
+            parts.append((saturated.logical_and_(finite) if finite is not None else saturated).sum(dtype=_F64))
+        else:
+            parts.append(zero)
+        acc += torch.stack(parts)
+        lo, hi = torch.minimum(lo, c_lo.to(_F64)), torch.maximum(hi, c_hi.to(_F64))
+    return acc, lo, hi
+
+
+#: the finest grid exponent per float dtype: below it, values are near the dtype's smallest normal numbers
+_MIN_EXPONENT = {torch.float32: -100.0, torch.float64: -1000.0}
+#: mantissa bits kept below a tensor's largest magnitude, so that bin indices are exact in its dtype
+_MANTISSA = {torch.float32: 23, torch.float64: 52}
+
+
+def _grid_exponent(lo: Tensor, hi: Tensor, dtype: torch.dtype) -> Tensor:
+    """The fine grid's exponent ``e`` (float64, 0-dim): the smallest with ``floor(hi/2**e) - floor(lo/2**e) < GRID``,
+    no finer than the data's own precision (:data:`_MANTISSA` bits below its largest magnitude: bin indices stay
+    exact integers in ``dtype``), and ``-inf`` when there is no finite value (the identity of the max)."""
+    width = (hi - lo).clamp_min(0.0)
+    big = torch.maximum(lo.abs(), hi.abs())
+    e = torch.maximum(torch.log2(width / (GRID - 2)).ceil(), torch.log2(big).ceil() - _MANTISSA[dtype])
+    e = torch.where(torch.isfinite(e), e, 0.0).clamp_min(_MIN_EXPONENT[dtype])  # (a tensor of zeros: any grid)
+    scale = torch.exp2(-e)
+    e = e + ((hi * scale).floor() - (lo * scale).floor() > GRID - 1).to(_F64)  # log2's rounding: one step at most
+    return torch.where(torch.isfinite(lo) & torch.isfinite(hi), e, -math.inf)
+
+
+def _grid_counts(x: Tensor, lo: Tensor, e: Tensor, masked: bool) -> tuple[Tensor, Tensor]:
+    """Counts of ``x``'s finite values on the grid ``2**e`` from bin ``k0 = floor(lo / 2**e)``: ``(k0, counts)``."""
+    scale = torch.exp2(-e)
+    k0 = (lo * scale).floor()
+    k0 = torch.where(torch.isfinite(k0), k0, 0.0)
+    counts = torch.zeros(GRID + 1, dtype=_F64, device=x.device)  # the last bin collects NaN/inf, dropped
+    dtype = _float_dtype(x)
+    s, k = scale.to(dtype), k0.to(dtype)
+    for chunk in _chunks(x):
+        pos = (chunk * s).floor_().sub_(k)  # exact: |chunk * s| < 2**mantissa (see `_grid_exponent`)
+        if masked:
+            pos.masked_fill_(~torch.isfinite(chunk), GRID)
+        if reads_are_free(x.device):
+            counts += torch.bincount(pos.int().clamp_(0, GRID), minlength=GRID + 1).to(_F64)
+        else:  # scatter_add, not bincount: CUDA's bincount reads the max index back to the host
+            idx = pos.long().clamp_(0, GRID)
+            counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=_F64))
+    return k0, counts[:GRID]
+
+
+@dataclass
+class Partial:
+    """The summary of one tensor (or several, pooled), on its device: see the module docstring."""
+
+    sums: Tensor  # (N_SUM,) float64
+    maxes: Tensor  # (3,) float64: -min, max, grid exponent (-inf where there is no grid)
+    grids: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (exponent, k0, counts (GRID,))
+
+
+def summarise(
+    x: Tensor,
+    saturation: tuple[float, float] | None = None,
+    relu_like: bool = False,
+    histogram: bool = False,
+) -> Partial:
+    """Summarises one tensor into a :class:`Partial` (float64, on x's device), holding nothing of it.
 
     Args:
         x: any tensor; non-finite entries are counted and left out of the other statistics.
         saturation: ``(center, limit)``: an entry is saturated when ``|x - center| > limit``.
         relu_like: count "dead" units: positions (over all dims but the first, the batch) that are
             never positive in this tensor.
-        minmax: compute the min and max (only histograms need them); when False the max vector is
-            ``-inf`` (the identity of the max reduction).
+        histogram: also count the values on the fine grid (histogram steps only).
     """
     x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # integers, and 16-bit floats whose squares would round (bf16 keeps 8 bits)
-    flat = x.reshape(-1)
     device = x.device
-    if flat.numel() == 0:
-        return torch.zeros(N_SUM, dtype=torch.float64, device=device), torch.full(
-            (2,), float("-inf"), dtype=torch.float64, device=device
-        )
-    # few, fused ops: on logged steps each costs a kernel launch (or a few microseconds on CPU)
-    finite = torch.isfinite(flat)
-    count = finite.sum(dtype=torch.float64)
-    xf = torch.where(finite, flat, 0.0)
-    total = xf.sum(dtype=torch.float64)
-    sumsq = xf.square().sum(dtype=torch.float64)
-    parts = [count, flat.numel() - count, total, sumsq]
-    if saturation is not None:
-        center, limit = saturation
-        centered = flat - center if center != 0 else flat
-        parts.append((centered.abs() > limit).logical_and_(finite).sum(dtype=torch.float64))
-    else:
-        parts.append(torch.zeros((), dtype=torch.float64, device=device))
-    parts.extend(_dead_units(x, relu_like))
-    sums = torch.stack(parts)
-    if not minmax:
-        return sums, torch.full((2,), float("-inf"), dtype=torch.float64, device=device)
-    nonfinite = finite.logical_not()
-    lo = flat.masked_fill(nonfinite, float("inf")).min()
-    hi = flat.masked_fill(nonfinite, float("-inf")).max()
-    maxes = torch.stack([lo.neg(), hi]).to(torch.float64)
-    return sums, maxes
-
-
-def _as_float(x: Tensor) -> Tensor:
-    x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # integers, and 16-bit floats whose squares would round (bf16 keeps 8 bits)
-    return x
-
-
-def fast_stats(
-    x: Tensor, saturation: tuple[float, float] | None = None, relu_like: bool = False, minmax: bool = True
-) -> tuple[Tensor, Tensor]:
-    """:func:`local_stats` for a tensor without NaN/inf, in fewer passes (no masking).
-
-    On a tensor with NaN/inf the sum of squares (and the min/max) come out non-finite, which is how
-    :meth:`StatsBuffer.reduce` tells; the counts and sums are then meaningless and
-    :func:`local_stats` gives the right ones. (float32 values cannot overflow the float64 sums.)
-
-    Args:
-        x: any tensor.
-        saturation: as in :func:`local_stats`.
-        relu_like: as in :func:`local_stats`.
-        minmax: as in :func:`local_stats`.
-    """
-    x = _as_float(x)
-    flat = x.reshape(-1)
-    device = x.device
-    n = flat.numel()
-    if n == 0:
-        return local_stats(x, saturation, relu_like, minmax)
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    parts = [torch.full((), float(n), dtype=torch.float64, device=device), zero]
-    parts.append(flat.sum(dtype=torch.float64))
-    parts.append(torch.linalg.vector_norm(flat, dtype=torch.float64).square())  # float64 accumulation
-    if saturation is not None:
-        center, limit = saturation
-        centered = (flat - center).abs_() if center != 0 else flat.abs()
-        parts.append((centered > limit).sum(dtype=torch.float64))
-    else:
-        parts.append(zero)
-    parts.extend(_dead_units(x, relu_like))
-    sums = torch.stack(parts)
-    if not minmax:
-        return sums, torch.full((2,), float("-inf"), dtype=torch.float64, device=device)
-    lo, hi = torch.aminmax(flat)
-    return sums, torch.stack([lo.neg(), hi]).to(torch.float64)
-
-
-def bin_counts(x: Tensor, lo: Tensor, hi: Tensor, bins: int, finite: bool = False) -> Tensor:
-    """Counts the finite entries of ``x`` in ``bins`` equal bins over ``[lo, hi]`` (0-dim tensors), on device.
-
-    Equivalent to ``bucketize`` against ``linspace(lo, hi, bins + 1)`` + ``bincount``, without the search.
-    ``finite``: the caller knows ``x`` has no NaN/inf (skips the masking).
-    """
-    flat = _as_float(x).reshape(-1)
-    scale = bins / (hi - lo)
-    # clamped after the integer cast: NaN/inf (in x or in lo/hi) land in some bin instead of out of range,
-    # so that binning a tensor wrongly said finite gives wrong counts (recomputed by the caller), never an
-    # error. Values outside [lo, hi] go to the edge bins (up to 2**63 bins away; `reduce` never has any).
-    pos = (flat - lo.to(flat.dtype)).mul_(scale.to(flat.dtype)).floor_()
-    if flat.device.type == "cpu":
-        idx = pos.int().clamp_(0, bins - 1)  # int32: bincount takes it, half the bytes of int64
-        if not finite:
-            idx = idx[torch.isfinite(flat)]
-        return torch.bincount(idx, minlength=bins).to(torch.float64)
-    idx = pos.long().clamp_(0, bins - 1)  # scatter_add_ wants int64
-    return _scatter_counts(idx, None if finite else torch.isfinite(flat), bins)
-
-
-def _scatter_counts(idx: Tensor, finite: Tensor | None, bins: int) -> Tensor:
-    """``bincount(idx[finite], minlength=bins)`` in float64 without reading the host (CUDA's path)."""
-    if finite is not None:
-        idx = idx.masked_fill_(~finite, bins)  # non-finite go to an overflow bin, dropped below
-    # scatter_add, not bincount: CUDA's bincount reads the max index back to the host
-    counts = torch.zeros(bins + 1, dtype=torch.float64, device=idx.device)
-    counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
-    return counts[:bins]
+    none = torch.full((), -math.inf, dtype=_F64, device=device)
+    if x.numel() == 0:
+        return Partial(torch.zeros(N_SUM, dtype=_F64, device=device), torch.stack([none, none, none]))
+    masked = not reads_are_free(device)  # on an accelerator: never read, mask always
+    moments, lo, hi = _moments(x, saturation, masked)
+    if not masked and not math.isfinite(moments[SUMSQ].item()):  # NaN/inf somewhere (a CPU read: free)
+        masked = True
+        moments, lo, hi = _moments(x, saturation, masked)
+    dead = _dead_units(x) if relu_like else (none.new_zeros(()), none.new_zeros(()))
+    sums = torch.cat([moments, torch.stack(dead)])
+    if not histogram:
+        return Partial(sums, torch.stack([-lo, hi, none]))
+    e = _grid_exponent(lo, hi, _float_dtype(x))
+    k0, counts = _grid_counts(x, lo, e, masked)
+    return Partial(sums, torch.stack([-lo, hi, e]), [(e, k0, counts)])
 
 
 @dataclass
@@ -186,211 +218,175 @@ class Summary:
     sum_squares: float
     saturation: float | None = None
     dead: float | None = None
-    edges: list[float] | None = None  # bins + 1 edges
-    counts: list[float] | None = None  # bins counts
+    edges: list[float] | None = None  # len(counts) + 1 equal-width edges
+    counts: list[float] | None = None
     order: int = 0  # when this rank first saw the tag this step (forward order for module outputs)
     nonfinite_rank: int = -1  # the lowest rank that saw NaN/inf, -1 if none
 
-
-Source = Tensor | Callable[[], Tensor]
-
-
-@dataclass
-class _Entry:
-    sums: Tensor
-    maxes: Tensor
-    tensors: list[Tensor] = field(default_factory=list)  # copies kept for this step's histogram
-    # what each `add` summarised, to recompute NaN-aware: (tensor or how to make it, saturation, relu_like, minmax)
-    sources: list[tuple[Source, tuple[float, float] | None, bool, bool]] = field(default_factory=list)
+    def scaled(self, factor: float) -> "Summary":
+        """The summary of the values times ``factor > 0`` (counts and shares unchanged)."""
+        edges = [e * factor for e in self.edges] if self.edges is not None else None
+        return replace(
+            self,
+            mean=self.mean * factor,
+            std=self.std * factor,
+            min=self.min * factor,
+            max=self.max * factor,
+            sum=self.sum * factor,
+            sum_squares=self.sum_squares * factor * factor,
+            edges=edges,
+        )
 
 
 class MonitorRankError(RuntimeError):
     """A monitor failed on another rank: raised on this one so that the whole run stops instead of hanging."""
 
 
-class StatsBuffer:
-    """Accumulates local statistics per name over the micro-batches of one logged step."""
+class Pool:
+    """The summaries of one recorded step, per tag, pooled over module calls and micro-batches."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Partial] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, tag: str) -> bool:
+        return tag in self._entries
 
     def clear(self) -> None:
         self._entries.clear()
 
     def add(
         self,
-        name: str,
+        tag: str,
         x: Tensor,
-        keep: bool,
+        histogram: bool = False,
         saturation: tuple[float, float] | None = None,
         relu_like: bool = False,
-        recompute: Callable[[], Tensor] | None = None,
     ) -> None:
-        """Adds a tensor's statistics (:func:`fast_stats`); ``keep`` stores a detached copy for this step's histogram.
-
-        Until :meth:`reduce`, the buffer holds ``x`` (or its copy), or ``recompute`` when given (a function
-        that makes ``x`` again, for a temporary not worth holding): on a step where some tensor has
-        NaN/inf, :meth:`reduce` recomputes that name's statistics from them.
-        """
-        sums, maxes = fast_stats(x, saturation, relu_like, minmax=keep)
-        entry = self._entries.get(name)
+        """Summarises ``x`` (:func:`summarise`) into ``tag``'s entry; ``x`` is not kept."""
+        part = summarise(x, saturation, relu_like, histogram)
+        entry = self._entries.get(tag)
         if entry is None:
-            entry = self._entries[name] = _Entry(sums, maxes)
+            self._entries[tag] = part
         else:
-            entry.sums = entry.sums + sums
-            entry.maxes = torch.maximum(entry.maxes, maxes)
-        source: Source
-        if keep:
-            # a copy: the module output may be modified in place later in the forward pass
-            source = x.detach().clone()
-            entry.tensors.append(source)
-        else:
-            source = recompute if recompute is not None else x.detach()
-        entry.sources.append((source, saturation, relu_like, keep))
-
-    def _recompute(self, names: set[str]) -> None:
-        """Replaces the fast statistics of ``names`` by the NaN-aware ones (:func:`local_stats`)."""
-        for n in names:
-            entry = self._entries.get(n)
-            if entry is None:
-                continue
-            parts = [
-                local_stats(src() if callable(src) else src, sat, relu, minmax)
-                for src, sat, relu, minmax in entry.sources
-            ]
-            entry.sums = torch.stack([p[0] for p in parts]).sum(0)
-            entry.maxes = torch.stack([p[1] for p in parts]).amax(0)
+            entry.sums = entry.sums + part.sums
+            entry.maxes = torch.maximum(entry.maxes, part.maxes)
+            entry.grids += part.grids
 
     def reduce(
         self,
-        names: list[str],
+        tags: Sequence[str],
+        histograms: Mapping[str, int],
         device: torch.device,
         reducer: Reducer | None,
-        histograms: bool,
-        bins: int,
         error: BaseException | None = None,
         who: str = "a monitor",
         rank: int = 0,
     ) -> dict[str, Summary]:
-        """Reduces over ranks (``reducer``) and returns the CPU summaries of the names seen anywhere.
+        """Reduces over ranks (``reducer``) and returns the CPU summaries of the tags seen anywhere.
 
-        Every rank must call this with the same ``names`` and ``histograms``: a name not seen locally
-        takes part in the collectives with zeros. ``error``: this rank failed earlier in the step; the
-        collectives still run (with this rank's zeros), then every rank raises: this one its own error,
-        the others a :class:`MonitorRankError` naming ``who``.
-
-        One device->host copy when every tensor was finite; when the reduced sums of some names are not
-        (NaN/inf in a tensor of them on some rank, which every rank sees in the same reduced sums), their
-        NaN-aware statistics are recomputed and everything reduced and copied once more.
+        ``histograms``: the tags with a histogram, and its bins (at most; at least 2). Every rank must call this
+        with the same ``tags`` and ``histograms``: a tag not seen locally takes part in the collectives with
+        zeros. ``error``: this rank failed earlier in the step; the collectives still run (with this rank's
+        zeros), then every rank raises: this one its own error, the others a :class:`MonitorRankError` naming
+        ``who``. One device->host copy. The pool is cleared.
 
         Raises:
             MonitorRankError: when another rank reported an error.
         """
-        if not names:
-            self.clear()
-            if error is not None:
-                raise error
-            return {}
-        order = {n: i for i, n in enumerate(self._entries)}
-        k = len(names)
+        order = {t: i for i, t in enumerate(self._entries)}
+        hist = {t: max(b, 2) for t, b in histograms.items() if t in set(tags)}
         try:
-            host = self._reduce_once(names, device, reducer, histograms, bins, error, who, rank, set())
-            finite = [math.isfinite(host[i * N_SUM + SUM]) and math.isfinite(host[i * N_SUM + SUMSQ]) for i in range(k)]
-            bad = {n for i, n in enumerate(names) if not finite[i]}
-            if bad:  # only on a step with NaN/inf; every rank has the same `bad` (from the reduced sums)
-                failed: BaseException | None = None
-                try:
-                    self._recompute(bad)
-                except Exception as e:  # join the collectives anyway; raised by `_reduce_once`
-                    failed = e
-                host = self._reduce_once(names, device, reducer, histograms, bins, failed, who, rank, bad)
+            if not tags:
+                if error is not None:
+                    raise error
+                return {}
+            host = self._reduce(tags, hist, device, reducer, error, who, rank)
         finally:
             self.clear()
+        k, h = len(tags), len(hist)
         at = k * N_SUM + 1
-        maxes_l = [host[at + 3 * i : at + 3 * i + 3] for i in range(k)]
-        at += 3 * k
+        maxes = [host[at + 4 * i : at + 4 * i + 4] for i in range(k)]
+        at += 4 * k
+        sizes, at = host[at : at + h], at + h
+        places, edges_at = {}, at
+        counts_at = edges_at + sum(b + 1 for b in hist.values())
+        for j, (t, b) in enumerate(hist.items()):
+            places[t] = (int(sizes[j]), edges_at, counts_at)
+            edges_at, counts_at = edges_at + b + 1, counts_at + b
         out: dict[str, Summary] = {}
-        for i, n in enumerate(names):
+        for i, t in enumerate(tags):
             s = host[i * N_SUM : (i + 1) * N_SUM]
             if s[COUNT] == 0 and s[NONFINITE] == 0:
-                continue  # never called on any rank this step
-            e = c = None
-            if histograms:
-                e = host[at + i * (bins + 1) : at + (i + 1) * (bins + 1)]
-                c0 = at + k * (bins + 1)
-                c = host[c0 + i * bins : c0 + (i + 1) * bins]
-            summary = summarize(s, maxes_l[i][:2], e, c)
-            summary.order = order.get(n, len(order) + i)
-            summary.nonfinite_rank = -int(maxes_l[i][2]) if math.isfinite(maxes_l[i][2]) else -1
-            out[n] = summary
+                continue  # never seen on any rank this step
+            summary = _summary(s, maxes[i])
+            if t in places and summary.count > 0:
+                n, e, c = places[t]
+                summary.edges, summary.counts = host[e : e + n + 1], host[c : c + n]
+            summary.order = order.get(t, len(order) + i)
+            out[t] = summary
         return out
 
-    def _reduce_once(
+    def _reduce(
         self,
-        names: list[str],
+        tags: Sequence[str],
+        histograms: Mapping[str, int],
         device: torch.device,
         reducer: Reducer | None,
-        histograms: bool,
-        bins: int,
         error: BaseException | None,
         who: str,
         rank: int,
-        nonfinite: set[str],
     ) -> list[float]:
-        """The collectives and the one host copy of :meth:`reduce`; ``nonfinite``: names binned NaN-aware.
+        """The collectives and the one host copy of :meth:`reduce`.
 
         Raises:
             MonitorRankError: when another rank reported an error.
         """
-        k = len(names)
-        sums = torch.zeros(k, N_SUM, dtype=torch.float64, device=device)
-        maxes = torch.full((k, 3), float("-inf"), dtype=torch.float64, device=device)
+        k = len(tags)
+        index = {t: i for i, t in enumerate(tags)}
+        sums = torch.zeros(k, N_SUM, dtype=_F64, device=device)
+        maxes = torch.full((k, 4), -math.inf, dtype=_F64, device=device)
         try:
-            for i, n in enumerate(names):
-                entry = self._entries.get(n)
+            for i, t in enumerate(tags):
+                entry = self._entries.get(t)
                 if entry is not None:
                     sums[i] = entry.sums
-                    maxes[i, :2] = entry.maxes
+                    maxes[i, :3] = entry.maxes
             # the lowest rank with NaN/inf wins the max of -rank
-            maxes[:, 2] = torch.where(sums[:, NONFINITE] > 0, float(-rank), float("-inf"))
+            maxes[:, NEG_RANK] = torch.where(sums[:, NONFINITE] > 0, float(-rank), -math.inf)
         except Exception as e:  # join the collectives anyway; raised below
             error = error or e
             sums.zero_()
-            maxes.fill_(float("-inf"))
-        flag = torch.full((1,), float(error is not None), dtype=torch.float64, device=device)
+            maxes.fill_(-math.inf)
+        flag = torch.full((1,), float(error is not None), dtype=_F64, device=device)
         packed = torch.cat([sums.reshape(-1), flag])
         if reducer is not None:
             packed = reducer(packed, "sum")
             maxes = reducer(maxes, "max")
-        sums = packed[:-1].reshape(k, N_SUM)
         parts = [packed, maxes.reshape(-1)]
         if histograms:
-            lo, hi = -maxes[:, NEG_MIN], maxes[:, MAX]
-            empty = sums[:, COUNT] == 0
-            lo = torch.where(empty, 0.0, lo)
-            hi = torch.where(empty, 1.0, hi)
-            flat = hi <= lo  # a constant tensor: centre one unit-wide range on it
-            lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)
-            steps = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=device)
-            edges = lo[:, None] + (hi - lo)[:, None] * steps  # (K, bins + 1)
-            counts = torch.zeros(k, bins, dtype=torch.float64, device=device)
-            try:
-                if error is None:
-                    for i, n in enumerate(names):
-                        entry = self._entries.get(n)
-                        finite = n not in nonfinite  # else the fast pass's (garbage) counts are dropped
-                        for t in entry.tensors if entry is not None else ():
-                            counts[i] += bin_counts(t, lo[i], hi[i], bins, finite=finite)
-            except Exception as e:
-                error = error or e
-                counts.zero_()
+            sizes, edges, counts = [], [], []
+            for t, bins in histograms.items():
+                entry = self._entries.get(t) if error is None else None
+                try:
+                    n, e, c = _coarsen(maxes[index[t]], entry.grids if entry is not None else [], bins)
+                except Exception as err:  # join the collectives anyway; raised below
+                    error = error or err
+                    n = torch.zeros((), dtype=_F64, device=device)
+                    e, c = (
+                        torch.zeros(bins + 1, dtype=_F64, device=device),
+                        torch.zeros(bins, dtype=_F64, device=device),
+                    )
+                sizes.append(n)
+                edges.append(e)
+                counts.append(c)
+            all_counts = torch.cat(counts)
             if reducer is not None:
-                counts = reducer(counts, "sum")
-            parts += [edges.reshape(-1), counts.reshape(-1)]
-        # the one device->host copy of this logged step (a second on a step with NaN/inf)
+                all_counts = reducer(all_counts, "sum")  # the edges are the same on every rank (reduced min/max)
+            parts += [torch.stack(sizes), *edges, all_counts]
+        # the one device->host copy of this recorded step
         host = torch.cat(parts).tolist()
         if error is not None:
             raise error
@@ -401,29 +397,54 @@ class StatsBuffer:
             )
         return host
 
-    def order(self) -> list[str]:
-        """The names added this step, in the order first added."""
-        return list(self._entries)
+
+def _coarsen(maxes: Tensor, grids: list[tuple[Tensor, Tensor, Tensor]], bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The final histogram from the global min/max/exponent (``maxes``, reduced) and this rank's fine grids.
+
+    Returns ``(n, edges (bins + 1,), counts (bins,))`` on the device, the first ``n`` bins used. Width
+    ``m * 2**E``, ``E`` the largest grid exponent and ``m`` a small integer giving at most ``bins`` bins;
+    every fine bin falls in exactly one final bin (integer arithmetic, exact).
+    """
+    device = maxes.device
+    lo, hi, big_e = -maxes[NEG_MIN], maxes[MAX], maxes[EXPONENT]
+    ok = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(big_e)  # some finite value on some rank
+    lo, hi, big_e = (torch.where(ok, v, 0.0) for v in (lo, hi, big_e))
+    scale = torch.exp2(-big_e)
+    k_lo, k_hi = (lo * scale).floor(), (hi * scale).floor()
+    # the smallest m among a few candidates from m_lo up, and m_hi, which always gives at most `bins` bins
+    m_lo = torch.ceil((k_hi - k_lo) / bins).clamp_min(1.0)
+    m_hi = torch.div(k_hi - k_lo, bins - 1, rounding_mode="floor") + 1
+    ms = torch.cat([m_lo + torch.arange(8, dtype=_F64, device=device), m_hi.reshape(1)])
+    sizes = torch.div(k_hi, ms, rounding_mode="floor") - torch.div(k_lo, ms, rounding_mode="floor") + 1
+    m = ms[(sizes <= bins).to(torch.int8).argmax()]
+    first = torch.div(k_lo, m, rounding_mode="floor")  # the final bin index of the first edge
+    n = torch.div(k_hi, m, rounding_mode="floor") - first + 1
+    width = m * torch.exp2(big_e)
+    edges = (first + torch.arange(bins + 1, dtype=_F64, device=device)) * width
+    counts = torch.zeros(bins, dtype=_F64, device=device)
+    for e, k0, fine in grids:
+        shift = (big_e - e).clamp(0, 62).long()
+        k = (k0.long() + torch.arange(fine.numel(), device=device)).bitwise_right_shift(shift)  # floor
+        idx = torch.div(k, m.long(), rounding_mode="floor") - first.long()
+        counts.scatter_add_(0, idx.clamp_(0, bins - 1), fine)  # (out of range: empty fine bins only)
+    return torch.where(ok, n, 0.0), edges, counts
 
 
-def summarize(
-    s: list[float], m: list[float], edges: list[float] | None = None, counts: list[float] | None = None
-) -> Summary:
-    """Turns reduced sum / max vectors into a :class:`Summary`."""
+def _summary(s: list[float], m: list[float]) -> Summary:
+    """Turns reduced sum / max vectors into a :class:`Summary` (without its histogram)."""
     n = s[COUNT]
-    mean = s[SUM] / n if n > 0 else float("nan")
+    mean = s[SUM] / n if n > 0 else math.nan
     var = (s[SUMSQ] - s[SUM] * s[SUM] / n) / (n - 1) if n > 1 else 0.0  # unbiased, like torch.std
     return Summary(
         count=int(n),
         nonfinite=int(s[NONFINITE]),
         mean=mean,
-        std=max(var, 0.0) ** 0.5 if n > 0 else float("nan"),
+        std=max(var, 0.0) ** 0.5 if n > 0 else math.nan,
         min=-m[NEG_MIN] if n > 0 else 0.0,
         max=m[MAX] if n > 0 else 0.0,
         sum=s[SUM],
         sum_squares=s[SUMSQ],
         saturation=s[SATURATED] / n if n > 0 else None,
         dead=s[DEAD] / s[UNITS] if s[UNITS] > 0 else None,
-        edges=edges,
-        counts=counts,
+        nonfinite_rank=-int(m[NEG_RANK]) if math.isfinite(m[NEG_RANK]) else -1,
     )

@@ -1,8 +1,8 @@
 """One writer per logger kind behind one small interface, so the monitors never branch on logger types.
 
-A monitor hands every writer the same things: scalars, a histogram (bin counts already computed on the
-device), a figure (an RGB array), the end-of-fit summary (a table plus its markdown), and the charts its
-scalars belong on. Each writer shows what its logger can show and drops the rest:
+The recorder hands every writer the same things: scalars (each with the dashboard chart and layer it belongs
+to), a histogram (bin counts already computed on the device), a figure (an RGB array), the end-of-fit summary (a
+table plus its markdown). Each writer shows what its logger can show and drops the rest:
 
 ============================  =======  ==========  =======  =====================  ==========
 logger                        scalars  histograms  figures  summary                charts
@@ -23,39 +23,28 @@ TensorBoard writer can merge every monitor's charts into one custom-scalars layo
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
+from callbacks._internals import logger_prefix, write_scalars_event
 from callbacks._stats import Summary
+from callbacks.probes.base import Chart, Scalar
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Chart", "Writer", "writers_for"]
+__all__ = ["Writer", "writers_for"]
 
-#: the dashboard's one category, and the chart holding every metric named like a loss (``train/loss``, ``val/loss``)
+#: the dashboard's one category; its first charts: every metric named like a loss (``train/loss``, ``val/loss``,
+#: ``train_loss_epoch``) and like a learning rate (``train/lr``, LearningRateMonitor's ``lr-SGD``)
 CATEGORY = "training health"
-LOSS_CHART = "loss"
-
-
-@dataclass
-class Chart:
-    """One multi-line chart of the custom-scalars layout: ``tags`` overlaid, in this order (forward order).
-
-    ``order`` sorts the charts of the dashboard (loss first, then the activations, gradients, updates).
-    ``regex`` charts match their tag patterns as regular expressions (the loss chart); the others list
-    exact tags.
-    """
-
-    title: str
-    order: int
-    tags: list[str] = field(default_factory=list)
-    regex: bool = False
+LOSS_CHART, LOSS_PATTERN = "loss", r"^(.*[/_])?loss([/_].*)?$"
+LR_CHART, LR_PATTERN = "learning rate", r"^(.*[/_])?lr([-/_].*)?$"
 
 
 class Writer:
@@ -72,9 +61,10 @@ class Writer:
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
 
-    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        """Writes ``{tag: value}`` at ``step``."""
-        self.logger.log_metrics(dict(metrics), step=step)
+    def scalars(self, scalars: Sequence[Scalar], step: int) -> None:
+        """Writes each scalar's value under its tag at ``step``."""
+        if scalars:
+            self.logger.log_metrics({s.tag: s.value for s in scalars}, step=step)
 
     def histogram(self, tag: str, s: Summary, step: int) -> None:
         """Writes the histogram ``s.edges``/``s.counts`` (with its min, max, count, sums) at ``step``."""
@@ -85,27 +75,60 @@ class Writer:
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         """Writes the end-of-fit summary: a table (``columns``, ``rows``) and the same as markdown ``text``."""
 
-    def charts(self, charts: Iterable[Chart], step: int) -> None:
-        """Adds charts (merged with those of other monitors on the same logger) to the dashboard's layout."""
+    def close(self) -> None:
+        """Flushes what it opened of its own (the logger's files are the logger's)."""
 
 
 class TensorBoardWriter(Writer):
-    """Scalars as one event per call, raw histograms, images, the summary as text, a custom-scalars layout."""
+    """Scalars as one event per step, raw histograms, images, the summary as text, and a custom-scalars dashboard.
+
+    The dashboard (Custom Scalars) has one chart per question: the loss, the learning rate, then one statistic of
+    every layer per chart (saturation, dead units, activation std, gradient std, grad:data, update:data). Each
+    layer's line is written under the chart's series tag into a run of its own, ``{log_dir}/layers/{layer}``, so
+    TensorBoard gives every layer its own colour and lists it by name; a guide (``-3`` on the update:data chart)
+    is a run of its own too. The layer's scalars keep their full tags in the main run as well.
+    """
 
     histograms = figures = True
 
     def __init__(self, logger: TensorBoardLogger) -> None:
         super().__init__(logger)
         self._charts: dict[str, Chart] = {}  # title -> chart, shared by all monitors on this logger
-        self._layout_written: list[tuple[str, tuple[str, ...]]] = []
+        self._layout_written: list[str] = []
+        self._runs: dict[str, Any] = {}  # run folder -> its SummaryWriter
 
     @property
     def _writer(self) -> Any:
         return self.logger.experiment
 
-    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        if getattr(self.logger, "_prefix", "") or not _write_scalars_event(self._writer, metrics, step):
-            self.logger.log_metrics(dict(metrics), step=step)
+    def scalars(self, scalars: Sequence[Scalar], step: int) -> None:
+        if not scalars:
+            return
+        metrics = {s.tag: s.value for s in scalars}
+        if logger_prefix(self.logger) != "" or not write_scalars_event(self._writer, metrics, step):
+            self.logger.log_metrics(metrics, step=step)
+        runs: dict[str, dict[str, float]] = {}
+        for s in scalars:
+            if s.chart is None or s.layer is None:
+                continue
+            self._charts.setdefault(s.chart.title, s.chart)
+            runs.setdefault(_run_name(s.layer), {})[s.chart.series] = s.value
+            if s.chart.guide is not None:
+                runs.setdefault(f"guide 1e{s.chart.guide:g}", {})[s.chart.series] = s.chart.guide
+        for run, values in runs.items():
+            writer = self._run(run)
+            if not write_scalars_event(writer, values, step):
+                for tag, value in values.items():
+                    writer.add_scalar(tag, value, step)
+        self._write_layout()
+
+    def _run(self, name: str) -> Any:
+        writer = self._runs.get(name)
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = self._runs[name] = SummaryWriter(os.path.join(self.logger.log_dir, name))
+        return writer
 
     def histogram(self, tag: str, s: Summary, step: int) -> None:
         # TensorBoard reads right bucket limits; a leading empty bucket keeps the left edge
@@ -127,29 +150,35 @@ class TensorBoardWriter(Writer):
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         self._writer.add_text(tag, text, global_step=step)
 
-    def charts(self, charts: Iterable[Chart], step: int) -> None:
-        for chart in charts:
-            mine = self._charts.setdefault(chart.title, Chart(chart.title, chart.order, regex=chart.regex))
-            mine.tags += [t for t in chart.tags if t not in mine.tags]
-        state = [(c.title, tuple(c.tags)) for c in self._ordered()]
-        if state == self._layout_written:
+    def close(self) -> None:
+        for writer in self._runs.values():
+            writer.close()
+        self._runs = {}
+        self._writer.flush()
+
+    def _write_layout(self) -> None:
+        layout = self.layout()
+        titles = list(layout[CATEGORY])
+        if titles == self._layout_written:
             return
-        # The custom-scalars plugin serves the layout a run wrote last, so a grown layout is written again whole.
-        from torch.utils.tensorboard.summary import custom_scalars
-
-        self._writer._get_file_writer().add_summary(custom_scalars(self.layout()), step)
-        self._layout_written = state
-
-    def _ordered(self) -> list[Chart]:
-        return sorted(self._charts.values(), key=lambda c: c.order)
+        # the custom-scalars plugin serves the layout a run wrote last, so a grown layout is written again whole
+        self._writer.add_custom_scalars(layout)
+        self._layout_written = titles
 
     def layout(self) -> dict[str, dict[str, list[Any]]]:
         """The layout in ``SummaryWriter.add_custom_scalars`` form: ``{category: {title: ["Multiline", [regex]]}}``."""
-        charts: dict[str, list[Any]] = {}
-        for c in self._ordered():
-            patterns = list(c.tags) if c.regex else [f"^{re.escape(t)}$" for t in c.tags]
-            charts[c.title] = ["Multiline", patterns]
+        charts: dict[str, list[Any]] = {
+            LOSS_CHART: ["Multiline", [LOSS_PATTERN]],
+            LR_CHART: ["Multiline", [LR_PATTERN]],
+        }
+        for c in sorted(self._charts.values(), key=lambda c: c.order):
+            charts[c.title] = ["Multiline", [f"^{re.escape(c.series)}$"]]
         return {CATEGORY: charts}
+
+
+def _run_name(layer: str) -> str:
+    """The run folder of a layer's lines: ``layers/{layer}`` (characters no file system takes replaced)."""
+    return os.path.join("layers", re.sub(r'[\\/:*?"<>|]', "_", layer))
 
 
 class WandbWriter(Writer):
@@ -162,7 +191,8 @@ class WandbWriter(Writer):
     histograms = figures = True
 
     def _log(self, data: dict[str, Any], step: int) -> None:
-        key = f"{self.logger._prefix}-" if getattr(self.logger, "_prefix", "") else ""
+        prefix = logger_prefix(self.logger)  # (None on an untested Lightning: written without it)
+        key = f"{prefix}-" if prefix else ""
         self.logger.experiment.log({f"{key}{k}": v for k, v in data.items()} | {"trainer/global_step": step})
 
     def histogram(self, tag: str, s: Summary, step: int) -> None:
@@ -202,24 +232,6 @@ class MLflowWriter(Writer):
 def _mlflow_key(tag: str) -> str:
     """``activation/distribution`` -> ``activation_distribution`` (MLflow keys: alphanumerics, ``_-. /``)."""
     return re.sub(r"[^0-9A-Za-z_\-. ]", "_", tag)
-
-
-def _write_scalars_event(writer: Any, metrics: Mapping[str, float], step: int) -> bool:
-    """Writes scalars as one TensorBoard event: the values ``add_scalar`` would write one event each for.
-
-    A logged step of the four monitors has some 15 scalars; one ``add_scalar`` is a proto, an event and a
-    queue put each, one event holding all of them costs about as much as one of those. Returns False
-    (nothing written) for a writer other than torch's ``SummaryWriter`` (tensorboardX has its own protos).
-    """
-    from torch.utils.tensorboard import SummaryWriter
-
-    if type(writer) is not SummaryWriter:
-        return False
-    from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
-
-    summary = SummaryProto(value=[SummaryProto.Value(tag=tag, simple_value=float(v)) for tag, v in metrics.items()])
-    writer._get_file_writer().add_summary(summary, step)
-    return True
 
 
 _KINDS: tuple[tuple[type[Logger], type[Writer]], ...] = (

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from callbacks._stats import StatsBuffer
+from callbacks._stats import Pool
 
 if TYPE_CHECKING:
     import numpy as np
@@ -146,7 +146,7 @@ def plot_distributions(
         title: the figure's title.
         saturation_threshold: for tensors: add ``saturated x%`` (share with ``|t| > threshold``) to the
             legend, e.g. ``0.97`` for tanh outputs; ``None`` leaves it out.
-        bins: number of equal bins between a tensor's min and max.
+        bins: at most this many equal bins for a tensor (see :func:`tensor_distribution`).
         xlabel: label of the x axis.
         figsize: size in inches; default: 6.8 wide, tall enough for the plot and one legend line per layer.
 
@@ -181,16 +181,17 @@ def plot_distributions(
 
 
 def tensor_distribution(t: Tensor, bins: int = 64) -> Distribution:
-    """Bins a tensor's finite values into ``bins`` equal bins between its min and max (on its device).
+    """Bins a tensor's finite values into at most ``bins`` equal bins (on its device), as the monitors do: the
+    edges are multiples of the width, the first at or below the min, the last above the max.
 
     Example::
 
         dist = tensor_distribution(torch.tensor([0.0, 0.25, 1.0]), bins=2)
-        # Distribution(edges=[0.0, 0.5, 1.0], counts=[2.0, 1.0], legend='')
+        # Distribution(edges=[0.0, 0.501953125, 1.00390625], counts=[2.0, 1.0], legend='')
     """
-    buffer = StatsBuffer()
-    buffer.add("t", t, keep=True)
-    summary = buffer.reduce(["t"], t.device, None, histograms=True, bins=bins)["t"]
+    pool = Pool()
+    pool.add("t", t, histogram=True)
+    summary = pool.reduce(["t"], {"t": bins}, t.device, None)["t"]
     return Distribution(summary.edges or [0.0, 1.0], summary.counts or [0.0])
 
 

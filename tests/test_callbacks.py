@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ def test_tanh_mlp_values_match_reference(tmp_path):
     ref = recorder.rows
 
     sat = scalars(acc, "activation/act/saturation")
-    assert sorted(sat) == [1, 3, 5, 7]
+    assert sorted(sat) == [0, 1, 3, 5, 7]  # step 0: the picture at initialisation, before any update
     for step, value in sat.items():
         assert value == pytest.approx(0.25, abs=1e-7)  # the hand-built input: 2 of 8 columns at |x| = 3
         assert value == pytest.approx(ref[step]["act_saturation"], abs=1e-7)
@@ -65,20 +66,23 @@ def test_tanh_mlp_values_match_reference(tmp_path):
         for step, value in scalars(acc, f"param_grad/{name}/std").items():
             assert value == pytest.approx(ref[step][f"{name}/grad_std"], rel=1e-4)
         ratios = scalars(acc, f"update_ratio/{name}")
-        assert sorted(ratios) == [1, 3, 5, 7]
+        assert sorted(ratios) == [0, 1, 3, 5, 7]
         for step, value in ratios.items():
             assert value == pytest.approx(ref[step][f"{name}/update_ratio"], abs=1e-4)
 
-    # histograms: every 4 steps (3, 7); the count is the batch, the moments match the tensor
+    # histograms: at step 0 and every 4 steps (3, 7); the count is the batch, the moments match the tensor, and
+    # the bins hold what numpy counts between the same edges (TensorBoard's right limits; a leading empty bucket)
     hist = histograms(acc, "activation/act")
-    assert sorted(hist) == [3, 7]
+    assert sorted(hist) == [0, 3, 7]
     h = hist[3]
     expected = torch.tanh(x)
     assert h.num == x.numel() == sum(h.bucket)
+    edges = list(h.bucket_limit)
+    assert list(h.bucket)[1:] == np.histogram(expected.double().numpy(), bins=edges)[0].tolist()
     assert h.min == pytest.approx(expected.min().item()) and h.max == pytest.approx(expected.max().item())
     assert h.sum == pytest.approx(expected.sum().item(), abs=1e-4)
     assert h.sum_squares == pytest.approx((expected**2).sum().item(), rel=1e-5)
-    assert sorted(histograms(acc, "param_grad/head.weight")) == [3, 7]
+    assert sorted(histograms(acc, "param_grad/head.weight")) == [0, 3, 7]
     assert histograms(acc, "param/head.weight")[3].num == 3 * 2 * N_FEATURES
     # bias (1-D) and the never-called sigmoid are not monitored
     tags = acc.Tags()
@@ -121,7 +125,7 @@ def test_boring_model(tmp_path):
         assert scalars(acc, "update_ratio/layer.weight")[step] == pytest.approx(
             math.log10((0.1 * g).std().item() / w.std().item()), abs=1e-4
         )
-    assert sorted(histograms(acc, "param_grad/layer.weight")) == [1, 3]
+    assert sorted(histograms(acc, "param_grad/layer.weight")) == [0, 1, 3]
 
 
 def test_inplace_relu(tmp_path):
@@ -234,7 +238,7 @@ def test_health_warnings_once_and_summary(tmp_path):
     assert sum("`relu (ReLU)` has" in m and "dead units" in m for m in messages) == 1
     assert any("updates are large" in m and "`head.weight`" in m for m in messages)
     assert "saturation/act" in activation.state_dict()["warned"]
-    summary = activation._summary_text()
+    summary = activation.part.summary_text(activation.probe, 5)
     assert "act (Tanh)" in summary and "is saturated" in summary
 
 

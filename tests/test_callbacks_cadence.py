@@ -35,12 +35,13 @@ def test_same_steps_as_lightning_nothing_during_validation(tmp_path):
     acc = read_events(t.logger.log_dir)
     lightning_steps = sorted(scalars(acc, "train/loss"))
     assert lightning_steps == [2, 5, 8, 11, 14]
+    # and step 0, the picture at initialisation (before the first update)
     for tag in ("activation/act/std", "activation_grad/act/std", "param_grad/head.weight/std"):
-        assert sorted(scalars(acc, tag)) == lightning_steps, tag
-    assert sorted(scalars(acc, "update_ratio/head.weight")) == lightning_steps
-    # histograms every 6 steps and at the final step (15); counts are training batches only
+        assert sorted(scalars(acc, tag)) == [0, *lightning_steps], tag
+    assert sorted(scalars(acc, "update_ratio/head.weight")) == [0, *lightning_steps]
+    # histograms at step 0, every 6 steps and at the final step (15); counts are training batches only
     hist = histograms(acc, "activation/act")
-    assert sorted(hist) == [5, 11, 15]
+    assert sorted(hist) == [0, 5, 11, 15]
     assert all(h.num == x.numel() for h in hist.values())
     assert all(v == pytest.approx(0.25) for v in scalars(acc, "activation/act/saturation").values())
 
@@ -59,12 +60,12 @@ def test_gradient_accumulation_logs_on_optimizer_steps(tmp_path):
     acc = read_events(t.logger.log_dir)
     assert sorted(scalars(acc, "train/loss")) == [1, 3]
     for tag in ("activation/act/mean", "activation_grad/act/std", "param_grad/head.weight/std"):
-        assert sorted(scalars(acc, tag)) == [1, 3], tag
-    assert sorted(scalars(acc, "update_ratio/head.weight")) == [1, 3]
-    # the histogram of a logged step pools both of its micro-batches
+        assert sorted(scalars(acc, tag)) == [0, 1, 3], tag
+    assert sorted(scalars(acc, "update_ratio/head.weight")) == [0, 1, 3]
+    # the histogram of a logged step pools both of its micro-batches (step 0's too)
     hist = histograms(acc, "activation/act")
-    assert sorted(hist) == [1, 3]
-    assert hist[3].num == 2 * x.numel()
+    assert sorted(hist) == [0, 1, 3]
+    assert hist[3].num == hist[0].num == 2 * x.numel()
     assert histograms(acc, "activation_grad/act")[3].num == 2 * x.numel()
 
 
@@ -74,23 +75,25 @@ def test_resume_continues_update_ratio_history(tmp_path):
     first = UpdateRatioMonitor(every_n_steps=2)
     t = trainer(tmp_path, [first, ckpt], enable_checkpointing=True, max_steps=4)
     t.fit(TanhMLP(), fixed_loader(x, 8))
-    assert first.steps == [1, 3]
+    assert first.steps == [0, 1, 3]
 
     second = UpdateRatioMonitor(every_n_steps=2)
     t = trainer(tmp_path, [second], max_steps=8)
     t.fit(TanhMLP(), fixed_loader(x, 8), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert second.steps == [1, 3, 5, 7]
-    assert second.history["head.weight"][:2] == first.history["head.weight"]
+    assert second.steps == [0, 1, 3, 5, 7]  # a resumed fit has no step 0 of its own
+    assert second.history["head.weight"][:3] == first.history["head.weight"]
     assert all(math.isfinite(v) for v in second.history["head.weight"])
 
 
 def test_state_dict_round_trip():
+    state = {"warned": {"lr/high": "too high"}, "streaks": {"lr/low": 2}}
+    state |= {"steps": [9, 19], "history": {"w": [-3.0, -2.5]}}
     monitor = UpdateRatioMonitor()
-    monitor.steps, monitor.history = [9, 19], {"w": [-3.0, -2.5]}
-    monitor._warned = {"high/w": "too high"}
+    monitor.load_state_dict(state)
+    assert (monitor.steps, monitor.history) == ([9, 19], {"w": [-3.0, -2.5]})
     other = UpdateRatioMonitor()
     other.load_state_dict(monitor.state_dict())
-    assert (other.steps, other.history, other._warned) == ([9, 19], {"w": [-3.0, -2.5]}, {"high/w": "too high"})
+    assert other.state_dict() == state
     assert UpdateRatioMonitor(params=["a*"]).state_key != UpdateRatioMonitor().state_key
 
 
@@ -99,7 +102,7 @@ def test_scalars_off_histograms_only(tmp_path):
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 4))
     tags = read_events(t.logger.log_dir).Tags()
     assert not any(tag.startswith("activation/") for tag in tags["scalars"])
-    assert sorted(histograms(read_events(t.logger.log_dir), "activation/act")) == [1, 3]
+    assert sorted(histograms(read_events(t.logger.log_dir), "activation/act")) == [0, 1, 3]
 
 
 def test_figures_from_tensors():
@@ -123,14 +126,14 @@ def test_figures_at_initialisation_about_five_over_the_fit_and_at_the_end(tmp_pa
     t = trainer(tmp_path, monitors, max_steps=40, log_every_n_steps=2)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 40))
     acc = read_events(t.logger.log_dir)
-    # the first histogram step (3: the picture at initialisation), then every 8th step: 10 histogram steps / 5
-    assert [e.step for e in acc.Images("activation/distribution")] == [3, 7, 15, 23, 31, 39]
+    # step 0 (the picture at initialisation, before any update), then every 8th step: 10 histogram steps / 5
+    assert [e.step for e in acc.Images("activation/distribution")] == [0, 7, 15, 23, 31, 39]
     # the update-ratio history has no histograms: its figures fall on scalar steps (20 of them, every 4th)
-    assert [e.step for e in acc.Images("update_ratio/history")] == [1, 7, 15, 23, 31, 39]
+    assert [e.step for e in acc.Images("update_ratio/history")] == [0, 7, 15, 23, 31, 39]
 
 
 def test_figure_every_n_steps_zero_first_and_end_only(tmp_path):
     monitor = ActivationMonitor(every_n_steps=2, histogram_every_n_steps=4, figure_every_n_steps=0)
     t = trainer(tmp_path, [monitor], max_steps=14, log_every_n_steps=2)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 14))
-    assert [e.step for e in read_events(t.logger.log_dir).Images("activation/distribution")] == [3, 13]
+    assert [e.step for e in read_events(t.logger.log_dir).Images("activation/distribution")] == [0, 13]

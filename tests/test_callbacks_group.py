@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import ActivationMonitor, CallbackGroup, UpdateRatioMonitor
-from callbacks._cadence import Cadence
+from callbacks._cadence import Moment, Plan, Schedule
 from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
 
 
@@ -19,9 +19,9 @@ def test_grouped_monitors_log_as_alone(tmp_path):
         t.fit(TanhMLP(), fixed_loader(saturating_batch(), 4))
         events = read_events(t.logger.log_dir)
         logs[grouped] = (sorted(events.Tags()["scalars"]), sorted(histograms(events, "activation/act")))
-        assert members[1].steps == [1, 3]
+        assert members[1].steps == [0, 1, 3]
     assert logs[True] == logs[False]
-    assert "activation/act/saturation" in logs[True][0] and logs[True][1] == [1, 3]
+    assert "activation/act/saturation" in logs[True][0] and logs[True][1] == [0, 1, 3]
 
 
 def test_checkpoint_state_moves_between_grouped_and_alone(tmp_path):
@@ -35,8 +35,8 @@ def test_checkpoint_state_moves_between_grouped_and_alone(tmp_path):
     trainer(tmp_path, [second], max_steps=8).fit(
         TanhMLP(), fixed_loader(x, 8), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
-    assert second.steps == [1, 3, 5, 7]
-    assert second.history["head.weight"][:2] == first.history["head.weight"]
+    assert second.steps == [0, 1, 3, 5, 7]
+    assert second.history["head.weight"][:3] == first.history["head.weight"]
 
 
 def test_rejects_non_callbacks():
@@ -102,19 +102,26 @@ def test_sleep_trick_is_active_and_results_are_the_same_without_it(tmp_path, mon
         return {tag: scalars(acc, tag) for tag in tags["scalars"]}, shadowed, sorted(histograms(acc, "activation/act"))
 
     with_trick, shadowed, hists = fit("with")
-    assert shadowed == [0, 1, 3, 4, 6]  # asleep except on the logged steps 2, 5 and the final step 7
+    assert shadowed == [1, 3, 4, 6]  # asleep except on step 0, the logged steps 2, 5 and the final step 7
     monkeypatch.setattr(_internals, "SHADOW_STEP_HOOKS", False)
     without, shadowed_without, hists_without = fit("without")
     assert shadowed_without == []
-    assert without == with_trick and hists == hists_without == [5, 7]
-    assert set(with_trick["activation/act/mean"]) == {2, 5}
+    assert without == with_trick and hists == hists_without == [0, 5, 7]
+    assert set(with_trick["activation/act/mean"]) == {0, 2, 5}
 
 
-def test_cadence_next_active_step():
-    cadence = Cadence(every_n_steps=50, histogram_every_n_steps=500)
-    cadence.n, cadence.hist_n, cadence.last = 50, 500, 999
-    assert [cadence.next_active_step(s) for s in (0, 48, 49, 50, 998, 999)] == [49, 49, 49, 99, 999, 999]
-    cadence.n = 0  # scalars off: histograms only
-    assert cadence.next_active_step(0) == 499
-    cadence.hist_n = 0  # no histograms either: only the final step is left
-    assert cadence.next_active_step(0) == 999
+def test_schedule_next_step_and_moments():
+    """The cadence is a pure function of the step and the plan (hand-computed steps)."""
+    schedule = Schedule(n=50, hist_n=500, fig_n=None)
+    plan = Plan(first=0, last=999)
+    assert [schedule.next_step(s, plan) for s in (0, 1, 48, 49, 50, 998, 999)] == [0, 49, 49, 49, 99, 999, 999]
+    assert schedule.moment(0, plan) == Moment(scalars=True, histograms=True, figure=True)  # initialisation
+    assert schedule.moment(49, plan) == Moment(scalars=True, histograms=False, figure=False)
+    assert schedule.moment(499, plan) == Moment(scalars=True, histograms=True, figure=True)
+    # at most about five figures over the fit, on histogram steps: the 2 here each have their figure
+    assert [s for s in range(1000) if schedule.moment(s, plan).figure] == [0, 499, 999]
+    assert schedule.figure_every(Plan(0, 9999)) == 2000
+    resumed = Plan(first=120, last=999)  # the first figure of a resumed fit: its first histogram step
+    assert schedule.first_figure(resumed) == 499 and schedule.moment(499, resumed).figure
+    assert Schedule(n=0, hist_n=500, fig_n=None).next_step(1, plan) == 499  # scalars off: histograms only
+    assert Schedule(n=0, hist_n=0, fig_n=None).next_step(1, plan) == 999  # only the final step is left

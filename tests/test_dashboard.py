@@ -30,37 +30,55 @@ def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
         assert category["title"] == "training health"
         charts = {c["title"]: c["multiline"]["tag"] for c in category["chart"]}
         titles = list(charts)
-        order = ["loss", "activation saturation", "dead units", "activation std", "activation gradient std"]
-        order += ["weight grad:data", "update:data ratio"]
+        order = ["loss", "learning rate", "activation saturation", "dead units", "activation std"]
+        order += ["activation gradient std", "weight grad:data", "update:data ratio"]
         assert [next(o for o in order if title.startswith(o)) for title in titles] == order
-        assert "-3" in titles[-1]  # the update ratio's guide is in its title
 
-        # every chart's tags, fetched through the plugin's own scalars route
+        # every layer is a run of its own (TensorBoard gives each its colour and lists it by name), and so is
+        # the update ratio's guide line at -3
+        runs = server.poll(lambda: get_json(f"{server.url}/data/runs"), timeout=30)
+        layers = {"act (Tanh)", "relu (ReLU)", "hidden.weight", "head.weight"}
+        assert {RUN, *(f"{RUN}/layers/{layer}" for layer in layers), f"{RUN}/guide 1e-3"} <= set(runs)
+
+        # every chart's lines, fetched through the plugin's own scalars route, run by run
         served: dict[str, dict[str, list]] = {}
         for title, patterns in charts.items():
             served[title] = {}
-            for pattern in patterns:
-                query = urllib.parse.urlencode({"run": RUN, "tag": pattern})
-                reply = get_json(f"{base}/scalars?{query}")
-                assert reply["regex_valid"], pattern
-                served[title].update(reply["tag_to_events"])
+            for run in runs:
+                for pattern in patterns:
+                    query = urllib.parse.urlencode({"run": run, "tag": pattern})
+                    reply = get_json(f"{base}/scalars?{query}")
+                    assert reply["regex_valid"], pattern
+                    for tag, events in reply["tag_to_events"].items():
+                        served[title][f"{run.removeprefix(RUN + '/')}: {tag}"] = events
         expected = {
-            "loss": {"train/loss"},
-            "activation saturation": {"activation/act/saturation"},
-            "dead units": {"activation/relu/dead"},
-            "activation std": {"activation/act/std", "activation/relu/std"},
-            "activation gradient std": {"activation_grad/act/std", "activation_grad/relu/std"},
-            "weight grad:data": {"param_grad/hidden.weight/grad_to_data", "param_grad/head.weight/grad_to_data"},
-            "update:data ratio": {"update_ratio/hidden.weight", "update_ratio/head.weight"},
+            "loss": {"run/version_0: train/loss"},
+            "learning rate": set(),  # TanhMLP logs none (train.py logs train/lr)
+            "activation saturation": {"layers/act (Tanh): activation/saturation"},
+            "dead units": {"layers/relu (ReLU): activation/dead"},
+            "activation std": {"layers/act (Tanh): activation/std", "layers/relu (ReLU): activation/std"},
+            "activation gradient std": {
+                "layers/act (Tanh): activation_grad/std",
+                "layers/relu (ReLU): activation_grad/std",
+            },
+            "weight grad:data": {
+                "layers/hidden.weight: param_grad/grad_to_data",
+                "layers/head.weight: param_grad/grad_to_data",
+            },
+            "update:data ratio": {
+                "layers/hidden.weight: update_ratio",
+                "layers/head.weight: update_ratio",
+                "guide 1e-3: update_ratio",
+            },
         }
-        for title, tags in served.items():
+        for title, lines in served.items():
             key = next(o for o in order if title.startswith(o))
-            assert set(tags) == expected[key], title
-            assert all(len(events) == STEPS for events in tags.values()), title
-        # forward order within a chart: the tanh layer is called before the ReLU branch
-        assert charts[titles[3]] == ["^activation/act/std$", "^activation/relu/std$"]
+            assert set(lines) == {line.replace("run/version_0: ", f"{RUN}: ") for line in expected[key]}, title
+            assert all(len(events) == STEPS for events in lines.values()), title
+        # the guide is -3 on every step
+        assert {value for _w, _s, value in served[titles[-1]]["guide 1e-3: update_ratio"]} == {-3.0}
         # the served values are the statistics: saturation of tanh(x) computed here
         h = torch.tanh(saturating_batch(16))
         saturation = (h.abs() > 0.97).float().mean().item()
-        for _wall, _step, value in served[titles[1]]["activation/act/saturation"]:
+        for _wall, _step, value in served[titles[2]]["layers/act (Tanh): activation/saturation"]:
             assert value == pytest.approx(saturation)

@@ -115,26 +115,27 @@ def test_cli_skips_empty_callback_hooks_and_restores_them(small_corpus, tmp_path
     assert best.best_model_path.endswith(".ckpt") and last.best_model_path.endswith("last.ckpt")  # still saved
 
 
-class CountingMonitor(ActivationMonitor):
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.starts: list[int] = []
+def test_group_sleeps_between_its_monitors_recorded_steps(tmp_path):
+    """The group's step hooks (and so its monitors') run only on recorded steps; no forward hook stays between."""
+    monitor = ActivationMonitor(every_n_steps=5, histogram_every_n_steps=10)
+    group = CallbackGroup([monitor])
+    awake, hooked = [], []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.starts.append(trainer.global_step)
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+    class Probe(Callback):
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            if vars(group).get("on_train_batch_end", "awake") is not None:
+                awake.append(trainer.global_step)
+            if pl_module.act._forward_hooks:
+                hooked.append(trainer.global_step)
 
-
-def test_group_calls_monitors_only_around_their_logged_steps(tmp_path):
-    monitor = CountingMonitor(every_n_steps=5, histogram_every_n_steps=10)
-    t = trainer(tmp_path, [CallbackGroup([monitor])], max_steps=23, log_every_n_steps=5)
+    t = trainer(tmp_path, [group, Probe()], max_steps=23, log_every_n_steps=5)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 23))
     acc = read_events(t.logger.log_dir)
-    assert set(scalars(acc, "activation/act/mean")) == {4, 9, 14, 19}
-    assert set(histograms(acc, "activation/act")) == {9, 19, 22}  # and at the final step
-    # the first batch (nothing planned yet), the logged steps, and the final step
-    assert monitor.starts == [0, 4, 9, 14, 19, 22]
-    assert not monitor._handles  # the forward hooks are gone between logged steps
+    assert set(scalars(acc, "activation/act/mean")) == {0, 4, 9, 14, 19}
+    assert set(histograms(acc, "activation/act")) == {0, 9, 19, 22}  # and at the final step
+    # step 0 (the picture at initialisation), the logged steps, and the final step
+    assert awake == hooked == [0, 4, 9, 14, 19, 22]
+    assert not t.lightning_module.act._forward_hooks
 
 
 def test_parameter_scalars_without_histograms_count_nan_gradients(tmp_path):
@@ -193,7 +194,7 @@ def test_all_monitors_in_a_group_log_the_same_as_each_alone_with_sparse_cadence(
     for tag, values in logs[False][0].items():
         assert set(values) == set(logs[True][0][tag]), tag
         assert list(values.values()) == pytest.approx(list(logs[True][0][tag].values()), rel=1e-6), tag
-    assert set(logs[True][0]["activation/act/mean"]) == {1, 3, 5, 7, 9}
+    assert set(logs[True][0]["activation/act/mean"]) == {0, 1, 3, 5, 7, 9}
 
 
 class ReversingDataModule(NamesDataModule):
@@ -231,8 +232,8 @@ def test_a_monitor_alone_sleeps_between_its_logged_steps(tmp_path):
 
     t = trainer(tmp_path, [monitor, Probe()], max_steps=12, log_every_n_steps=5)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 12))
-    assert [step for step, value in asleep.items() if not value] == [4, 9, 11]  # 11: the final histogram
-    assert set(scalars(read_events(t.logger.log_dir), "activation/act/mean")) == {4, 9}
+    assert [step for step, value in asleep.items() if not value] == [0, 4, 9, 11]  # 11: the final histogram
+    assert set(scalars(read_events(t.logger.log_dir), "activation/act/mean")) == {0, 4, 9}
     assert callable(monitor.on_train_batch_end) and "on_train_batch_end" not in vars(monitor)  # awake after fit
 
 

@@ -1,4 +1,4 @@
-"""callbacks._stats against numpy and hand-computed values; the monitors' device->host copies counted."""
+"""callbacks._stats against numpy and hand-computed values; the device->host reads of a recorded step counted."""
 
 import math
 import threading
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor, _stats
 from callbacks._stats import (
     COUNT,
     DEAD,
@@ -22,13 +22,12 @@ from callbacks._stats import (
     SUMSQ,
     UNITS,
     MonitorRankError,
-    StatsBuffer,
-    _scatter_counts,
-    bin_counts,
-    fast_stats,
-    local_stats,
+    Pool,
+    summarise,
 )
 from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer
+
+CPU = torch.device("cpu")
 
 
 def _tensor(kind: str) -> torch.Tensor:
@@ -45,25 +44,38 @@ def _tensor(kind: str) -> torch.Tensor:
         return torch.arange(-3, 9).reshape(3, 4)
     if kind == "bf16":
         return torch.randn(3, 8, generator=g).bfloat16()
+    if kind == "mixed":  # a large mean next to a small spread: the sum of squares needs float64 accumulation
+        return 3.0 + 1e-3 * torch.randn(8, 5, 6, generator=g)
+    if kind == "strided":  # not contiguous: summarised along its first dim, never copied whole
+        return torch.randn(6, 40, generator=g).t()
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["normal", "nan_inf", "one", "int", "bf16"])
-def test_local_stats_against_numpy(kind):
+@pytest.fixture(params=[True, False], ids=["cpu_path", "accelerator_path"])
+def reads_free(request, monkeypatch):
+    """Both ways of summarising: the CPU's (fast passes, a read of the sum of squares, masked passes only on
+    NaN/inf) and an accelerator's (masked passes always, no read), the latter run here on CPU tensors."""
+    if not request.param:
+        monkeypatch.setattr(_stats, "reads_are_free", lambda device: False)
+    return request.param
+
+
+@pytest.mark.parametrize("kind", ["normal", "nan_inf", "one", "int", "bf16", "mixed", "strided"])
+def test_summary_against_numpy(kind, reads_free):
     x = _tensor(kind)
-    sums, maxes = local_stats(x)
+    part = summarise(x)
     a = x.double().numpy().ravel()
     finite = a[np.isfinite(a)]
-    assert sums[COUNT].item() == finite.size
-    assert sums[NONFINITE].item() == a.size - finite.size
-    assert sums[SUM].item() == pytest.approx(finite.sum(), rel=1e-6, abs=1e-9)
-    assert sums[SUMSQ].item() == pytest.approx((finite**2).sum(), rel=1e-6)
-    assert -maxes[NEG_MIN].item() == finite.min() and maxes[MAX].item() == finite.max()
+    sums, maxes = part.sums.tolist(), part.maxes.tolist()
+    assert sums[COUNT] == finite.size and sums[NONFINITE] == a.size - finite.size
+    assert sums[SUM] == pytest.approx(finite.sum(), rel=1e-9, abs=1e-9)
+    assert sums[SUMSQ] == pytest.approx((finite**2).sum(), rel=1e-9)
+    assert -maxes[NEG_MIN] == finite.min() and maxes[MAX] == finite.max()
 
 
 def test_empty_tensor_is_the_identity_of_the_reductions():
-    sums, maxes = local_stats(torch.empty(0, 3))
-    assert sums.tolist() == [0.0] * 7 and maxes.tolist() == [-math.inf, -math.inf]
+    part = summarise(torch.empty(0, 3), histogram=True)
+    assert part.sums.tolist() == [0.0] * 7 and part.maxes.tolist() == [-math.inf] * 3 and not part.grids
 
 
 @pytest.mark.parametrize(
@@ -72,56 +84,94 @@ def test_empty_tensor_is_the_identity_of_the_reductions():
         ([0.0, 0.5, 0.98, -0.99, 1.0, -0.2], (0.0, 0.97), 3),  # tanh: |y| > 0.97
         ([0.5, 0.99, 0.01, 0.984, 0.986, 0.2], (0.5, 0.485), 3),  # sigmoid: |y - 0.5| > 0.485 (|2y - 1| > 0.97)
         ([float("nan"), 0.99, 0.0], (0.0, 0.97), 1),  # NaN is not saturated
+        ([float("nan"), 0.99, 0.5], (0.5, 0.485), 1),  # nor with a centre (a masked NaN is not a 0)
     ],
 )
-def test_saturation_count_by_hand(values, saturation, expected):
-    sums, _ = local_stats(torch.tensor(values), saturation=saturation)
-    assert sums[SATURATED].item() == expected
+def test_saturation_count_by_hand(values, saturation, expected, reads_free):
+    assert summarise(torch.tensor(values), saturation=saturation).sums[SATURATED].item() == expected
 
 
 def test_dead_units_by_hand():
     # (batch 3, units 4): unit 0 positive once, unit 1 never (zeros and negatives), unit 2 always, unit 3 never
     x = torch.tensor([[1.0, 0.0, 2.0, -1.0], [-1.0, -2.0, 3.0, 0.0], [0.0, -0.5, 1.0, -3.0]])
-    sums, _ = local_stats(x, relu_like=True)
+    sums = summarise(x, relu_like=True).sums
     assert (sums[DEAD].item(), sums[UNITS].item()) == (2, 4)
     # units are all dims but the batch: (B, T, C) has T * C units
-    sums, _ = local_stats(torch.zeros(2, 3, 5), relu_like=True)
+    sums = summarise(torch.zeros(2, 3, 5), relu_like=True).sums
     assert (sums[DEAD].item(), sums[UNITS].item()) == (15, 15)
 
 
-@pytest.mark.parametrize("bins", [1, 4, 64])
-def test_bin_counts_against_numpy_histogram(bins):
-    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
-    x[:3] = float("nan")
-    lo, hi = torch.tensor(-1.5, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
-    ours = bin_counts(x.clamp(-1.5, 2.0), lo, hi, bins)
-    a = x.clamp(-1.5, 2.0).numpy()
-    expected, _ = np.histogram(a[np.isfinite(a)], bins=bins, range=(-1.5, 2.0))
-    assert ours.tolist() == expected.tolist()
+def _pool(tensors: list[torch.Tensor], bins: int, **kwargs: Any) -> Any:
+    pool = Pool()
+    for t in tensors:
+        pool.add("x", t, histogram=True, **kwargs)
+    return pool.reduce(["x"], {"x": bins}, CPU, None)["x"]
 
 
-def test_buffer_pools_micro_batches_like_the_concatenation():
+def _check_histogram(s: Any, values: np.ndarray, bins: int) -> None:
+    """The histogram's promise: at most ``bins`` equal bins, edges multiples of the width, the first at or below
+    the min and the last above it, and the counts numpy gives for those edges."""
+    edges = np.asarray(s.edges)
+    width = edges[1] - edges[0]
+    assert 1 <= len(s.counts) <= max(bins, 2) and len(edges) == len(s.counts) + 1
+    assert np.allclose(np.diff(edges), width, rtol=1e-12) and np.allclose(edges / width, np.round(edges / width))
+    assert edges[0] <= values.min() and edges[-1] > values.max()
+    assert s.counts == np.histogram(values, bins=edges)[0].tolist()
+
+
+@pytest.mark.parametrize("bins", [1, 2, 7, 64])
+@pytest.mark.parametrize("kind", ["normal", "nan_inf", "int", "bf16", "mixed", "strided"])
+def test_histogram_against_numpy(kind, bins, reads_free):
+    x = _tensor(kind)
+    a = x.double().numpy().ravel()
+    _check_histogram(_pool([x], bins), a[np.isfinite(a)], bins)
+
+
+def test_histogram_uses_its_bins_well():
+    """A standard normal sample in 64 bins uses most of them (the edges are round, not the min and max)."""
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
+    s = _pool([x], 64)
+    assert 50 <= len(s.counts) <= 64
+
+
+def test_pool_adds_calls_micro_batches_exactly_like_the_concatenation():
     g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g) * 3
-    buffer = StatsBuffer()
-    buffer.add("x", a, keep=True)
-    buffer.add("x", b, keep=True)
-    s = buffer.reduce(["x", "never"], torch.device("cpu"), None, histograms=True, bins=10)
-    assert list(s) == ["x"]  # a name no rank saw is left out
-    both = torch.cat([a, b]).double().numpy().ravel()
+    a, b, c = torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g) * 30, torch.randn(4, 3, generator=g) + 5
+    pool = Pool()
+    for t in (a, b, c):
+        pool.add("x", t, histogram=True)
+    s = pool.reduce(["x", "never"], {"x": 10, "never": 10}, CPU, None)
+    assert list(s) == ["x"]  # a tag no rank saw is left out
+    both = torch.cat([a, b, c]).double().numpy().ravel()
     x = s["x"]
     assert x.count == both.size and x.mean == pytest.approx(both.mean())
     assert x.std == pytest.approx(both.std(ddof=1))  # unbiased, like torch.std
     assert (x.min, x.max) == (both.min(), both.max())
-    expected, edges = np.histogram(both, bins=10, range=(both.min(), both.max()))
-    assert x.counts == expected.tolist() and x.edges == pytest.approx(edges.tolist())
+    _check_histogram(x, both, 10)
 
 
-def test_constant_tensor_gets_a_unit_wide_range():
-    buffer = StatsBuffer()
-    buffer.add("c", torch.full((4,), 3.0), keep=True)
-    s = buffer.reduce(["c"], torch.device("cpu"), None, histograms=True, bins=2)["c"]
-    assert (s.edges[0], s.edges[-1], s.counts, s.std) == (2.5, 3.5, [0.0, 4.0], 0.0)
+def test_constant_tensor_gets_one_narrow_bin():
+    s = _pool([torch.full((4,), 3.0)], 2)
+    assert s.counts == [4.0] and s.edges[0] == 3.0 < s.edges[1] < 3.0 + 1e-6 and s.std < 1e-7
+
+
+def test_tiny_values_near_the_smallest_normals_do_not_break_the_grid():
+    x = torch.randn(100, generator=torch.Generator().manual_seed(3)) * 1e-38
+    s = _pool([x], 16)
+    a = x.double().numpy()
+    assert sum(s.counts) == 100 and s.edges[0] <= a.min() and s.edges[-1] > a.max()
+
+
+def test_large_tensors_are_summarised_in_bounded_chunks(monkeypatch):
+    """A tensor larger than a chunk gives the same summary as in one piece (chunk made small here)."""
+    x = torch.randn(50, 37, generator=torch.Generator().manual_seed(4))
+    whole = _pool([x], 16, saturation=(0.0, 1.5), relu_like=True)
+    monkeypatch.setattr(_stats, "CHUNK", 64)
+    chunked = _pool([x], 16, saturation=(0.0, 1.5), relu_like=True)
+    assert replace(chunked, sum=0.0, sum_squares=0.0, mean=0.0, std=0.0) == replace(
+        whole, sum=0.0, sum_squares=0.0, mean=0.0, std=0.0
+    )
+    assert chunked.std == pytest.approx(whole.std, rel=1e-12) and chunked.mean == pytest.approx(whole.mean, abs=1e-12)
 
 
 def _two_ranks(work: Any) -> list[Any]:
@@ -154,35 +204,36 @@ def _two_ranks(work: Any) -> list[Any]:
     return results
 
 
-def test_two_ranks_reduce_to_the_statistics_of_the_whole():
+def test_two_ranks_reduce_to_the_statistics_and_histogram_of_the_whole():
     halves = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(3))
+    halves[1] *= 40  # the ranks' ranges differ: their fine grids have different exponents
     halves[1, 0, 0] = float("nan")
 
     def work(rank: int, reducer: Any) -> Any:
-        buffer = StatsBuffer()
-        buffer.add("x", halves[rank], keep=True)
+        pool = Pool()
+        pool.add("x", halves[rank], histogram=True)
         if rank == 0:
-            buffer.add("rank0_only", halves[rank], keep=True)
-        return buffer.reduce(["x", "rank0_only"], torch.device("cpu"), reducer, True, 8, rank=rank)
+            pool.add("rank0_only", halves[rank], histogram=True)
+        return pool.reduce(["x", "rank0_only"], {"x": 8, "rank0_only": 8}, CPU, reducer, rank=rank)
 
     r0, r1 = _two_ranks(work)
-    # every rank gets the same summaries (but `order`, which is when this rank saw the name first)
+    # every rank gets the same summaries (but `order`, which is when this rank saw the tag first)
     assert {n: replace(v, order=0) for n, v in r0.items()} == {n: replace(v, order=0) for n, v in r1.items()}
     whole = halves.double().numpy().ravel()
     finite = whole[np.isfinite(whole)]
     x = r0["x"]
     assert (x.count, x.nonfinite, x.nonfinite_rank) == (finite.size, 1, 1)
     assert x.mean == pytest.approx(finite.mean()) and x.std == pytest.approx(finite.std(ddof=1))
-    assert sum(x.counts) == finite.size
+    _check_histogram(x, finite, 8)
     assert r0["rank0_only"].count == 24
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank_after_the_collectives():
     def work(rank: int, reducer: Any) -> Any:
-        buffer = StatsBuffer()
-        buffer.add("x", torch.ones(3), keep=True)
+        pool = Pool()
+        pool.add("x", torch.ones(3), histogram=True)
         error = ValueError("hook failed on rank 1") if rank == 1 else None
-        return buffer.reduce(["x"], torch.device("cpu"), reducer, True, 4, error=error, who="Probe", rank=rank)
+        return pool.reduce(["x"], {"x": 4}, CPU, reducer, error=error, who="Probe", rank=rank)
 
     r0, r1 = _two_ranks(work)
     assert isinstance(r1, ValueError) and str(r1) == "hook failed on rank 1"
@@ -209,18 +260,24 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_reduce_reads_the_host_once():
-    buffer = StatsBuffer()
-    for name in ("a", "b", "c"):
-        buffer.add(name, torch.randn(10, 4), keep=True, saturation=(0.0, 0.9), relu_like=True)
+def test_an_accelerator_step_reads_the_host_once_even_with_nan(monkeypatch):
+    """On an accelerator nothing is read until the reduction, which copies everything once, NaN/inf or not."""
+    monkeypatch.setattr(_stats, "reads_are_free", lambda device: False)
+    bad = torch.randn(10, 4)
+    bad[1, 2] = float("nan")
     with HostReads() as reads:
-        buffer.reduce(["a", "b", "c"], torch.device("cpu"), None, histograms=True, bins=16)
-    assert reads.count == 1
+        pool = Pool()
+        for name, t in (("a", torch.randn(10, 4)), ("b", bad), ("c", torch.randn(3, 4))):
+            pool.add(name, t, histogram=True, saturation=(0.0, 0.9), relu_like=True)
+        s = pool.reduce(["a", "b", "c"], {"a": 16, "b": 16, "c": 16}, CPU, None)
+    assert reads.count == 1 and s["b"].nonfinite == 1 and s["b"].count == 39
 
 
 @pytest.mark.parametrize("histograms", [False, True], ids=["scalar_steps", "histogram_steps"])
-def test_one_host_read_per_monitor_per_logged_step(tmp_path, histograms):
-    """A fit with the four monitors reads the host 4 times per logged step more than the same fit without them."""
+def test_an_accelerator_fit_reads_the_host_once_per_monitor_per_recorded_step(tmp_path, histograms, monkeypatch):
+    """A fit with the four monitors reads the host 4 times per recorded step more than the same fit without them
+    (the accelerator's way of summarising, run on the CPU)."""
+    monkeypatch.setattr(_stats, "reads_are_free", lambda device: False)
     every = 2
     counts = {}
     for with_monitors in (False, True):
@@ -234,139 +291,12 @@ def test_one_host_read_per_monitor_per_logged_step(tmp_path, histograms):
             if with_monitors
             else []
         )
-        # figures off the path: they are drawn from the CPU summaries, but keep the count about the step
-        for m in monitors:
-            m._log_figure = lambda *args, **kwargs: None
+        # no figures: they are drawn from the CPU summaries, but keep the count about the step
         t = trainer(tmp_path / str(with_monitors), monitors, max_steps=6, log_every_n_steps=every)
+        for m in monitors:
+            m._draw = lambda *args, **kwargs: None
         with HostReads() as reads:
             t.fit(TanhMLP(), fixed_loader(saturating_batch(), 6))
         counts[with_monitors] = reads.count
-    logged_steps = 3  # steps 1, 3, 5 (5 is also the final step)
-    assert counts[True] - counts[False] == 4 * logged_steps
-
-
-def _mixed(seed: int) -> torch.Tensor:
-    """(8, 5, 6): a large mean next to a small spread, where the sum of squares needs float64 accumulation."""
-    g = torch.Generator().manual_seed(seed)
-    return 3.0 + 1e-3 * torch.randn(8, 5, 6, generator=g)
-
-
-@pytest.mark.parametrize("kind", ["normal", "one", "int", "bf16", "mixed"])
-def test_fast_stats_equal_the_nan_aware_ones_on_finite_tensors(kind):
-    x = _mixed(4) if kind == "mixed" else _tensor(kind)
-    for saturation, relu_like in ((None, False), ((0.0, 0.5), True)):
-        fast_s, fast_m = fast_stats(x, saturation, relu_like)
-        slow_s, slow_m = local_stats(x, saturation, relu_like)
-        assert fast_s[[COUNT, NONFINITE, SATURATED, DEAD, UNITS]].tolist() == (
-            slow_s[[COUNT, NONFINITE, SATURATED, DEAD, UNITS]].tolist()
-        )
-        # float64 throughout (the NaN-aware path squares in float32 first: equal to ~1e-7)
-        a = x.double().numpy().ravel()
-        assert fast_s[[SUM, SUMSQ]].tolist() == pytest.approx([a.sum(), (a**2).sum()], rel=1e-12, abs=1e-12)
-        assert fast_s[[SUM, SUMSQ]].tolist() == pytest.approx(slow_s[[SUM, SUMSQ]].tolist(), rel=1e-6)
-        assert fast_m.tolist() == slow_m.tolist()
-
-
-def test_fast_stats_make_nan_and_inf_visible_in_the_sums():
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        x = torch.randn(10, 4)
-        x[3, 1] = bad
-        sums, _ = fast_stats(x)
-        assert not math.isfinite(sums[SUMSQ].item())
-
-
-@pytest.mark.parametrize("bins", [1, 4, 64])
-def test_bin_counts_of_a_finite_tensor_against_numpy_histogram(bins):
-    x = torch.randn(1000, generator=torch.Generator().manual_seed(5)).clamp(-1.5, 2.0)
-    lo, hi = torch.tensor(-1.5, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
-    expected, _ = np.histogram(x.numpy(), bins=bins, range=(-1.5, 2.0))
-    assert bin_counts(x, lo, hi, bins, finite=True).tolist() == expected.tolist()
-    assert bin_counts(x, lo, hi, bins).tolist() == expected.tolist()
-
-
-def test_bin_counts_said_finite_never_fails_on_nan_or_inf():
-    """The fast pass bins a tensor with NaN/inf as if finite before it knows; the counts are wrong but in range."""
-    x = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.5])
-    counts = bin_counts(x, torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), 4, True)
-    assert counts.shape == (4,) and counts.sum().item() == 4
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-    assert bin_counts(torch.ones(3), nan, nan, 4, finite=True).sum().item() == 3
-
-
-def test_the_scatter_counts_of_cuda_equal_bincount():
-    """The CUDA path (scatter_add_, no host read), run on the CPU against bincount of the finite entries."""
-    g = torch.Generator().manual_seed(6)
-    idx = torch.randint(0, 8, (500,), generator=g)
-    finite = torch.rand(500, generator=g) > 0.1
-    assert _scatter_counts(idx.clone(), finite, 8).tolist() == torch.bincount(idx[finite], minlength=8).tolist()
-    assert _scatter_counts(idx.clone(), None, 8).tolist() == torch.bincount(idx, minlength=8).tolist()
-
-
-@pytest.mark.parametrize("histograms", [False, True])
-def test_a_step_with_nan_and_inf_gets_the_nan_aware_statistics(histograms):
-    """NaN/inf in one of two micro-batches: the name is recomputed NaN-aware (against numpy); a finite name
-    beside it keeps its fast statistics; the host is read twice on such a step."""
-    g = torch.Generator().manual_seed(7)
-    a, b, c = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g) * 2, torch.randn(3, 5, generator=g)
-    b[0, 0], b[1, 1], b[2, 2] = float("nan"), float("inf"), float("-inf")
-    buffer = StatsBuffer()
-    buffer.add("x", a, keep=histograms, saturation=(0.0, 1.0), relu_like=True)
-    buffer.add("x", b, keep=histograms, saturation=(0.0, 1.0), relu_like=True)
-    buffer.add("ok", c, keep=histograms)
-    with HostReads() as reads:
-        s = buffer.reduce(["x", "ok"], torch.device("cpu"), None, histograms=histograms, bins=8)
-    assert reads.count == 2
-    both = torch.cat([a, b]).double().numpy().ravel()
-    finite = both[np.isfinite(both)]
-    x = s["x"]
-    assert (x.count, x.nonfinite, x.nonfinite_rank) == (finite.size, 3, 0)
-    assert x.mean == pytest.approx(finite.mean()) and x.std == pytest.approx(finite.std(ddof=1))
-    assert x.saturation == pytest.approx((np.abs(finite) > 1.0).sum() / finite.size)
-    assert x.dead == pytest.approx(sum(local_stats(t, relu_like=True)[0][DEAD].item() for t in (a, b)) / 10)
-    assert s["ok"].mean == pytest.approx(c.double().mean().item()) and s["ok"].nonfinite == 0
-    if histograms:
-        assert (x.min, x.max) == (finite.min(), finite.max())
-        expected, edges = np.histogram(finite, bins=8, range=(finite.min(), finite.max()))
-        assert x.counts == expected.tolist() and x.edges == pytest.approx(edges.tolist())
-        ok = c.double().numpy().ravel()
-        assert s["ok"].counts == np.histogram(ok, bins=8, range=(ok.min(), ok.max()))[0].tolist()
-
-
-def test_recompute_is_called_only_on_a_step_with_nan():
-    made = []
-
-    def remake(t: torch.Tensor) -> Any:
-        def make() -> torch.Tensor:
-            made.append(1)
-            return t
-
-        return make
-
-    fine, bad = torch.randn(5, 3), torch.randn(5, 3)
-    bad[0, 0] = float("nan")
-    buffer = StatsBuffer()
-    buffer.add("u", fine, keep=False, recompute=remake(fine))
-    assert buffer.reduce(["u"], torch.device("cpu"), None, False, 4)["u"].count == 15 and not made
-    buffer.add("u", bad, keep=False, recompute=remake(bad))
-    u = buffer.reduce(["u"], torch.device("cpu"), None, False, 4)["u"]
-    finite = bad.double().numpy().ravel()[1:]
-    assert made == [1] and (u.count, u.nonfinite) == (14, 1) and u.mean == pytest.approx(finite.mean())
-
-
-def test_a_failed_recompute_on_one_rank_is_raised_on_every_rank():
-    """The NaN-aware second pass joins the collectives even when making a tensor again fails on one rank."""
-
-    def work(rank: int, reducer: Any) -> Any:
-        x = torch.ones(4)
-        x[0] = float("nan")
-
-        def fail() -> torch.Tensor:
-            raise ValueError("cannot remake")
-
-        buffer = StatsBuffer()
-        buffer.add("u", x, keep=False, recompute=fail if rank == 0 else None)
-        return buffer.reduce(["u"], torch.device("cpu"), reducer, False, 4, who="Probe", rank=rank)
-
-    r0, r1 = _two_ranks(work)
-    assert isinstance(r0, ValueError) and str(r0) == "cannot remake"
-    assert isinstance(r1, MonitorRankError) and "Probe" in str(r1)
+    recorded_steps = 4  # steps 0 (the picture at initialisation), 1, 3, 5 (5 is also the final step)
+    assert counts[True] - counts[False] == 4 * recorded_steps

@@ -1,0 +1,380 @@
+"""The recorder: the one callback Lightning sees. It owns the step for its probes, judges and writers.
+
+On every training step it decides, once for all its probes, what each records (``callbacks._cadence``: a pure
+function of the step and the fit's plan). On a step that records anything it attaches one forward hook per
+watched module (removed when the step ends), hands the probes the outputs, the optimizer steps and the end of
+the step, then reduces every probe's summaries across ranks in one reduction (``callbacks._stats``), lets the
+probes read them, asks the judges, and writes through one writer per logger (``callbacks._writers``). Between
+recorded steps it has nothing to do, and sleeps (``callbacks._internals``: the one labelled trick).
+
+Rank zero writes; every rank takes part in the same collectives. An error inside a hook or a probe is kept and
+raised after the step's reduction on every rank; a write that fails on rank zero is raised on every rank at the
+next reduction (or at the end of fit), so no rank waits forever for another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from callbacks._cadence import Plan, logging_step, plan_fit, step_ends
+from callbacks._compile import EagerSteps
+from callbacks._internals import shadow_step_hooks
+from callbacks._stats import Summary
+from callbacks._warnings import health_warning
+from callbacks._writers import Writer, writers_for
+from callbacks.judges.base import Finding, Judge, Record
+from callbacks.probes.base import Probe, Recording, Scalar, first_tensor
+
+
+@dataclass(eq=False)
+class Part:
+    """What one monitor brings to a recorder: its probes, its judges and their record, and its name and switches."""
+
+    name: str
+    probes: list[Probe]
+    judges: list[Judge] = field(default_factory=list)
+    record: Record = field(default_factory=Record)
+    warn: bool = True
+
+    def __post_init__(self) -> None:
+        for judge in self.judges:
+            judge.record = self.record
+
+    def reset(self) -> None:
+        """A fit that does not resume starts clean (a resumed one loads its state after this)."""
+        self.record.reset()
+        for p in self.probes:
+            p.reset()
+        for j in self.judges:
+            j.reset()
+
+    def summary_text(self, probe: Probe, step: int) -> str:
+        """The end-of-fit summary of ``probe`` as markdown: the table of its last values, then the warnings."""
+        columns, rows = probe.rows()
+        lines = [f"**{self.name}**, last logged step {step}", ""]
+        if columns:
+            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", "**Warnings**: " + ("none" if not self.record.warned else ""), ""]
+        lines += [f"- {m}" for m in self.record.warned.values()]
+        return "\n".join(lines)
+
+
+class Recorder(Callback):
+    """Records its parts' probes on the steps their cadences choose, and judges and writes what they read.
+
+    The monitors (``ActivationMonitor``, ...) are recorders of one part; ``CallbackGroup`` makes one recorder of
+    all its monitors, so a step records, reduces and writes once for all of them.
+    """
+
+    def __init__(self, parts: list[Part], name: str | None = None) -> None:
+        self.parts = parts
+        self.name = name or type(self).__name__  # in its messages
+        self._state_key: str | None = None
+        self._asleep = False  # step hooks shadowed (see `_sleep`)
+        self._wake = -1  # nothing to do before this step
+        self._step = -1  # the logging step of the current (or last) batch
+        self._first: int | None = None  # the fit's first step
+        self._origin: tuple[int, int] | None = None  # (logging step, global step) at the first batch
+        self._rate: float | None = None  # optimizer steps per logging step (manual optimization)
+        self._plan = Plan()
+        self._rec: Recording | None = None  # the step being recorded
+        self._in_backward = False  # between on_before_backward and on_after_backward (activation recomputation)
+        self._hooks: list[tuple[nn.Module, Callable[..., None]]] = []  # one forward hook per watched module
+        self._handles: list[RemovableHandle] = []  # registered on recorded steps only
+        self._eager = EagerSteps()  # compiled models run eagerly on recorded steps (see `callbacks._compile`)
+        self._pending: BaseException | None = None  # a write that failed on this rank (see `_write_guarded`)
+        self._figure_steps: dict[Probe, int] = {}  # the step of each probe's last figure
+        self._data_steps: dict[Probe, int] = {}  # the step of each probe's last figure data (histograms, or scalars)
+        self._writes_figures = False
+
+    @property
+    def idle(self) -> bool:
+        """Whether it has nothing to do before a later step (its step hooks sleep)."""
+        return self._asleep
+
+    @property
+    def probes(self) -> list[Probe]:
+        return [p for part in self.parts for p in part.probes]
+
+    def _judges(self) -> Iterable[tuple[Part, Judge]]:
+        return ((part, j) for part in self.parts for j in part.judges)
+
+    # ------------------------------------------------------------------ a fit
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                f"Cannot use `{self.name}` callback with `Trainer(logger=False)`: it writes to the"
+                " Trainer's loggers. Add one, e.g. `Trainer(logger=TensorBoardLogger('logs'))` for the"
+                " histograms and figures, or `CSVLogger('logs')` for the scalars only."
+            )
+        for part in self.parts:
+            part.reset()  # a resumed fit loads its state after `setup`
+        writers = writers_for(trainer.loggers)
+        # histograms are binned when some logger shows them or the figures drawn from them
+        shown = any(w.histograms or w.figures for w in writers)
+        self._writes_figures = any(w.figures for w in writers)
+        for p in self.probes:
+            p.schedule = p.cadence.resolve(trainer.log_every_n_steps, p.has_histograms and shown, p.has_histograms)
+        self._step, self._wake, self._first, self._origin, self._rate = -1, -1, None, None, None
+        self._figure_steps, self._data_steps = {}, {}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_handles()
+        targets: dict[nn.Module, list[tuple[Probe, str]]] = {}
+        for p in self.probes:
+            p.attach(trainer, pl_module)
+            for name, module in p.watched_modules():
+                targets.setdefault(module, []).append((p, name))
+        self._hooks = [(module, self._forward_hook(pairs)) for module, pairs in targets.items()]
+        self._eager.setup(pl_module, bool(self._hooks), self.name)
+
+    def _forward_hook(self, targets: list[tuple[Probe, str]]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            rec = self._rec
+            if rec is None or self._in_backward or rec.error is not None:
+                return  # (in backward: activation checkpointing runs the forward again; each forward counts once)
+            t = first_tensor(output)
+            if t is None:
+                return
+            try:
+                for probe, name in targets:
+                    if probe in rec.moments:
+                        probe.on_output(rec, name, t)
+            except Exception as error:  # raised on every rank after the reduction
+                rec.error = error
+
+        return hook
+
+    # ------------------------------------------------------------------ a step
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = logging_step(trainer, pl_module)
+        if step < self._wake:
+            return  # asleep: nothing recorded before `_wake`
+        if step != self._step:
+            self._begin(trainer, pl_module, step)
+        self._in_backward = False
+        if self._rec is not None and not self._handles:
+            # hooks exist only during recorded steps: a module with a forward hook takes nn.Module's slow call path
+            self._handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
+            self._eager.enter()  # and a compiled model runs them eagerly, its graphs untouched
+        self._sleep(self._rec is None)
+
+    def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Plans a new step: what each probe records on it (and until when to sleep if nothing)."""
+        if self._first is None:
+            self._first = step
+        if not pl_module.automatic_optimization:  # measure the optimizer steps per batch
+            if self._origin is None:
+                self._origin = (step, trainer.global_step)
+            elif step > self._origin[0]:
+                self._rate = (trainer.global_step - self._origin[1]) / (step - self._origin[0]) or None
+        self._step = step
+        self._plan = plan_fit(trainer, pl_module, self._first, step, self._rate)
+        moments = {p: m for p in self.probes if (m := p.schedule.moment(step, self._plan)).active}
+        self._rec = Recording(step, trainer, pl_module, moments) if moments else None
+        self._wake = -1 if moments else self._next_step(step + 1)
+
+    def _next_step(self, step: int) -> int:
+        """The first step >= ``step`` on which some probe may record."""
+        candidates = [p.schedule.next_step(step, self._plan) for p in self.probes]
+        if self._origin is not None and self._rate is None:
+            candidates.append(self._origin[0] + 1)  # manual optimization: measure the steps per batch
+        return min(candidates, default=step)
+
+    def _sleep(self, asleep: bool) -> None:
+        if asleep != self._asleep:
+            self._asleep = asleep
+            shadow_step_hooks(self, asleep)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._in_backward = True
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_backward = False
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        rec = self._rec
+        if rec is not None:
+            for p in rec.moments:
+                rec.guard(p.before_optimizer_step)(rec, optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    ) -> None:
+        rec = self._rec
+        if rec is None or not step_ends(trainer, pl_module, batch_idx):
+            return
+        for p in rec.moments:
+            rec.guard(p.end_step)(rec, outputs)
+        self._remove_handles()
+        self._rec = None
+        self._wake = self._next_step(rec.step + 1)
+        self._finish(rec)
+        self._sleep(True)
+
+    def _finish(self, rec: Recording) -> None:
+        """Reduces the step (every rank), lets the probes read it, asks the judges and writes (rank zero)."""
+        trainer = rec.trainer
+        tags: list[str] = []
+        histogram_tags: dict[str, int] = {}
+        for p, moment in rec.moments.items():
+            t, h = p.tags(moment)
+            tags += t
+            histogram_tags.update(dict.fromkeys(h, p.bins))
+        pending, self._pending = self._pending, None
+        reducer = None
+        if trainer.world_size > 1:
+            reducer = lambda t, op: trainer.strategy.reduce(t, reduce_op=op)  # noqa: E731
+        summaries = rec.pool.reduce(
+            tags,
+            histogram_tags,
+            trainer.strategy.root_device,
+            reducer,
+            error=rec.error or pending,
+            who=f"{self.name} (step {rec.step}, rank {trainer.global_rank})",
+            rank=trainer.global_rank,
+        )
+        readouts = {p.prefix: p.read(rec.step, m, summaries) for p, m in rec.moments.items()}
+        self._write_guarded(trainer, lambda: self._write(trainer, rec, readouts))
+
+    def _write(self, trainer: pl.Trainer, rec: Recording, readouts: dict[str, Any]) -> None:
+        step = rec.step
+        scalar_probes = {p.prefix for p, m in rec.moments.items() if m.scalars}
+        findings = []
+        for part, judge in self._judges():
+            if all(r in scalar_probes for r in judge.reads):
+                findings += [(part, f) for f in judge.observe(step, readouts)]
+        if not trainer.is_global_zero:
+            return
+        writers = writers_for(trainer.loggers)
+        scalars: list[Scalar] = []
+        for p, moment in rec.moments.items():
+            if moment.scalars:
+                scalars += p.scalars(readouts[p.prefix])
+            if moment.histograms:
+                for tag, s in p.histograms(readouts[p.prefix]).items():
+                    _write_histogram(writers, tag, s, step)
+            if moment.histograms or (moment.scalars and not p.has_histograms):
+                self._data_steps[p] = step
+        for writer in writers:
+            writer.scalars(scalars, step)
+        for p, moment in rec.moments.items():
+            if moment.figure:
+                self._draw(writers, p, step)
+        self._report(findings)
+
+    def _draw(self, writers: list[Writer], probe: Probe, step: int) -> None:
+        if probe.figure_tag is None or not any(w.figures for w in writers):
+            return
+        fig = probe.draw()
+        if fig is None:
+            return
+        from callbacks.figures import figure_to_array
+
+        self._figure_steps[probe] = step
+        image = figure_to_array(fig)  # (H, W, 3) uint8
+        for writer in writers:
+            if writer.figures:
+                writer.figure(probe.figure_tag, image, step)
+
+    def _report(self, findings: list[tuple[Part, Finding]]) -> None:
+        """Warns each new finding once (its monitor's ``warn``) and keeps it for the end-of-fit summaries."""
+        for part, f in findings:
+            if f.key in part.record.warned:
+                continue
+            part.record.warned[f.key] = f.text
+            part.record.findings.append(f)
+            if part.warn:
+                health_warning(f"{part.name}: {f.text}")
+
+    def _write_guarded(self, trainer: pl.Trainer, write: Callable[[], None]) -> None:
+        """Runs the writing of a reduced step. With several processes an error (rank zero writes, e.g. a logger's
+        network or disk) is kept instead of raised: the next reduction carries it to every rank, which all raise
+        it; raised here, on one rank, it would leave the others waiting in their next collective."""
+        if trainer.world_size <= 1:
+            write()
+            return
+        try:
+            write()
+        except Exception as error:  # raised on every rank by the next reduction
+            self._pending = self._pending or error
+
+    # ------------------------------------------------------------------ the end of fit
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        writers = writers_for(trainer.loggers)
+        if not any(w.histograms or w.figures for w in writers):
+            return
+        step = trainer.global_step
+        for p in self.probes:  # the end-of-fit figure, from the last data recorded
+            last = self._data_steps.get(p, -1)
+            if last >= 0 and self._figure_steps.get(p) != last:
+                self._draw(writers, p, last)
+        for part in self.parts:
+            for p in part.probes:
+                columns, rows = p.rows()
+                text = part.summary_text(p, max(self._step, 0))
+                for writer in writers:
+                    writer.summary(f"{p.prefix}/summary", columns, rows, text, step)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop()
+        for p in self.probes:
+            p.detach()
+        self._hooks = []
+        pending, self._pending = self._pending, None
+        if pending is not None and stage == "fit":
+            raise pending  # a write of the last recorded step failed: no reduction came after it
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        self._sleep(False)
+        self._remove_handles()
+        self._rec = None
+        self._wake = -1
+        self._in_backward = False
+
+    def _remove_handles(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._eager.exit()
+
+
+def _write_histogram(writers: list[Writer], tag: str, s: Summary, step: int) -> None:
+    if s.edges is None or s.counts is None or s.count == 0:
+        return
+    for writer in writers:
+        if writer.histograms:
+            writer.histogram(tag, s, step)

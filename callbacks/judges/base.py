@@ -1,0 +1,90 @@
+"""What a judge is: it reads the probes' readouts (plain numbers per layer) and returns findings.
+
+A judge never touches a tensor, a hook, a logger or the trainer, so it is tested with hand-made readouts in
+microseconds. The recorder gives every judge the readouts of each recorded step (``observe``) and, at the end of
+fit, the last ones (``conclude``); a finding is warned about once (``HealthWarning``), listed in the monitor's
+end-of-fit summary and, with a ``HealthMonitor``, in the health report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+#: readouts of one recorded step by probe prefix, e.g. ``readouts["activation"]`` (an ``Activations``)
+Readouts = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a judge found: what, where, how much (``message``), since when (``step``) and what to change.
+
+    ``key`` identifies it for "warned once" (and the checkpoint); ``figure`` is the figure or chart to look at.
+    """
+
+    key: str
+    step: int
+    where: str  # the layer or parameter ("" for the whole model)
+    message: str
+    fix: str = ""
+    figure: str = ""
+    severity: Literal["problem", "note"] = "problem"
+
+    @property
+    def text(self) -> str:
+        return f"{self.message} {self.fix}".strip()
+
+
+class Record:
+    """What one monitor's judges remember across steps and checkpoints: the findings warned, and streaks."""
+
+    def __init__(self) -> None:
+        self.warned: dict[str, str] = {}  # key -> the finding's text
+        self.streaks: dict[str, int] = {}  # key -> consecutive recorded steps on which it held
+        self.findings: list[Finding] = []  # this fit's findings, in the order found (for the report)
+
+    def reset(self) -> None:
+        self.warned, self.streaks, self.findings = {}, {}, []
+
+    def streak(self, key: str, holds: bool) -> int:
+        """Counts the consecutive recorded steps on which ``holds`` was True for ``key`` (0 when it did not)."""
+        if not holds:
+            self.streaks.pop(key, None)
+            return 0
+        self.streaks[key] = self.streaks.get(key, 0) + 1
+        return self.streaks[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned": dict(self.warned), "streaks": dict(self.streaks)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.warned = dict(state.get("warned", {}))
+        self.streaks = dict(state.get("streaks", {}))
+
+
+class Judge:
+    """Base class: reads readouts, returns findings. ``record`` is its monitor's (streaks live there)."""
+
+    #: the probe prefixes whose readouts it needs (it is asked only when all of them are there)
+    reads: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.record = Record()
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        """Findings on a recorded step (``readouts`` of the probes that recorded it)."""
+        return []
+
+    def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
+        """Findings at the end of fit (``readouts``: each probe's last)."""
+        return []
+
+    def reset(self) -> None:
+        """Forgets a previous fit (its record is reset by its monitor)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass

@@ -1,0 +1,202 @@
+"""The monitors' health warnings, as judges: each reads one probe's readouts on its recorded steps.
+
+Calibrated on the lecture's runs (``benchmarks/results/health_table.md``): its healthy nets raise none of them.
+A condition must hold on ``patience`` consecutive recorded steps before it is reported, once.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import ClassVar
+
+from callbacks._stats import Summary
+from callbacks.judges.base import Finding, Judge, Readouts
+
+
+class Saturation(Judge):
+    """A bounded activation (tanh, sigmoid, ...) with more than ``limit`` of its outputs near the bounds."""
+
+    reads = ("activation",)
+
+    def __init__(self, limit: float, threshold: float, patience: int = 3) -> None:
+        super().__init__()
+        self.limit, self.threshold, self.patience = limit, threshold, patience
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        found = []
+        for layer in readouts["activation"].layers:
+            if layer.saturation is None:
+                continue
+            key = f"saturation/{layer.name}"
+            if self.record.streak(key, layer.saturation > self.limit) != self.patience:
+                continue
+            fix = (
+                f"Its input is already normalised by `{layer.norm_before}`: the norm's gain has grown, so lower the"
+                " learning rate (or weight-decay the norm's weight)."
+                if layer.norm_before
+                else "Scale the weights of the layer before it down (e.g. gain / sqrt(fan_in), Kaiming), or"
+                " normalise its input (BatchNorm/LayerNorm)."
+            )
+            message = (
+                f"`{layer.label}` is saturated: {layer.saturation:.1%} of its outputs beyond {self.threshold} of the"
+                f" range (> {self.limit:.0%}), where its gradient is cut."
+            )
+            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution"))
+        return found
+
+
+class DeadUnits(Judge):
+    """A ReLU-like activation with more than ``limit`` of its units never positive in a batch."""
+
+    reads = ("activation",)
+
+    def __init__(self, limit: float, patience: int = 3) -> None:
+        super().__init__()
+        self.limit, self.patience = limit, patience
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        found = []
+        for layer in readouts["activation"].layers:
+            if layer.dead is None:
+                continue
+            key = f"dead/{layer.name}"
+            if self.record.streak(key, layer.dead > self.limit) != self.patience:
+                continue
+            if layer.gradient_below_zero == "none":
+                what = "they get no gradient, so they never learn again"
+            else:  # GELU, SiLU, ELU, LeakyReLU: a small gradient below zero
+                what = "they sit in the negative tail, where the gradient is small (not zero): they learn slowly"
+            message = (
+                f"`{layer.label}` has {layer.dead:.1%} dead units (never positive in a batch, > {self.limit:.0%}):"
+                f" {what}."
+            )
+            fix = "Usually a too-high learning rate pushed their biases negative; lower it, or check the init."
+            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution"))
+        return found
+
+
+class VanishingGradients(Judge):
+    """A layer whose activation-gradient std is below ``ratio`` of the largest layer's."""
+
+    reads = ("activation_grad",)
+
+    def __init__(self, ratio: float, patience: int = 3) -> None:
+        super().__init__()
+        self.ratio, self.patience = ratio, patience
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        layers = [
+            g for g in readouts["activation_grad"].layers if g.summary.count > 0 and not math.isnan(g.summary.std)
+        ]
+        if not layers:
+            return []
+        top = max(g.summary.std for g in layers)
+        found = []
+        for g in layers:
+            std, key = g.summary.std, f"vanishing/{g.name}"
+            bad = std == 0.0 or (len(layers) > 1 and std < self.ratio * top)
+            if self.record.streak(key, bad) == self.patience:
+                message = (
+                    f"gradients at `{g.label}` are vanishing: std {std:.2e} against {top:.2e} for the largest layer."
+                )
+                fix = "Check for saturated activations or a too-small init before it."
+                found.append(Finding(key, step, g.label, message, fix, "activation_grad/distribution"))
+        return found
+
+
+class VanishingParameterGradients(Judge):
+    """A parameter whose grad:data ratio stays below ``limit``."""
+
+    reads = ("param_grad",)
+
+    def __init__(self, limit: float, patience: int = 3) -> None:
+        super().__init__()
+        self.limit, self.patience = limit, patience
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        found = []
+        for p in readouts["param_grad"].params:
+            key = f"vanishing/{p.name}"
+            if self.record.streak(key, p.grad_to_data < self.limit or p.grad.std == 0.0) == self.patience:
+                message = (
+                    f"gradient of `{p.name}` is vanishing: grad:data ratio {p.grad_to_data:.2e} (< {self.limit:.0e})"
+                    f" for {self.patience} logged steps."
+                )
+                fix = "Check for saturated activations or a too-small init after it."
+                found.append(Finding(key, step, p.name, message, fix, "param_grad/distribution"))
+        return found
+
+
+class LearningRate(Judge):
+    """The median parameter's log10 update:data ratio outside ``[low, high]`` for ``patience`` recorded steps.
+
+    The median, because the learning rate is one number for every layer: a single parameter far above the rest
+    (an output layer scaled down at init: its small weights make every update large relative to them, for the
+    first thousands of steps) is expected, not a wrong lr.
+    """
+
+    reads = ("update_ratio",)
+
+    def __init__(self, low: float, high: float, patience: int) -> None:
+        super().__init__()
+        self.low, self.high, self.patience = low, high, patience
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        finite = sorted((v, n) for n, v in readouts["update_ratio"].ratios.items() if math.isfinite(v))
+        if not finite:
+            return []
+        median = statistics.median(v for v, _ in finite)
+        (lo, lo_name), (hi, hi_name) = finite[0], finite[-1]
+        found = []
+        if self.record.streak("lr/low", median < self.low) == self.patience:
+            message = (
+                f"updates are tiny: the median parameter's log10(update/data) is {median:.2f} < {self.low} for"
+                f" {self.patience} logged steps (smallest: `{lo_name}` {lo:.2f})."
+            )
+            found.append(Finding("lr/low", step, "", message, "The learning rate is probably too low.", "update_ratio"))
+        if self.record.streak("lr/high", median > self.high) == self.patience:
+            message = (
+                f"updates are large: the median parameter's log10(update/data) is {median:.2f} > {self.high} for"
+                f" {self.patience} logged steps (largest: `{hi_name}` {hi:.2f})."
+            )
+            fix = "The learning rate is probably too high."
+            found.append(Finding("lr/high", step, "", message, fix, "update_ratio"))
+        return found
+
+
+class NonFinite(Judge):
+    """NaN/inf in a probe's tensors: once, naming where they appeared first."""
+
+    #: per probe: the order "first" is in
+    ORDER: ClassVar[dict[str, str]] = {"activation": "forward", "activation_grad": "backward"}
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.reads = (prefix,)
+        self.prefix = prefix
+
+    def _items(self, readout: object) -> list[tuple[str, str, Summary]]:
+        """``(tag, label, summary)`` in selection order."""
+        if self.prefix == "param_grad":
+            return [(f"param_grad/{p.name}", f"param_grad/{p.name}", p.grad) for p in readout.params]  # type: ignore[attr-defined]
+        return [(f"{self.prefix}/{x.name}", x.label, x.summary) for x in readout.layers]  # type: ignore[attr-defined]
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        bad = [(tag, label, s) for tag, label, s in self._items(readouts[self.prefix]) if s.nonfinite]
+        if not bad or "nonfinite" in self.record.warned:
+            return []
+        tag, _, s = bad[0]
+        first_tag, first_label, first = (
+            bad[0] if self.prefix == "param_grad" else min(bad, key=lambda item: item[2].order)
+        )
+        place = (
+            f"first in parameter order: `{first_tag}` of {len(bad)} affected"
+            if self.prefix == "param_grad"
+            else f"first at `{first_label}` (of {len(bad)} affected, in {self.ORDER[self.prefix]} order)"
+        )
+        message = (
+            f"{s.nonfinite} non-finite values (NaN/inf) in `{tag}` ({place}, step {step}, rank {first.nonfinite_rank});"
+            f" they are counted in `{tag}/nonfinite` and left out of the statistics. Warned once."
+        )
+        return [Finding("nonfinite", step, first_label, message)]

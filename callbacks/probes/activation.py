@@ -1,0 +1,178 @@
+"""The forward outputs of watched modules: the lecture's activation statistics, saturation and dead units."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from callbacks._cadence import Cadence, Moment
+from callbacks._selection import (
+    Kind,
+    ModuleSpec,
+    Watched,
+    activation_info,
+    gradient_below_zero,
+    norm_before,
+    saturation_spec,
+    watch_modules,
+)
+from callbacks._stats import Summary
+from callbacks.probes.base import Chart, Probe, Recording, Scalar
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+
+
+@dataclass
+class Layer:
+    """One watched module's output on a recorded step."""
+
+    name: str
+    label: str  # "net.2 (Tanh)"
+    kind: Kind | None  # bounded, relu_like, other; None: not an activation (a module chosen by the user)
+    summary: Summary
+    saturation: float | None  # share near the bounds (bounded kinds)
+    dead: float | None  # share of units never positive in the batch (ReLU-like kinds)
+    gradient_below_zero: str | None  # "none" (ReLU) or "some" (GELU, SiLU, ...) for ReLU-like kinds
+    norm_before: str | None  # "name (BatchNorm1d)" of a normalisation right before it
+
+
+@dataclass
+class Activations:
+    step: int
+    layers: list[Layer]  # in the order the modules were selected (``named_modules``)
+
+
+CHARTS = {
+    "saturation": Chart("activation saturation: share near the bounds (tanh: |y| > 0.97)", 10, "activation/saturation"),
+    "dead": Chart("dead units: share never positive in the batch (ReLU-like)", 20, "activation/dead"),
+    "std": Chart("activation std", 30, "activation/std"),
+}
+
+
+class ActivationProbe(Probe):
+    """Watches the forward outputs of ``modules`` (default: every activation module; see ``callbacks._selection``).
+
+    Tags: histogram ``activation/{name}``; scalars ``activation/{name}/mean``, ``/std``, ``/saturation`` (bounded
+    outputs), ``/dead`` (ReLU-like outputs) and ``/nonfinite`` (from the first step with NaN/inf). A module called
+    several times per forward pools all its calls.
+    """
+
+    prefix = "activation"
+    figure_tag = "activation/distribution"
+
+    def __init__(
+        self, modules: tuple[ModuleSpec, ...] | None, cadence: Cadence, bins: int, saturation_threshold: float
+    ) -> None:
+        super().__init__(cadence, bins)
+        self.modules = modules
+        self.saturation_threshold = saturation_threshold
+        self.owner = "ActivationMonitor"  # the name its warnings give
+        self.reset()
+
+    def reset(self) -> None:
+        self.watched: list[Watched] = []
+        self._facts: dict[str, tuple[Any, ...]] = {}  # name -> (kind, saturation spec, relu-like, below zero, norm)
+        self._nonfinite: set[str] = set()  # tags with a `/nonfinite` curve (from their first NaN/inf on)
+        self.latest: Activations | None = None  # the last readout (the end-of-fit table)
+        self.last: Activations | None = None  # the last readout with histograms (the figure)
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.watched = watch_modules(pl_module, self.modules, self.owner)
+        for w in self.watched:
+            info = activation_info(w.module)
+            self._facts[w.name] = (
+                info.kind if info is not None else None,
+                saturation_spec(w.module, self.saturation_threshold),
+                info is not None and info.kind == "relu_like",
+                gradient_below_zero(w.module),
+                norm_before(pl_module, w.qualified),
+            )
+
+    def detach(self) -> None:
+        self.watched = []
+
+    def watched_modules(self) -> Sequence[tuple[str, Any]]:
+        return [(w.name, w.module) for w in self.watched]
+
+    def on_output(self, rec: Recording, name: str, output: Tensor) -> None:
+        _, saturation, relu_like, _, _ = self._facts[name]
+        hist = rec.moments[self].histograms
+        rec.add(f"activation/{name}", output, histogram=hist, saturation=saturation, relu_like=relu_like)
+
+    def tags(self, moment: Moment) -> tuple[list[str], set[str]]:
+        tags = [f"activation/{w.name}" for w in self.watched]
+        return tags, set(tags) if moment.histograms else set()
+
+    def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> Activations:
+        layers = []
+        for w in self.watched:
+            s = summaries.get(f"activation/{w.name}")
+            if s is None:
+                continue  # not called on any rank this step
+            kind, saturation, relu_like, below, norm = self._facts[w.name]
+            sat = s.saturation if saturation is not None else None
+            layers.append(Layer(w.name, w.label, kind, s, sat, s.dead if relu_like else None, below, norm))
+        readout = Activations(step, layers)
+        if layers:
+            self.latest = readout
+            if moment.histograms:
+                self.last = readout
+        return readout
+
+    def scalars(self, readout: Activations) -> list[Scalar]:
+        out = []
+        for layer in readout.layers:
+            tag, s = f"activation/{layer.name}", layer.summary
+            out += [Scalar(f"{tag}/mean", s.mean), Scalar(f"{tag}/std", s.std, layer.label, CHARTS["std"])]
+            if layer.saturation is not None:
+                out.append(Scalar(f"{tag}/saturation", layer.saturation, layer.label, CHARTS["saturation"]))
+            if layer.dead is not None:
+                out.append(Scalar(f"{tag}/dead", layer.dead, layer.label, CHARTS["dead"]))
+            if s.nonfinite:
+                self._nonfinite.add(tag)
+            if tag in self._nonfinite:
+                out.append(Scalar(f"{tag}/nonfinite", float(s.nonfinite)))
+        return out
+
+    def histograms(self, readout: Activations) -> dict[str, Summary]:
+        return {f"activation/{layer.name}": layer.summary for layer in readout.layers}
+
+    def draw(self) -> Figure | None:
+        from callbacks.figures import Distribution, plot_distributions
+
+        if self.last is None:
+            return None
+        data = {
+            layer.label: Distribution(layer.summary.edges, layer.summary.counts, _legend(layer))
+            for layer in self.last.layers
+            if layer.summary.edges is not None
+        }
+        return plot_distributions(data, f"activation distribution (step {self.last.step})") if data else None
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        last = self.latest
+        rows = [
+            [
+                layer.label,
+                f"{layer.summary.mean:+.4f}",
+                f"{layer.summary.std:.4f}",
+                f"{layer.saturation:.2%}" if layer.saturation is not None else "",
+                f"{layer.dead:.2%}" if layer.dead is not None else "",
+            ]
+            for layer in (last.layers if last is not None else [])
+        ]
+        return ["layer", "mean", "std", "saturation", "dead"], rows
+
+
+def _legend(layer: Layer) -> str:
+    text = f"mean {layer.summary.mean:+.2f}, std {layer.summary.std:.2f}"
+    if layer.saturation is not None:
+        text += f", saturated {layer.saturation:.2%}"
+    if layer.dead is not None:
+        text += f", dead {layer.dead:.2%}"
+    return text

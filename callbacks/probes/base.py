@@ -1,0 +1,185 @@
+"""What a probe is: the tensors it watches, when it records them, and what their summaries mean.
+
+A probe follows the contract of torchmetrics' ``Metric``, split over a training step by the recorder
+(``callbacks._recorder``), which owns the step and calls it:
+
+1. ``attach`` at the start of fit: choose what to watch (modules, parameters);
+2. on a step it records, ``on_output`` (a watched module's forward output), ``before_optimizer_step`` and
+   ``end_step``: put tensors into the step's pool (``rec.add``), where each is summarised and let go;
+3. ``tags``: what the recorder reduces for it (the same on every rank), in one reduction with every other probe;
+4. ``read``: the reduced summaries as a *readout*, plain numbers per layer, which the judges read and
+   ``scalars`` / ``histograms`` / ``draw`` / ``rows`` turn into what the writers write.
+
+``reset`` forgets a previous fit (a fit that does not resume starts clean); ``state_dict`` keeps what a resumed
+run needs. A probe never touches a logger, a hook handle or another probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from callbacks._cadence import Cadence, Moment, Schedule
+from callbacks._stats import Pool, Summary
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+    from torch.optim import Optimizer
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A dashboard chart of one statistic of every layer: ``title``, its place (``order``), the series tag each
+    layer's line is written under on TensorBoard (each layer a run of its own, so it has its own colour), and a
+    constant ``guide`` line drawn with them (None: none)."""
+
+    title: str
+    order: int
+    series: str
+    guide: float | None = None
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """One logged number: ``tag`` as every logger gets it; ``layer`` and ``chart`` place it on the dashboard."""
+
+    tag: str
+    value: float
+    layer: str | None = None
+    chart: Chart | None = None
+
+
+class Recording:
+    """A recorded step as probes see it: where tensors go (``add``), and what the step is.
+
+    Made by the recorder for each step it records; an error inside a probe is kept here (``guard``) and raised on
+    every rank after the step's reduction, so no rank waits forever for another.
+    """
+
+    def __init__(self, step: int, trainer: pl.Trainer, pl_module: pl.LightningModule, moments: dict[Any, Moment]):
+        self.step = step
+        self.trainer = trainer
+        self.pl_module = pl_module
+        self.moments = moments  # probe -> what it records on this step
+        self.pool = Pool()
+        self.error: BaseException | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size
+
+    def add(
+        self,
+        tag: str,
+        x: Tensor,
+        histogram: bool = False,
+        saturation: tuple[float, float] | None = None,
+        relu_like: bool = False,
+    ) -> None:
+        """Summarises ``x`` into ``tag`` (see ``callbacks._stats.Pool.add``); nothing of ``x`` is kept."""
+        self.pool.add(tag, x, histogram, saturation, relu_like)
+
+    def guard(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """``fn``, keeping its first error for the end of the step instead of raising it."""
+
+        def guarded(*args: Any) -> None:
+            if self.error is not None:
+                return
+            try:
+                fn(*args)
+            except Exception as error:  # raised on every rank after the reduction
+                self.error = error
+
+        return guarded
+
+
+class Probe:
+    """Base class of the probes: the defaults are "nothing to do" (see the module docstring).
+
+    Args:
+        cadence: when it records.
+        bins: histogram bins (at most; at least 2).
+    """
+
+    #: tag prefix, e.g. ``"activation"``; also the name of its figure and summary
+    prefix: ClassVar[str] = ""
+    #: the tag of its figure (None: no figure)
+    figure_tag: ClassVar[str | None] = None
+    #: whether it has histograms (its figure is drawn from them; without, on its scalar steps)
+    has_histograms: ClassVar[bool] = True
+
+    def __init__(self, cadence: Cadence, bins: int = 64) -> None:
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"Expected `bins` to be an int >= 1, but got {bins!r}.")
+        self.cadence = cadence
+        self.bins = bins
+        self.schedule = Schedule(0, 0, 0)  # resolved by the recorder in `setup`
+
+    # -- a fit
+    def reset(self) -> None:
+        """Forgets everything of a previous fit (its arguments stay)."""
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Chooses what to watch, at the start of fit."""
+
+    def detach(self) -> None:
+        """Lets go of the model, at the end of fit."""
+
+    def watched_modules(self) -> Sequence[tuple[str, nn.Module]]:
+        """``(name, module)`` whose forward outputs go to :meth:`on_output` on recorded steps."""
+        return ()
+
+    # -- a recorded step
+    def on_output(self, rec: Recording, name: str, output: Tensor) -> None:
+        """A watched module's forward output (the first floating-point tensor of it)."""
+
+    def before_optimizer_step(self, rec: Recording, optimizer: Optimizer) -> None:
+        """Right before ``optimizer`` steps: its gradients are final."""
+
+    def end_step(self, rec: Recording, outputs: Any) -> None:
+        """The step's last micro-batch has ended (``outputs``: what ``training_step`` returned)."""
+
+    def tags(self, moment: Moment) -> tuple[list[str], set[str]]:
+        """The tags to reduce on a step recording ``moment`` and those with histograms: the same on every rank."""
+        return [], set()
+
+    # -- reading the reduced step
+    def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> Any:
+        """The step's readout: plain numbers per layer, for the judges and the writers (None: nothing)."""
+        return None
+
+    def scalars(self, readout: Any) -> list[Scalar]:
+        return []
+
+    def histograms(self, readout: Any) -> dict[str, Summary]:
+        return {}
+
+    def draw(self) -> Figure | None:
+        """Its figure from its last data (None: nothing to draw)."""
+        return None
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """The end-of-fit table of its last values: (column names, rows of formatted cells)."""
+        return [], []
+
+    # -- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The module's output tensor, or the first floating-point tensor of a tuple/list output."""
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, Tensor) and item.is_floating_point():
+                return item
+    return None

@@ -1,0 +1,128 @@
+"""The update:data ratio of each parameter, ``log10(std(p_after - p_before) / std(p_before))``, over time.
+
+Measured around the optimizer step on recorded steps (a copy of each watched parameter, or of this rank's shard,
+is taken right before its optimizer steps, and let go as soon as its update is summarised), so it holds for any
+optimizer: for plain SGD it is the lecture's ``log10((lr * grad).std() / p.std())``. The history is part of the
+checkpoint, so a resumed run continues its curves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from callbacks._cadence import Cadence, Moment
+from callbacks._stats import Summary
+from callbacks.probes.base import Chart, Probe, Recording, Scalar
+from callbacks.probes.parameter import Parameters, local_part
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+    from torch.optim import Optimizer
+
+
+@dataclass
+class UpdateRatios:
+    step: int
+    ratios: dict[str, float]  # parameter -> log10(update std / data std) this step (finite or not)
+    steps: list[int]  # every recorded step so far (the history's x axis)
+    history: dict[str, list[float]]  # parameter -> log10 ratio at each of `steps` (NaN where not measured)
+
+
+#: the lecture's guide line: an update about a thousandth of the weight
+GUIDE = -3.0
+CHART = Chart(
+    "update:data ratio, log10: about -3 is healthy (> -2 lr too high, < -4 too low)", 60, "update_ratio", GUIDE
+)
+
+
+class UpdateProbe(Probe):
+    """Watches each parameter's update. Tags: scalars ``update_ratio/{name}``; figure ``update_ratio/history``."""
+
+    prefix = "update_ratio"
+    figure_tag = "update_ratio/history"
+    has_histograms = False
+
+    def __init__(self, params: tuple[str, ...] | None, min_ndim: int, cadence: Cadence) -> None:
+        super().__init__(cadence)
+        self.selection = Parameters(params, min_ndim)
+        self.owner = "UpdateRatioMonitor"
+        #: recorded steps and, per parameter, the log10 ratio at each (NaN where not measured)
+        self.steps: list[int] = []
+        self.history: dict[str, list[float]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.selection.named = {}
+        self._before: dict[str, tuple[Tensor, Tensor | None]] = {}  # name -> (parameter, this rank's part before)
+        self._seen: list[str] = []  # the parameters measured this step (the same on every rank)
+        self.steps = []
+        self.history = {}
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.selection.attach(pl_module, self.owner)
+
+    def detach(self) -> None:
+        self.selection.named = {}
+        self._before.clear()
+
+    def before_optimizer_step(self, rec: Recording, optimizer: Optimizer) -> None:
+        if not rec.moments[self].scalars:
+            return
+        for name, p in self.selection.of(optimizer):
+            if p.grad is not None and name not in self._before:
+                local = local_part(p, rec.trainer)  # the same names on every rank, this rank's part or None
+                self._before[name] = (p, local.detach().clone() if local is not None else None)
+
+    def end_step(self, rec: Recording, outputs: Any) -> None:
+        # std(after - before) / std(before) from counts, sums and sums of squares: reducible over shards
+        with torch.no_grad():
+            for name in list(self._before):
+                p, before = self._before.pop(name)  # let go of each copy as soon as it is summarised
+                after = local_part(p, rec.trainer)
+                if before is not None and after is not None:
+                    rec.add(f"{name}/update", after.detach() - before)
+                    rec.add(f"{name}/data", before)
+                self._seen.append(name)
+
+    def tags(self, moment: Moment) -> tuple[list[str], set[str]]:
+        names, self._seen = self._seen, []
+        return [f"{n}/{part}" for n in names for part in ("update", "data")], set()
+
+    def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> UpdateRatios:
+        ratios = {}
+        for tag, update in summaries.items():
+            if not tag.endswith("/update") or (data := summaries.get(f"{tag[:-7]}/data")) is None:
+                continue
+            ratio = update.std / data.std if data.std > 0 else math.nan
+            ratios[tag[:-7]] = math.log10(ratio) if ratio > 0 else (-math.inf if ratio == 0 else math.nan)
+        if ratios:
+            self.steps.append(step)
+            for n in [*self.history, *(n for n in ratios if n not in self.history)]:  # stable legend order
+                series = self.history.setdefault(n, [math.nan] * (len(self.steps) - 1))
+                series.append(ratios.get(n, math.nan))
+        return UpdateRatios(step, ratios, self.steps, self.history)
+
+    def scalars(self, readout: UpdateRatios) -> list[Scalar]:
+        return [Scalar(f"update_ratio/{n}", v, n, CHART) for n, v in readout.ratios.items() if math.isfinite(v)]
+
+    def draw(self) -> Figure | None:
+        from callbacks.figures import plot_update_ratios
+
+        return plot_update_ratios(self.history, self.steps, guide=GUIDE) if self.steps else None
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        rows = [[n, f"{v[-1]:+.2f}"] for n, v in self.history.items() if v]
+        return ["parameter", "last log10(update/data)"], rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "history": {n: list(v) for n, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = list(state.get("steps", []))
+        self.history = {n: list(v) for n, v in state.get("history", {}).items()}
