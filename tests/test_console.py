@@ -181,17 +181,17 @@ def _seconds(clock: str) -> int:
 def _check_rate_and_time_left(probe: BarProbe, max_steps: int) -> int:
     checked = 0
     for n, elapsed, printed in probe.records[2:]:  # from the third epoch on: the bar ran through epoch ends
-        meter = re.search(r"(\d+)/(\d+) \[([\d:]+)<([\d:]+), *([\d.]+)it/s", printed)
-        assert meter, printed
-        assert (int(meter.group(1)), int(meter.group(2))) == (n, max_steps)
+        assert f" {n}/{max_steps} [" in printed, printed
         steps = n - probe.first_step  # the steps of this run (after a resume: since the resume)
         if steps < 100:
             continue
+        meter = re.search(r" \[([\d:]+)<([\d:]+), *([\d.]+)it/s", printed)
+        assert meter, printed
         rate = steps / elapsed  # by the probe's clock
-        assert float(meter.group(5)) == pytest.approx(rate, rel=0.1), (printed, rate)
+        assert float(meter.group(3)) == pytest.approx(rate, rel=0.1), (printed, rate)
         left = (max_steps - n) / rate
-        assert abs(_seconds(meter.group(4)) - left) <= 1 + 0.1 * left, (printed, left)
-        assert abs(_seconds(meter.group(3)) - elapsed) <= 1 + 0.1 * elapsed, (printed, elapsed)
+        assert abs(_seconds(meter.group(2)) - left) <= 1 + 0.1 * left, (printed, left)
+        assert abs(_seconds(meter.group(1)) - elapsed) <= 1 + 0.1 * elapsed, (printed, elapsed)
         checked += 1
     return checked
 
