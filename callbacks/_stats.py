@@ -297,7 +297,7 @@ class Pool:
             MonitorRankError: when another rank reported an error.
         """
         order = {t: i for i, t in enumerate(self._entries)}
-        hist = {t: max(b, 2) for t, b in histograms.items() if t in set(tags)}
+        hist = {t: max(histograms[t], 2) for t in tags if t in histograms}  # in `tags`' order: the same on every rank
         try:
             if not tags:
                 if error is not None:

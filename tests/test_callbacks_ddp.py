@@ -30,8 +30,9 @@ DDP_SCRIPT = textwrap.dedent(
     from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
 
     class Net(L.LightningModule):
-        def __init__(self):
+        def __init__(self, twist=True):
             super().__init__()
+            self.twist = twist
             self.lin = nn.Linear(4, 6)
             self.act = nn.Tanh()
             self.rank0_only = nn.Sigmoid()  # called on rank 0 only: rank 1 must still join the collectives
@@ -40,7 +41,7 @@ DDP_SCRIPT = textwrap.dedent(
         def training_step(self, batch, batch_idx):
             x, y = batch
             h = self.act(self.lin(x))
-            if self.global_rank == 0:
+            if self.twist and self.global_rank == 0:
                 h = self.rank0_only(h)
             return nn.functional.cross_entropy(self.head(h), y)
 
@@ -49,10 +50,10 @@ DDP_SCRIPT = textwrap.dedent(
 
     class FailingWrite(ActivationMonitor):
         # rank zero's writing fails at step 1 (a logger's disk or network): the other rank must not wait for it
-        def _log_scalars(self, trainer, metrics, step):
-            if trainer.is_global_zero and step == 1:
+        def _write(self, trainer, rec, readouts):
+            if trainer.is_global_zero and rec.step == 1:
                 raise OSError("writer broke on rank 0")
-            return super()._log_scalars(trainer, metrics, step)
+            return super()._write(trainer, rec, readouts)
 
     if __name__ == "__main__":
         out = sys.argv[1]
@@ -62,13 +63,22 @@ DDP_SCRIPT = textwrap.dedent(
         loader = DataLoader(TensorDataset(x, y), batch_size=8)  # per rank; DistributedSampler splits
         monitors = [ActivationMonitor(every_n_steps=2, histogram_every_n_steps=2), GradientMonitor(every_n_steps=2),
                     ParameterMonitor(every_n_steps=2), UpdateRatioMonitor(every_n_steps=2)]
+        net = Net()
         if sys.argv[2:] == ["fail_write"]:
             monitors = [FailingWrite(every_n_steps=1)]
+        if sys.argv[2:] == ["twin"]:  # the twin of a single process on the global batch (see the test)
+            torch.manual_seed(0)
+            x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+            loader = DataLoader(TensorDataset(x, y), batch_size=8)
+            torch.manual_seed(1)
+            net = Net(twist=False)
+            monitors = [ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1),
+                        ParameterMonitor(every_n_steps=1)]
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, log_every_n_steps=2,
                             logger=TensorBoardLogger(out, name="ddp", version=0), callbacks=monitors,
                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                             use_distributed_sampler=True)
-        trainer.fit(Net(), loader)
+        trainer.fit(net, loader)
     """
 )
 
@@ -89,9 +99,53 @@ def test_ddp_two_cpu_processes_global_histograms(tmp_path):
         assert h.num == global_batch * 6, step
     # the module called on rank 0 only: its count is rank 0's batch, and nobody deadlocked
     assert all(h.num == 8 * 6 for h in histograms(acc, "activation/rank0_only").values())
-    assert sorted(scalars(acc, "activation/act/mean")) == [1, 3]
-    assert sorted(scalars(acc, "update_ratio/lin.weight")) == [1, 3]
-    assert sorted(scalars(acc, "param_grad/lin.weight/grad_to_data")) == [1, 3]
+    assert sorted(scalars(acc, "activation/act/mean")) == [0, 1, 3]
+    assert sorted(scalars(acc, "update_ratio/lin.weight")) == [0, 1, 3]
+    assert sorted(scalars(acc, "param_grad/lin.weight/grad_to_data")) == [0, 1, 3]
+
+
+@pytest.mark.slow
+def test_ddp_statistics_are_those_of_one_process_on_the_global_batch(tmp_path):
+    """Two ranks of 8 rows against one process on the same 16 rows a step: the activations, the gradients w.r.t.
+    them (each rank back-propagates its own mean loss, which the monitor divides back) and the weights' gradients
+    are the same numbers."""
+    import lightning.pytorch as L
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    proc = _run_ddp(tmp_path, "twin")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = read_events(str(tmp_path / "ddp" / "version_0"))
+
+    class Net(L.LightningModule):  # the script's Net without its rank-0 twist
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act, self.rank0_only, self.head = nn.Linear(4, 6), nn.Tanh(), nn.Sigmoid(), nn.Linear(6, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(self.act(self.lin(x))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    torch.manual_seed(1)
+    net = Net()
+    monitors = [ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1), ParameterMonitor(every_n_steps=1)]
+    t = trainer(tmp_path / "single", monitors, max_steps=4, log_every_n_steps=2)
+    # Lightning's DistributedSampler shuffles the training set (seed 0) and gives rank r rows r, r + 2, ... of it:
+    # the global batch of step s is rows 16 s .. 16 s + 15 of that permutation
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    t.fit(net, DataLoader(TensorDataset(x[perm], y[perm]), batch_size=16))
+    single = read_events(t.logger.log_dir)
+    for tag in ("activation/act/std", "activation_grad/act/std", "param_grad/lin.weight/std"):
+        one, two = scalars(single, tag), scalars(ddp, tag)
+        assert sorted(one) == sorted(two) == [0, 1, 2, 3], tag
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-5), (tag, step)
 
 
 def test_tensorboard_server_lists_the_tags(tmp_path):

@@ -92,7 +92,7 @@ def test_compiled_model_logs_what_the_uncompiled_twin_logs(tmp_path, how):
     assert compiled_scalars.keys() == eager_scalars.keys()
     assert {"activation/net.1/mean", "activation/net.3/dead", "activation_grad/net.1/std"} <= compiled_scalars.keys()
     for tag, values in eager_scalars.items():
-        assert compiled_scalars[tag].keys() == values.keys() == {1, 3, 5, 7}, tag
+        assert compiled_scalars[tag].keys() == values.keys() == {0, 1, 3, 5, 7}, tag
         for step, value in values.items():
             assert compiled_scalars[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
     assert compiled_hists.keys() == eager_hists.keys()
@@ -176,16 +176,17 @@ def test_manual_optimization_two_optimizers_histograms_figures_and_every_update_
     tags = acc.Tags()
     # scalars on the batch axis, the axis of `self.log`
     assert sorted(scalars(acc, "train/loss_d")) == [1, 3]
-    assert sorted(scalars(acc, "activation/generator.1/mean")) == [1, 3]
-    # the final step (batch 4) has the histograms and the figures, though max_steps counts both optimizers
-    assert sorted(histograms(acc, "activation/discriminator.1")) == [4]
-    assert sorted(histograms(acc, "param_grad/generator.0.weight")) == [4]
-    assert sorted(histograms(acc, "param_grad/discriminator.0.weight")) == [4]
+    assert sorted(scalars(acc, "activation/generator.1/mean")) == [0, 1, 3]
+    # step 0 and the final step (batch 4) have the histograms and the figures, though max_steps counts both
+    # optimizers
+    assert sorted(histograms(acc, "activation/discriminator.1")) == [0, 4]
+    assert sorted(histograms(acc, "param_grad/generator.0.weight")) == [0, 4]
+    assert sorted(histograms(acc, "param_grad/discriminator.0.weight")) == [0, 4]
     assert {"activation/distribution", "activation_grad/distribution", "param_grad/distribution"} <= set(tags["images"])
     # every optimizer's parameters get their update ratio, equal to the one computed by hand
     for name in ("generator.0.weight", "generator.2.weight", "discriminator.0.weight", "discriminator.2.weight"):
         logged = scalars(acc, f"update_ratio/{name}")
-        assert sorted(logged) == [1, 3], name
+        assert sorted(logged) == [0, 1, 3], name
         for step, value in logged.items():
             assert value == pytest.approx(recorder.ratios[step][name], abs=1e-4), (name, step)
 
@@ -296,17 +297,17 @@ FSDP_SCRIPT = textwrap.dedent(
             torch.save(self.saved, f"{self.out}/saved_{trainer.global_rank}.pt")
 
     class Failing(ActivationMonitor):
-        # its statistics raise on rank 1 only, inside a forward hook of step 1 (the other rank is fine)
+        # its probe raises on rank 1 only, inside a forward hook of step 1 (the other rank is fine)
         def setup(self, trainer, pl_module, stage):
             super().setup(trainer, pl_module, stage)
-            add, rank = self._buffer.add, trainer.global_rank
+            on_output, rank = self.probe.on_output, trainer.global_rank
 
-            def failing_add(*args, **kwargs):
-                if self._step == 1 and rank == 1:
+            def failing(rec, name, output):
+                if rec.step == 1 and rank == 1:
                     raise ValueError("monitor broke on rank 1")
-                return add(*args, **kwargs)
+                return on_output(rec, name, output)
 
-            self._buffer.add = failing_add
+            self.probe.on_output = failing
 
     if __name__ == "__main__":
         out, mode = sys.argv[1], sys.argv[2]
