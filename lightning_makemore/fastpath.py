@@ -17,7 +17,8 @@ the training loop, for the duration of the training loop only:
    asks), the step hooks a callback does not override are shadowed by ``None``, and the per-step hook of a
    `ModelCheckpoint` that saves only after validation (no step or time trigger) too.
 
-It is applied only on the Lightning versions it was tested on (`SUPPORTED`); elsewhere it does nothing and
+It is applied only on the Lightning versions in the range it was tested on (`SUPPORTED`, the same range as the
+monitors' own shortcut in ``callbacks/_internals.py``); elsewhere it does nothing and
 Lightning's public path runs, with the same results. Everything is undone at the end of training, on an
 exception and in ``teardown`` (each idempotent). Overridden hooks, gradient clipping and user callbacks that
 were not handed over are never touched. The model, the training logic and the monitors read as if it did not
@@ -42,9 +43,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
-#: Lightning versions (major.minor) the tricks were tested on with tests/test_fastpath.py (the lowest supported
-#: and the newest); on the others the public path runs
-SUPPORTED = ("2.2", "2.6")
+#: the Lightning releases (major, minor) from the lowest to the newest the tricks were tested on with
+#: tests/test_fastpath.py (both in CI: `make test-lowest` and `make test`); outside it the public path runs
+SUPPORTED = ((2, 2), (2, 6))
 
 #: module step hooks whose default (LightningModule's) does nothing
 MODULE_STEP_HOOKS = (
@@ -68,14 +69,15 @@ IDENTITY_BATCH_HOOKS = ("on_before_batch_transfer", "on_after_batch_transfer")
 
 
 def supported(version: str = L.__version__) -> bool:
-    """Whether the tricks were tested on this Lightning version.
+    """Whether this Lightning version is in the range the tricks were tested on.
 
     Example::
 
-        >>> supported("2.6.6"), supported("3.0.0")
-        (True, False)
+        >>> supported("2.6.6"), supported("2.4.0"), supported("2.1.3"), supported("3.0.0")
+        (True, True, False, False)
     """
-    return ".".join(version.split(".")[:2]) in SUPPORTED
+    major, minor = version.split(".")[:2]
+    return SUPPORTED[0] <= (int(major), int("".join(c for c in minor if c.isdigit()) or 0)) <= SUPPORTED[1]
 
 
 class FastPath(Callback):
