@@ -72,6 +72,7 @@ def test_activation_checkpointing_counts_each_forward_once(tmp_path):
         logs[use] = {tag: scalars(acc, tag) for tag in acc.Tags()["scalars"]}, histograms(acc, "activation/act")
     (plain, plain_hist), (ckpt, ckpt_hist) = logs[False], logs[True]
     assert all(h.num == 16 * 8 for h in ckpt_hist.values())  # the batch once, not twice
+    assert {s: list(h.bucket) for s, h in ckpt_hist.items()} == {s: list(h.bucket) for s, h in plain_hist.items()}
     assert plain.keys() == ckpt.keys() and "activation_grad/act/std" in ckpt
     for tag, values in plain.items():
         assert ckpt[tag] == pytest.approx(values, rel=1e-6), tag
