@@ -4,6 +4,8 @@
 - :class:`GradientMonitor`: gradients w.r.t. those activations.
 - :class:`ParameterMonitor`: parameters and their gradients, with the grad:data ratio.
 - :class:`UpdateRatioMonitor`: log10 of the update:data ratio per parameter, over time.
+- :class:`HealthMonitor`: all of them, the lecture's diagnoses (what is wrong, where, what to change) and one
+  health report per fit (``health.md``).
 - :class:`CallbackGroup`: several callbacks dispatched as one (its monitors record as one).
 - :func:`register_activation`: teach the default selection a module class of your own (bounded, ReLU-like, other).
 - :class:`HealthWarning`: the category of the monitors' warnings (filter it like any warning).
@@ -20,12 +22,14 @@ from callbacks._selection import register_activation
 from callbacks._warnings import HealthWarning
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
+from callbacks.health import HealthMonitor
 from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
 
 __all__ = [
     "ActivationMonitor",
     "CallbackGroup",
     "GradientMonitor",
+    "HealthMonitor",
     "HealthWarning",
     "ParameterMonitor",
     "UpdateRatioMonitor",

@@ -31,6 +31,7 @@ from callbacks._cadence import Plan, logging_step, plan_fit, step_ends
 from callbacks._compile import EagerSteps
 from callbacks._internals import shadow_step_hooks
 from callbacks._stats import Summary
+from callbacks._trace import Trace
 from callbacks._warnings import health_warning
 from callbacks._writers import Writer, writers_for
 from callbacks.judges.base import Finding, Judge, Record
@@ -78,9 +79,13 @@ class Recorder(Callback):
     all its monitors, so a step records, reduces and writes once for all of them.
     """
 
-    def __init__(self, parts: list[Part], name: str | None = None) -> None:
+    def __init__(self, parts: list[Part], name: str | None = None, trace: bool = False, report: Any = None) -> None:
         self.parts = parts
         self.name = name or type(self).__name__  # in its messages
+        self.trace = trace  # record the probes' cheap numbers on every step (see `callbacks._trace`)
+        self.report = report  # what collects every finding into one report (a `callbacks._report.Report`)
+        self._trace: Trace | None = None
+        self._last: dict[str, Any] = {}  # each probe's last readout (for the judges' conclusions)
         self._state_key: str | None = None
         self._asleep = False  # step hooks shadowed (see `_sleep`)
         self._wake = -1  # nothing to do before this step
@@ -131,7 +136,9 @@ class Recorder(Callback):
         for p in self.probes:
             p.schedule = p.cadence.resolve(trainer.log_every_n_steps, p.has_histograms and shown, p.has_histograms)
         self._step, self._wake, self._first, self._origin, self._rate = -1, -1, None, None, None
-        self._figure_steps, self._data_steps = {}, {}
+        self._figure_steps, self._data_steps, self._last = {}, {}, {}
+        if self.report is not None:
+            self.report.reset()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -143,6 +150,8 @@ class Recorder(Callback):
                 targets.setdefault(module, []).append((p, name))
         self._hooks = [(module, self._forward_hook(pairs)) for module, pairs in targets.items()]
         self._eager.setup(pl_module, bool(self._hooks), self.name)
+        columns = [c for p in self.probes for c in p.trace_columns()] if self.trace else []
+        self._trace = Trace(columns, trainer.strategy.root_device) if columns else None
 
     def _forward_hook(self, targets: list[tuple[Probe, str]]) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -172,11 +181,13 @@ class Recorder(Callback):
         if step != self._step:
             self._begin(trainer, pl_module, step)
         self._in_backward = False
-        if self._rec is not None and not self._handles:
-            # hooks exist only during recorded steps: a module with a forward hook takes nn.Module's slow call path
+        rec = self._rec
+        if rec is not None and not self._handles and (rec.moments or not self._eager.needed):
+            # hooks exist only during recorded (or traced) steps: a module with a forward hook takes nn.Module's
+            # slow call path; a compiled model runs them eagerly, its graphs untouched (and traces no activation)
             self._handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
-            self._eager.enter()  # and a compiled model runs them eagerly, its graphs untouched
-        self._sleep(self._rec is None)
+            self._eager.enter()
+        self._sleep(rec is None)
 
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Plans a new step: what each probe records on it (and until when to sleep if nothing)."""
@@ -190,8 +201,9 @@ class Recorder(Callback):
         self._step = step
         self._plan = plan_fit(trainer, pl_module, self._first, step, self._rate)
         moments = {p: m for p in self.probes if (m := p.schedule.moment(step, self._plan)).active}
-        self._rec = Recording(step, trainer, pl_module, moments) if moments else None
-        self._wake = -1 if moments else self._next_step(step + 1)
+        tracing = self._trace is not None
+        self._rec = Recording(step, trainer, pl_module, moments, tracing) if moments or tracing else None
+        self._wake = -1 if self._rec is not None else self._next_step(step + 1)
 
     def _next_step(self, step: int) -> int:
         """The first step >= ``step`` on which some probe may record."""
@@ -219,7 +231,7 @@ class Recorder(Callback):
     ) -> None:
         rec = self._rec
         if rec is not None:
-            for p in rec.moments:
+            for p in rec.moments if not rec.tracing else self.probes:
                 rec.guard(p.before_optimizer_step)(rec, optimizer)
 
     @override
@@ -229,13 +241,17 @@ class Recorder(Callback):
         rec = self._rec
         if rec is None or not step_ends(trainer, pl_module, batch_idx):
             return
-        for p in rec.moments:
+        for p in rec.moments if not rec.tracing else self.probes:
             rec.guard(p.end_step)(rec, outputs)
-        self._remove_handles()
         self._rec = None
-        self._wake = self._next_step(rec.step + 1)
-        self._finish(rec)
-        self._sleep(True)
+        if self._trace is not None:
+            self._trace.write(rec.step, rec.traced)
+        if self._trace is None or self._eager.needed:
+            self._remove_handles()  # (a tracing recorder keeps its hooks from step to step)
+            self._wake = self._next_step(rec.step + 1)
+            self._sleep(True)
+        if rec.moments:
+            self._finish(rec)
 
     def _finish(self, rec: Recording) -> None:
         """Reduces the step (every rank), lets the probes read it, asks the judges and writes (rank zero)."""
@@ -260,17 +276,21 @@ class Recorder(Callback):
             rank=trainer.global_rank,
         )
         readouts = {p.prefix: p.read(rec.step, m, summaries) for p, m in rec.moments.items()}
+        self._last.update(readouts)
         self._write_guarded(trainer, lambda: self._write(trainer, rec, readouts))
 
     def _write(self, trainer: pl.Trainer, rec: Recording, readouts: dict[str, Any]) -> None:
         step = rec.step
-        scalar_probes = {p.prefix for p, m in rec.moments.items() if m.scalars}
+        if not trainer.is_global_zero:
+            return  # (the judges and the writers on rank zero only)
+        observed = {p.prefix for p, m in rec.moments.items() if m.scalars}
+        if self._trace is not None and observed:
+            readouts = {**readouts, "trace": self._trace.read()}
+            observed.add("trace")
         findings = []
         for part, judge in self._judges():
-            if all(r in scalar_probes for r in judge.reads):
+            if all(r in observed for r in judge.reads):
                 findings += [(part, f) for f in judge.observe(step, readouts)]
-        if not trainer.is_global_zero:
-            return
         writers = writers_for(trainer.loggers)
         scalars: list[Scalar] = []
         for p, moment in rec.moments.items():
@@ -286,7 +306,7 @@ class Recorder(Callback):
         for p, moment in rec.moments.items():
             if moment.figure:
                 self._draw(writers, p, step)
-        self._report(findings)
+        self._report(findings, step)
 
     def _draw(self, writers: list[Writer], probe: Probe, step: int) -> None:
         if probe.figure_tag is None or not any(w.figures for w in writers):
@@ -302,15 +322,20 @@ class Recorder(Callback):
             if writer.figures:
                 writer.figure(probe.figure_tag, image, step)
 
-    def _report(self, findings: list[tuple[Part, Finding]]) -> None:
-        """Warns each new finding once (its monitor's ``warn``) and keeps it for the end-of-fit summaries."""
+    def _report(self, findings: list[tuple[Part, Finding]], step: int) -> None:
+        """Warns each new finding once (its monitor's ``warn``), keeps it for the end-of-fit summaries, and hands the
+        step's new findings to the report."""
+        new = []
         for part, f in findings:
             if f.key in part.record.warned:
                 continue
             part.record.warned[f.key] = f.text
             part.record.findings.append(f)
+            new.append(f)
             if part.warn:
                 health_warning(f"{part.name}: {f.text}")
+        if self.report is not None:
+            self.report.observe(step, new)
 
     def _write_guarded(self, trainer: pl.Trainer, write: Callable[[], None]) -> None:
         """Runs the writing of a reduced step. With several processes an error (rank zero writes, e.g. a logger's
@@ -329,7 +354,18 @@ class Recorder(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        step = max(self._step, 0)
+        readouts = dict(self._last)  # each probe's last readout, and the trace's last rows
+        if self._trace is not None:
+            readouts["trace"] = self._trace.read()
+        findings = []
+        for part, judge in self._judges():
+            if all(r in readouts for r in judge.reads):
+                findings += [(part, f) for f in judge.conclude(step, readouts)]
+        self._report(findings, step)
         writers = writers_for(trainer.loggers)
+        if self.report is not None:
+            self.report.finish(trainer, writers, [f for part in self.parts for f in part.record.findings])
         if not any(w.histograms or w.figures for w in writers):
             return
         step = trainer.global_step
@@ -347,6 +383,9 @@ class Recorder(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop()
+        if stage == "fit" and trainer.is_global_zero:
+            for writer in writers_for(trainer.loggers):
+                writer.close()  # flushes what the writers opened themselves (TensorBoard's layer runs)
         for p in self.probes:
             p.detach()
         self._hooks = []

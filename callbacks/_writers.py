@@ -45,6 +45,8 @@ __all__ = ["Writer", "writers_for"]
 CATEGORY = "training health"
 LOSS_CHART, LOSS_PATTERN = "loss", r"^(.*[/_])?loss([/_].*)?$"
 LR_CHART, LR_PATTERN = "learning rate", r"^(.*[/_])?lr([-/_].*)?$"
+#: the tag of the health report (TensorBoard's Text tab, a W&B table)
+REPORT_TAG = "health/report"
 
 
 class Writer:
@@ -74,6 +76,9 @@ class Writer:
 
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         """Writes the end-of-fit summary: a table (``columns``, ``rows``) and the same as markdown ``text``."""
+
+    def report(self, text: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """Writes the fit's health report: markdown ``text``, and its findings as a table (``columns``, ``rows``)."""
 
     def close(self) -> None:
         """Flushes what it opened of its own (the logger's files are the logger's)."""
@@ -150,6 +155,9 @@ class TensorBoardWriter(Writer):
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         self._writer.add_text(tag, text, global_step=step)
 
+    def report(self, text: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        self._writer.add_text(REPORT_TAG, text, global_step=step)
+
     def close(self) -> None:
         for writer in self._runs.values():
             writer.close()
@@ -212,6 +220,9 @@ class WandbWriter(Writer):
 
         self._log({tag: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step)
 
+    def report(self, text: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        self.summary(REPORT_TAG, columns, rows, text, step)
+
 
 class MLflowWriter(Writer):
     """Scalars, and the figures as image artifacts with their step (``MlflowClient.log_image(key=, step=)``).
@@ -227,6 +238,9 @@ class MLflowWriter(Writer):
 
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         self.logger.experiment.log_text(self.logger.run_id, text, f"summary/{_mlflow_key(tag)}.md")
+
+    def report(self, text: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        self.logger.experiment.log_text(self.logger.run_id, text, "health.md")
 
 
 def _mlflow_key(tag: str) -> str:

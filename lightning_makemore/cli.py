@@ -80,12 +80,12 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
 
 
-def make_monitors() -> list[Callback]:
-    """The four training-health monitors of the `callbacks` package, at their default cadence, in one group
-    (Lightning dispatches every hook to every callback: one callback instead of four is cheaper)."""
-    from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+def make_monitors(spikes: bool = False) -> list[Callback]:
+    """The training-health monitors of the `callbacks` package as one callback, at their default cadence: the four
+    monitors, the lecture's diagnoses and the health report (`health.md`); `spikes`: trace every step too."""
+    from callbacks import HealthMonitor
 
-    return [CallbackGroup([ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()])]
+    return [HealthMonitor(trace=spikes)]
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -196,8 +196,17 @@ class MakemoreCLI(LightningCLI):
             "--monitors",
             type=bool,
             default=True,
-            help="Log activation, gradient, parameter and update-ratio diagnostics to TensorBoard "
-            "(the callbacks package). --monitors false turns them off.",
+            help="Log activation, gradient, parameter and update-ratio diagnostics to TensorBoard, check the "
+            "network at initialisation and write a health report, health.md (the callbacks package). "
+            "--monitors false turns them off.",
+        )
+        parser.add_argument(
+            "--spikes",
+            type=bool,
+            default=False,
+            help="With the monitors, also record a few numbers on every step (gradient norms, update ratios, "
+            "activation RMS) so that a loss spike is reported with the layer that moved first. Slows this small "
+            "model down (benchmarks/results/monitors.md); free on a large one.",
         )
         parser.add_argument(
             "--threads",
@@ -302,7 +311,7 @@ class MakemoreCLI(LightningCLI):
                     ModelCheckpoint(filename="last", monitor=None, save_top_k=1),
                 ]
             if config.get("monitors", True):
-                ours.extend(make_monitors())
+                ours.extend(make_monitors(spikes=bool(config.get("spikes", False))))
         # the user's --trainer.callbacks are kept (passing `callbacks=` to super() replaces them)
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         given = _as_list(init.get("trainer", {}).get("callbacks"))
@@ -418,7 +427,8 @@ def _known_flags() -> list[str]:
     flags = [f"--model.{n}" for n in [*params(MakemoreModule.__init__), *net_settings()]]
     flags += [f"--data.{n}" for n in params(NamesDataModule.__init__)]
     flags += [f"--trainer.{n}" for n in params(L.Trainer.__init__)]
-    return [*flags, "--monitors", "--threads", "--fast_path", "--config", "--seed_everything", "--ckpt_path"]
+    flags += ["--monitors", "--spikes", "--threads", "--fast_path"]
+    return [*flags, "--config", "--seed_everything", "--ckpt_path"]
 
 
 #: Lightning's generic flags that this model replaces with its own

@@ -87,7 +87,7 @@ def test_resume_continues_update_ratio_history(tmp_path):
 
 def test_state_dict_round_trip():
     state = {"warned": {"lr/high": "too high"}, "streaks": {"lr/low": 2}}
-    state |= {"steps": [9, 19], "history": {"w": [-3.0, -2.5]}}
+    state |= {"steps": [9, 19], "history": {"w": [-3.0, -2.5]}, "lrs": {"w": [0.1, 0.1]}}
     monitor = UpdateRatioMonitor()
     monitor.load_state_dict(state)
     assert (monitor.steps, monitor.history) == ([9, 19], {"w": [-3.0, -2.5]})

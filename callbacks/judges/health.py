@@ -154,14 +154,16 @@ class LearningRate(Judge):
                 f"updates are tiny: the median parameter's log10(update/data) is {median:.2f} < {self.low} for"
                 f" {self.patience} logged steps (smallest: `{lo_name}` {lo:.2f})."
             )
-            found.append(Finding("lr/low", step, "", message, "The learning rate is probably too low.", "update_ratio"))
+            found.append(
+                Finding("lr/low", step, "", message, "The learning rate is probably too low.", "update_ratio/history")
+            )
         if self.record.streak("lr/high", median > self.high) == self.patience:
             message = (
                 f"updates are large: the median parameter's log10(update/data) is {median:.2f} > {self.high} for"
                 f" {self.patience} logged steps (largest: `{hi_name}` {hi:.2f})."
             )
             fix = "The learning rate is probably too high."
-            found.append(Finding("lr/high", step, "", message, fix, "update_ratio"))
+            found.append(Finding("lr/high", step, "", message, fix, "update_ratio/history"))
         return found
 
 

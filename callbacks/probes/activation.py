@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from callbacks._cadence import Cadence, Moment
@@ -100,9 +102,17 @@ class ActivationProbe(Probe):
         return [(w.name, w.module) for w in self.watched]
 
     def on_output(self, rec: Recording, name: str, output: Tensor) -> None:
-        _, saturation, relu_like, _, _ = self._facts[name]
-        hist = rec.moments[self].histograms
-        rec.add(f"activation/{name}", output, histogram=hist, saturation=saturation, relu_like=relu_like)
+        moment = rec.moments.get(self)
+        if moment is not None:
+            _, saturation, relu_like, _, _ = self._facts[name]
+            hist = moment.histograms
+            rec.add(f"activation/{name}", output, histogram=hist, saturation=saturation, relu_like=relu_like)
+        if rec.tracing:  # the root mean square, every step
+            x = output.detach()
+            rec.trace(f"act/{name}", torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(max(x.numel(), 1)))
+
+    def trace_columns(self) -> list[str]:
+        return [f"act/{w.name}" for w in self.watched]
 
     def tags(self, moment: Moment) -> tuple[list[str], set[str]]:
         tags = [f"activation/{w.name}" for w in self.watched]

@@ -54,19 +54,35 @@ class Scalar:
 
 
 class Recording:
-    """A recorded step as probes see it: where tensors go (``add``), and what the step is.
+    """A step as probes see it: where tensors go (``add``), what the step records, and its trace row.
 
-    Made by the recorder for each step it records; an error inside a probe is kept here (``guard``) and raised on
-    every rank after the step's reduction, so no rank waits forever for another.
+    Made by the recorder for each step it records (``moments``: what each probe records; empty on a step that is
+    only traced) and, when it traces, for every step: a few cheap numbers a step (``trace``), kept on the device
+    in a ring the judges read. An error inside a probe is kept here (``guard``) and raised on every rank after the
+    step's reduction, so no rank waits forever for another.
     """
 
-    def __init__(self, step: int, trainer: pl.Trainer, pl_module: pl.LightningModule, moments: dict[Any, Moment]):
+    def __init__(
+        self,
+        step: int,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        moments: dict[Any, Moment],
+        tracing: bool = False,
+    ) -> None:
         self.step = step
         self.trainer = trainer
         self.pl_module = pl_module
         self.moments = moments  # probe -> what it records on this step
+        self.tracing = tracing
         self.pool = Pool()
+        self.traced: dict[tuple[str, ...], Tensor] = {}  # trace columns -> their values on the device
         self.error: BaseException | None = None
+
+    def trace(self, columns: str | tuple[str, ...], values: Tensor) -> None:
+        """Puts this step's values of trace ``columns`` (one column: a 0-dim tensor; several: 1-D), left on the
+        device until the judges read the trace."""
+        self.traced[(columns,) if isinstance(columns, str) else columns] = values
 
     @property
     def world_size(self) -> int:
@@ -133,9 +149,17 @@ class Probe:
         """``(name, module)`` whose forward outputs go to :meth:`on_output` on recorded steps."""
         return ()
 
+    def trace_columns(self) -> list[str]:
+        """The columns it fills in the every-step trace (``rec.trace``) when the recorder traces; none by default."""
+        return []
+
     # -- a recorded step
     def on_output(self, rec: Recording, name: str, output: Tensor) -> None:
-        """A watched module's forward output (the first floating-point tensor of it)."""
+        """A watched module's forward output (the first floating-point tensor of it).
+
+        The three step methods are called on recorded steps (``self in rec.moments``) and, when the recorder
+        traces, on every step (``rec.tracing``).
+        """
 
     def before_optimizer_step(self, rec: Recording, optimizer: Optimizer) -> None:
         """Right before ``optimizer`` steps: its gradients are final."""

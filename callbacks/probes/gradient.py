@@ -84,9 +84,10 @@ class GradientProbe(Probe):
         return [(w.name, w.module) for w in self.watched]
 
     def on_output(self, rec: Recording, name: str, output: Tensor) -> None:
-        if not output.requires_grad:
+        moment = rec.moments.get(self)
+        if moment is None or not output.requires_grad:
             return
-        tag, hist = f"activation_grad/{name}", rec.moments[self].histograms
+        tag, hist = f"activation_grad/{name}", moment.histograms
         output.register_hook(rec.guard(lambda grad: rec.add(tag, grad, histogram=hist)))
 
     def tags(self, moment: Moment) -> tuple[list[str], set[str]]:

@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from callbacks._cadence import Cadence, Moment
 from callbacks._compile import tag_name
-from callbacks._selection import select_parameters
+from callbacks._selection import biases_before_batchnorm, select_parameters
 from callbacks._stats import Summary
 from callbacks.probes.base import Chart, Probe, Recording, Scalar
 
@@ -47,6 +48,11 @@ def local_part(t: Tensor, trainer: pl.Trainer) -> Tensor | None:
     return t if trainer.world_size <= 1 or trainer.global_rank == 0 else None
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a ``DTensor``, else ``t``."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
 class Parameters:
     """The watched parameters: ``params`` patterns (default: all trainable ones) with at least ``min_ndim`` dims."""
 
@@ -54,22 +60,27 @@ class Parameters:
         self.params = params
         self.min_ndim = min_ndim
         self.named: dict[str, Tensor] = {}  # tag name (without `_orig_mod.`) -> parameter
+        self._of: dict[int, list[tuple[str, Tensor, dict]]] = {}  # id(optimizer) -> its watched parameters
 
     def attach(self, pl_module: pl.LightningModule, owner: str) -> None:
         from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
         params = dict(pl_module.named_parameters())
         self.named = {tag_name(n): params[n] for n in select_parameters(pl_module, self.params, self.min_ndim)}
+        self._of = {}
         if not self.named:
             rank_zero_warn(
                 f"{owner} found no parameter to watch (trainable, >= {self.min_ndim}-D"
                 f"{', matching ' + repr(list(self.params)) if self.params else ''})."
             )
 
-    def of(self, optimizer: Optimizer) -> list[tuple[str, Tensor]]:
-        """The watched parameters that ``optimizer`` steps."""
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [(n, p) for n, p in self.named.items() if id(p) in ids]
+    def of(self, optimizer: Optimizer) -> list[tuple[str, Tensor, dict]]:
+        """The watched parameters that ``optimizer`` steps, each with its parameter group (found once a fit)."""
+        found = self._of.get(id(optimizer))
+        if found is None:
+            groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+            found = self._of[id(optimizer)] = [(n, p, groups[id(p)]) for n, p in self.named.items() if id(p) in groups]
+        return found
 
 
 @dataclass
@@ -85,6 +96,7 @@ class ParameterGradient:
 class ParameterGradients:
     step: int
     params: list[ParameterGradient]
+    biases_before_norm: list[tuple[str, str]]  # (bias, "norm (BatchNorm1d)"): biases a batch norm subtracts
 
 
 CHART = Chart("weight grad:data ratio (grad std / weight std)", 50, "param_grad/grad_to_data")
@@ -113,26 +125,39 @@ class ParameterProbe(Probe):
         self._seen: list[str] = []  # the tags added this step, in parameter order (the same on every rank)
         self._nonfinite: set[str] = set()
         self._data: dict[str, Summary] = {}  # this step's `param/` summaries (with a gradient or not)
+        self._biases: list[tuple[str, str]] = []
         self.latest: ParameterGradients | None = None
         self.last: ParameterGradients | None = None
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.selection.attach(pl_module, self.owner)
         self._shapes = {n: tuple(p.shape) for n, p in self.selection.named.items()}
+        self._biases = biases_before_batchnorm(pl_module)
 
     def detach(self) -> None:
         self.selection.named = {}
 
     def before_optimizer_step(self, rec: Recording, optimizer: Optimizer) -> None:
-        hist = rec.moments[self].histograms
-        for name, p in self.selection.of(optimizer):
+        moment = rec.moments.get(self)
+        pairs = self.selection.of(optimizer)
+        if rec.tracing:  # each gradient's norm, every step (this rank's shard under FSDP2)
+            grads = [(f"grad/{name}", p.grad) for name, p, _ in pairs if p.grad is not None]
+            if grads:
+                norms = [torch.linalg.vector_norm(_local(g), dtype=torch.float32) for _, g in grads]
+                rec.trace(tuple(c for c, _ in grads), torch.stack(norms))
+        if moment is None:
+            return
+        for name, p, _ in pairs:
             for tag, t in ((f"param/{name}", p), (f"param_grad/{name}", p.grad)):
                 if t is None or tag in self._seen:
                     continue
                 self._seen.append(tag)  # the gradients are the same on every rank: DDP and FSDP2 reduce them
                 local = local_part(t, rec.trainer)
                 if local is not None:
-                    rec.add(tag, local, histogram=hist)
+                    rec.add(tag, local, histogram=moment.histograms)
+
+    def trace_columns(self) -> list[str]:
+        return [f"grad/{name}" for name in self.selection.named]
 
     def tags(self, moment: Moment) -> tuple[list[str], set[str]]:
         tags, self._seen = self._seen, []
@@ -146,7 +171,7 @@ class ParameterProbe(Probe):
                 continue
             ratio = grad.std / data.std if data.std > 0 else math.nan
             params.append(ParameterGradient(name, self._shapes.get(name, ()), data, grad, ratio))
-        readout = ParameterGradients(step, params)
+        readout = ParameterGradients(step, params, self._biases)
         self._data = {n: s for n, s in summaries.items() if n.startswith("param/")}
         if params:
             self.latest = readout

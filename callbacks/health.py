@@ -1,0 +1,110 @@
+"""``HealthMonitor``: the four monitors, the loss, the lecture's diagnoses and one health report, in one callback."""
+
+from typing import Any
+
+from typing_extensions import override
+
+from callbacks._cadence import Cadence
+from callbacks._recorder import Part
+from callbacks._report import Report
+from callbacks.activation import ActivationMonitor, GradientMonitor
+from callbacks.group import CallbackGroup
+from callbacks.judges.init import InitCheck
+from callbacks.judges.lr import LearningRateAdvice
+from callbacks.judges.outliers import OutlierActivations
+from callbacks.judges.spikes import LossSpikes
+from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
+from callbacks.probes.loss import LossProbe
+
+
+class HealthMonitor(CallbackGroup):
+    r"""Watches a fit as the lecture would and says what is wrong, in which layer, and what to change.
+
+    The four monitors (:class:`ActivationMonitor`, :class:`GradientMonitor`, :class:`ParameterMonitor`,
+    :class:`UpdateRatioMonitor`, with their tags, figures and warnings) as one recorder, plus the loss and these
+    diagnoses, each finding with its step, layer, numbers and fix:
+
+    - **the check at initialisation** (step 0, before the first update): the loss against ``ln(C)`` (a uniform
+      guess), saturated activations, activations and gradients shrinking or growing with depth, parameters whose
+      grad:data ratio is far from the others', biases right before a batch normalisation. Printed as one block
+      when training starts;
+    - **learning-rate advice per layer** at the end of fit, from the update:data history (about 1e-3 is healthy);
+    - **loss spikes** with the layer that moved first, from a few cheap numbers recorded on *every* step
+      (``trace``): each parameter's gradient norm and update:data ratio, each watched module's output RMS;
+    - **outlier activations**: a module whose largest output is orders of magnitude above its RMS.
+
+    At the end of fit, one report: ``health.md`` in the run's folder, the same in TensorBoard's Text tab
+    (``health/report``), a W&B table or an MLflow artifact, and its verdict on the console.
+
+    Args:
+        every_n_steps: the monitors' scalars (and the diagnoses) every n optimizer steps, and at step 0;
+            default ``Trainer(log_every_n_steps)``.
+        histogram_every_n_steps: default ``10 * every_n_steps``; ``0`` turns histograms off.
+        figure_every_n_steps: default about 5 a fit, plus step 0 and the end.
+        num_classes: ``C`` of the uniform-guess loss ``ln(C)``; default: the ``out_features`` of the model's last
+            ``nn.Linear`` (the report says which); ``0``: no loss check (a model whose loss is not a cross-entropy).
+        trace: record the cheap numbers of every step (the loss-spike diagnosis needs them).
+        report: write the report (``health.md`` and the loggers') and print the init check and the verdict.
+        warn: the monitors' health warnings as they happen.
+
+    Raises:
+        MisconfigurationException: with ``Trainer(logger=False)``.
+        ValueError: for invalid arguments.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from callbacks import HealthMonitor
+
+        trainer = Trainer(callbacks=[HealthMonitor()])  # then read lightning_logs/version_0/health.md
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        figure_every_n_steps: int | None = None,
+        num_classes: int | None = None,
+        trace: bool = True,
+        report: bool = True,
+        warn: bool = True,
+    ) -> None:
+        for arg, value in (("trace", trace), ("report", report), ("warn", warn)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Expected `{arg}` to be a bool, but got {value!r}.")
+        cadence = {"every_n_steps": every_n_steps, "figure_every_n_steps": figure_every_n_steps}
+        super().__init__(
+            [
+                ActivationMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
+                GradientMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
+                ParameterMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
+                UpdateRatioMonitor(warn=warn, **cadence),
+            ]
+        )
+        self.loss = LossProbe(Cadence(every_n_steps, 0, 0), num_classes)
+        judges = [InitCheck(), LearningRateAdvice(), LossSpikes(), OutlierActivations()]
+        #: the diagnoses: the loss probe and the judges that read every probe; reported, not warned one by one
+        self.diagnoses = Part(type(self).__name__, [self.loss], judges, warn=False)
+        assert self.recorder is not None
+        self.recorder.parts.append(self.diagnoses)
+        self.recorder.trace = trace
+        self.recorder.report = Report() if report else None
+
+    @property
+    def findings(self) -> list:
+        """Every finding of the last fit, in the order found (the monitors' and the diagnoses')."""
+        assert self.recorder is not None
+        return [f for part in self.recorder.parts for f in part.record.findings]
+
+    @property
+    def report(self) -> Report | None:
+        """The last fit's report (its ``verdict``, ``text`` and ``path``), or None with ``report=False``."""
+        return self.recorder.report if self.recorder is not None else None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"diagnoses": self.diagnoses.record.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diagnoses.record.load_state_dict(state_dict.get("diagnoses", {}))

@@ -1,0 +1,97 @@
+"""Learning-rate advice per layer, from the update:data history: which parameters sit how far from 1e-3.
+
+The lecture's rule: ``log10(std(update) / std(weight))`` about -3 is healthy; well above (-2 and higher) the
+learning rate is too high for that parameter, well below (-4 and lower) too low. At the end of fit each parameter's
+typical ratio is the median of its recorded ratios while its learning rate was at its peak (a schedule's later
+drops lower every ratio by the same decades on purpose), after the first tenth of the fit. The output layer scaled
+down at init (the lecture's softmax fix) sits above the rest while its weights are small: a note, not a problem.
+It holds for any optimizer: the updates are measured, not computed from the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from callbacks.judges.base import Finding, Judge, Readouts
+
+#: the lecture's healthy log10 update:data ratio, and how far (in decades) a parameter may sit from it
+TARGET, TOLERANCE = -3.0, 1.0
+#: a parameter this many decades from the median parameter is advised on by itself
+APART = 0.5
+#: recorded steps a parameter needs in its peak-lr phase for advice
+MIN_POINTS = 5
+
+
+def typical_ratio(history: list[float], lrs: list[float]) -> float | None:
+    """The median log10 ratio while the lr was at its peak, after the first tenth of the points (None: too few)."""
+    finite_lrs = [lr for lr in lrs if math.isfinite(lr)]
+    peak = max(finite_lrs) if finite_lrs else None
+    start = len(history) // 10
+    points = [
+        r
+        for i, r in enumerate(history)
+        if i >= start
+        and math.isfinite(r)
+        and (peak is None or i >= len(lrs) or not math.isfinite(lrs[i]) or lrs[i] >= peak * (1 - 1e-9))
+    ]
+    return statistics.median(points) if len(points) >= MIN_POINTS else None
+
+
+def _times(ratio: float) -> str:
+    """How many times the lecture's 1e-3 a log10 ratio is: ``"~12×"`` or ``"~1/30"``."""
+    factor = 10 ** (ratio - TARGET)
+    return f"~{factor:.0f}×" if factor >= 1 else f"~1/{1 / factor:.0f}"
+
+
+class LearningRateAdvice(Judge):
+    """At the end of fit: the learning rate too high or too low, for the model or for single layers."""
+
+    reads = ("update_ratio",)
+
+    def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
+        ratios: Any = readouts["update_ratio"]
+        typical = {
+            n: r
+            for n, history in ratios.history.items()
+            if (r := typical_ratio(history, ratios.lrs.get(n, []))) is not None
+        }
+        if not typical:
+            return []
+        found = []
+        median = statistics.median(typical.values())
+        if abs(median - TARGET) > TOLERANCE:
+            high = median > TARGET
+            message = (
+                f"The learning rate is too {'high' if high else 'low'} for most layers: the median parameter's updates"
+                f" are 10^{median:.1f} of its weights, {_times(median)} the lecture's 1e-3 (at the peak learning rate)."
+            )
+            fix = f"{'Divide' if high else 'Multiply'} the learning rate by about {10 ** abs(median - TARGET):.0f}."
+            found.append(Finding("lr/model", step, "", message, fix, "update_ratio/history"))
+        for name, r in typical.items():
+            if abs(r - TARGET) <= TOLERANCE or abs(r - median) <= APART:
+                continue
+            high = r > TARGET
+            if high and name == ratios.output:  # the lecture's expected exception
+                message = (
+                    f"`{name}`, the output layer: updates are 10^{r:.1f} of the weight, {_times(r)} the lecture's"
+                    f" 1e-3 (the median parameter: 10^{median:.1f})."
+                )
+                fix = (
+                    "Expected while its weights are small (an output layer scaled down at init, as the lecture does):"
+                    " its ratio comes down as they grow. Nothing to change while the loss falls."
+                )
+                found.append(Finding(f"lr/{name}", step, name, message, fix, "update_ratio/history", "note"))
+                continue
+            message = (
+                f"`{name}`: updates are 10^{r:.1f} of the weight, {_times(r)} the lecture's 1e-3 (the median parameter:"
+                f" 10^{median:.1f}): the learning rate is too {'high' if high else 'low'} for this layer."
+            )
+            fix = (
+                f"Give it a parameter group of its own with a learning rate about {10 ** abs(r - TARGET):.0f}×"
+                f" {'smaller' if high else 'larger'}"
+                + (", or check its init (its weights may be too small)." if high else ", or check what starves it.")
+            )
+            found.append(Finding(f"lr/{name}", step, name, message, fix, "update_ratio/history"))
+        return found

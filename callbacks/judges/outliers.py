@@ -1,0 +1,48 @@
+"""Outlier activations: a watched module whose largest output is orders of magnitude above its typical one.
+
+A few features (channels) growing far above the rest is how Transformers' "outlier features" start; they hurt
+quantisation and precede instabilities. For each watched module on recorded steps: ``max |y|`` against the root
+mean square of ``y`` (both of the global batch). A Gaussian of a million values peaks near 5 RMS; a bounded
+activation cannot go past its bound. Above ``ratio`` on ``patience`` consecutive recorded steps, the module is named.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from callbacks.judges.base import Finding, Judge, Readouts
+
+
+class OutlierActivations(Judge):
+    """A module whose ``max |output|`` stays above ``ratio`` times its output's RMS."""
+
+    reads = ("activation",)
+
+    def __init__(self, ratio: float = 50.0, patience: int = 3) -> None:
+        super().__init__()
+        self.ratio, self.patience = ratio, patience
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        acts: Any = readouts["activation"]
+        found = []
+        for layer in acts.layers:
+            s = layer.summary
+            if s.count == 0:
+                continue
+            rms = math.sqrt(max(s.sum_squares, 0.0) / s.count)
+            peak = max(abs(s.min), abs(s.max))
+            ratio = peak / rms if rms > 0 else 0.0
+            key = f"outlier/{layer.name}"
+            if self.record.streak(key, ratio > self.ratio) != self.patience:
+                continue
+            message = (
+                f"`{layer.label}` has outlier activations: its largest output, {peak:.3g}, is {ratio:.0f}× its RMS"
+                f" {rms:.3g} (above {self.ratio:.0f}× for {self.patience} logged steps): a few features dominate it."
+            )
+            fix = (
+                "Find the features (its histogram's far tail) and what feeds them: check the normalisation before it"
+                " (its gain), add weight decay, or lower the learning rate."
+            )
+            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution"))
+        return found

@@ -1,0 +1,136 @@
+"""Loss spikes, with the layer that moved first: read from the every-step trace (``callbacks._trace``).
+
+A step's loss is a spike when it is far above its recent past: a robust z-score (distance from the median of the
+previous ``window`` steps, in median absolute deviations scaled to a normal's sigma) of at least ``z``. Then every
+per-layer column of the trace (each parameter's gradient norm and update:data ratio, each watched module's output
+RMS; the positive ones on a log scale) is compared with its own past the same way, over the ``lookback`` steps up
+to the spike: the one that left its range first, by how much and how many steps before the loss, is named.
+Per-layer update-norm spikes come before loss spikes and are largest in the lower layers in practitioners' runs
+(marin-community/marin#1368); a corrupted batch moves every gradient with the loss, at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from typing import Any
+
+from callbacks.judges.base import Finding, Judge, Readouts
+
+#: what each trace column is, for the message, and whether it is compared on a log scale
+STATS = {"act": ("output RMS", True), "grad": ("gradient norm", True), "upd": ("update:data ratio", False)}
+
+
+def robust_z(value: float, past: list[float]) -> tuple[float, float]:
+    """``(z, median)``: how many robust sigmas ``value`` sits above the median of ``past`` (1.4826 MAD)."""
+    median = statistics.median(past)
+    mad = statistics.median(abs(v - median) for v in past) * 1.4826
+    mad = max(mad, 1e-3 * abs(median), 1e-12)  # a flat past: a small floor, not a division by zero
+    return (value - median) / mad, median
+
+
+class LossSpikes(Judge):
+    """Finds loss spikes in the trace and names the layer whose statistic left its own range first."""
+
+    reads = ("trace",)
+
+    def __init__(self, z: float = 6.0, window: int = 100, lookback: int = 10, cooldown: int = 50) -> None:
+        super().__init__()
+        self.z, self.window, self.lookback, self.cooldown = z, window, lookback, cooldown
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: dict[str, deque[float]] = {}
+        self.steps: deque[int] = deque(maxlen=self.window + self.lookback + 1)
+        self.quiet_until = -1  # after a spike, its aftermath is not another one
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        trace: Any = readouts["trace"]
+        found = []
+        keep = self.window + self.lookback + 1
+        for s, row in zip(trace.steps, trace.rows, strict=True):
+            for column, value in zip(trace.columns, row, strict=True):
+                series = self.history.setdefault(column, deque(maxlen=keep))
+                series.append(self._scale(column, value))
+            self.steps.append(s)
+            finding = self._spike(s)
+            if finding is not None:
+                found.append(finding)
+        return found
+
+    def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
+        return self.observe(step, readouts)  # the rows since the last recorded step
+
+    @staticmethod
+    def _scale(column: str, value: float) -> float:
+        kind = column.split("/", 1)[0]
+        if STATS.get(kind, ("", False))[1]:
+            return math.log10(value) if value > 0 else math.nan
+        return value
+
+    def _spike(self, step: int) -> Finding | None:
+        loss = self.history.get("loss")
+        if loss is None or len(loss) <= self.window or step < self.quiet_until:
+            return None
+        past = [v for v in list(loss)[-self.window - 1 : -1] if math.isfinite(v)]
+        if len(past) < self.window // 2 or not math.isfinite(loss[-1]):
+            return None
+        z, typical = robust_z(loss[-1], past)
+        if z < self.z:
+            return None
+        self.quiet_until = step + self.cooldown
+        first = self._first_to_move()
+        message = f"The loss spiked at step {step}: {loss[-1]:.3g} against a typical {typical:.3g} (robust z {z:.0f})."
+        if first is None:
+            fix = "No layer's statistics moved before it: look at the batch of that step (a corrupted or unusual one)."
+            return Finding(f"spike/{step}", step, "", message, fix, "loss")
+        column, lag, zc, value, normal = first
+        kind, name = column.split("/", 1)
+        what, log = STATS[kind]
+        shown = (lambda v: f"{10**v:.3g}") if log else (lambda v: f"{v:.2f}")
+        when = f"{lag} step{'s' if lag != 1 else ''} before the loss" if lag else "at the same step as the loss"
+        message += (
+            f" First to leave its own range: the {what} of `{name}`, {when} ({shown(value)} against a typical"
+            f" {shown(normal)}, robust z {zc:.0f})."
+        )
+        if kind == "upd" and lag:
+            fix = (
+                "Its updates jumped before the loss did: the learning rate is too high for it at this point (a jump"
+                " or a warm-up too short): lower or warm up the learning rate, or clip the gradients."
+            )
+        elif kind == "grad" and not lag:
+            fix = (
+                "The gradients jumped with the loss, nothing moved before: a bad batch. Clip the gradients"
+                " (gradient_clip_val) and look at the data of that step."
+            )
+        elif kind == "act":
+            fix = (
+                "Its outputs grew before the loss: an instability in this layer (outlier features); check its"
+                " normalisation and lower the learning rate."
+            )
+        else:
+            fix = "Lower the learning rate or clip the gradients, and look at that step's batch."
+        return Finding(f"spike/{step}", step, name, message, fix, "update_ratio/history" if kind == "upd" else "loss")
+
+    def _first_to_move(self) -> tuple[str, int, float, float, float] | None:
+        """``(column, steps before the loss, z, value, typical)`` of the column that left its range first."""
+        best = None
+        for column, series in self.history.items():
+            if column == "loss" or len(series) <= self.window:
+                continue
+            values = list(series)
+            base = [v for v in values[: -self.lookback - 1][-self.window :] if math.isfinite(v)]
+            if len(base) < self.window // 2:
+                continue
+            for lag in range(self.lookback, -1, -1):  # the earliest step first
+                value = values[-1 - lag]
+                if not math.isfinite(value):
+                    continue
+                z, typical = robust_z(value, base)
+                if z >= self.z:
+                    candidate = (column, lag, z, value, typical)
+                    if best is None or lag > best[1] or (lag == best[1] and z > best[2]):
+                        best = candidate
+                    break
+        return best

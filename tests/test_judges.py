@@ -1,0 +1,267 @@
+"""Each judge on hand-made readouts: no training, no tensors, plain numbers in, findings out (microseconds)."""
+
+import math
+import random
+
+import pytest
+
+from callbacks._stats import Summary
+from callbacks._trace import TraceRows
+from callbacks.judges.health import (
+    DeadUnits,
+    LearningRate,
+    NonFinite,
+    Saturation,
+    VanishingGradients,
+    VanishingParameterGradients,
+)
+from callbacks.judges.init import InitCheck
+from callbacks.judges.lr import LearningRateAdvice, typical_ratio
+from callbacks.judges.outliers import OutlierActivations
+from callbacks.judges.spikes import LossSpikes, robust_z
+from callbacks.probes.activation import Activations, Layer
+from callbacks.probes.gradient import Gradients, LayerGradient
+from callbacks.probes.loss import Loss
+from callbacks.probes.parameter import ParameterGradient, ParameterGradients
+from callbacks.probes.update import UpdateRatios
+
+
+def summary(mean=0.0, std=1.0, count=1000, lo=-3.0, hi=3.0, order=0, nonfinite=0, rank=-1) -> Summary:
+    sum_squares = (std**2 * (count - 1) + mean**2 * count) if count else 0.0
+    return Summary(count, nonfinite, mean, std, lo, hi, mean * count, sum_squares, order=order, nonfinite_rank=rank)
+
+
+def tanh(name, std=0.6, saturation=0.05, order=0, norm=None) -> Layer:
+    s = summary(std=std, lo=-1.0, hi=1.0, order=order)
+    return Layer(name, f"{name} (Tanh)", "bounded", s, saturation, None, None, norm)
+
+
+def relu(name, dead, below="none", kind="ReLU") -> Layer:
+    return Layer(name, f"{name} ({kind})", "relu_like", summary(), None, dead, below, None)
+
+
+def acts(*layers, step=0) -> dict:
+    return {"activation": Activations(step, list(layers))}
+
+
+# ---------------------------------------------------------------------------------------- the health warnings
+def test_saturation_is_reported_once_after_its_patience():
+    judge = Saturation(limit=0.4, threshold=0.97, patience=3)
+    found = [judge.observe(s, acts(tanh("h", saturation=0.6))) for s in range(5)]
+    assert [len(f) for f in found] == [0, 0, 1, 0, 0]
+    (f,) = found[2]
+    assert f.key == "saturation/h" and f.where == "h (Tanh)" and "60.0%" in f.message and "Kaiming" in f.fix
+    # a healthy step breaks the streak
+    judge = Saturation(limit=0.4, threshold=0.97, patience=3)
+    seq = [0.6, 0.6, 0.1, 0.6, 0.6]
+    assert sum(len(judge.observe(s, acts(tanh("h", saturation=v)))) for s, v in enumerate(seq)) == 0
+
+
+def test_saturation_after_a_norm_advises_the_learning_rate():
+    judge = Saturation(limit=0.4, threshold=0.97, patience=1)
+    (f,) = judge.observe(0, acts(tanh("h", saturation=0.5, norm="bn (BatchNorm1d)")))
+    assert "`bn (BatchNorm1d)`" in f.fix and "learning rate" in f.fix
+
+
+@pytest.mark.parametrize(
+    ("below", "kind", "says"),
+    [("none", "ReLU", "no gradient"), ("some", "GELU", "small (not zero)"), ("some", "SiLU", "small (not zero)")],
+)
+def test_dead_units_say_what_is_true_for_each_activation(below, kind, says):
+    judge = DeadUnits(limit=0.1, patience=1)
+    (f,) = judge.observe(0, acts(relu("r", dead=0.3, below=below, kind=kind)))
+    assert says in f.message and f"r ({kind})" in f.message
+    if below == "some":
+        assert "no gradient" not in f.message
+
+
+def test_vanishing_gradients_against_the_largest_layer():
+    judge = VanishingGradients(ratio=1e-2, patience=1)
+    grads = Gradients(
+        0, [LayerGradient("a", "a (Tanh)", summary(std=1e-5)), LayerGradient("b", "b (Tanh)", summary(std=1e-2))]
+    )
+    (f,) = judge.observe(0, {"activation_grad": grads})
+    assert f.where == "a (Tanh)" and "1.00e-05" in f.message and "1.00e-02" in f.message
+
+
+def test_vanishing_parameter_gradients():
+    judge = VanishingParameterGradients(limit=1e-5, patience=2)
+    p = ParameterGradient("w", (4, 4), summary(std=1.0), summary(std=1e-7), 1e-7)
+    readout = {"param_grad": ParameterGradients(0, [p], [])}
+    assert judge.observe(0, readout) == [] and len(judge.observe(1, readout)) == 1
+
+
+def test_learning_rate_reads_the_median_parameter():
+    judge = LearningRate(low=-4.0, high=-2.0, patience=2)
+    # one parameter far above (an output layer scaled down at init): the median is fine, nothing to say
+    fine = {"update_ratio": UpdateRatios(0, {"a": -3.0, "b": -3.1, "head": -0.5}, [], {}, {})}
+    assert judge.observe(0, fine) == [] and judge.observe(1, fine) == []
+    high = {"update_ratio": UpdateRatios(0, {"a": -1.5, "b": -1.6, "head": -0.5}, [], {}, {})}
+    assert judge.observe(2, high) == []
+    (f,) = judge.observe(3, high)
+    assert f.key == "lr/high" and "is -1.50 > -2.0" in f.message and "`head` -0.50" in f.message
+
+
+def test_nonfinite_names_the_first_module_in_forward_order():
+    judge = NonFinite("activation")
+    late = tanh("late")
+    late.summary = summary(order=2, nonfinite=3, rank=1)
+    early = tanh("early")
+    early.summary = summary(order=0, nonfinite=1, rank=0)
+    (f,) = judge.observe(7, acts(late, early, tanh("fine", order=1)))
+    assert "first at `early (Tanh)` (of 2 affected, in forward order), step 7, rank 0" in f.message
+    assert f.message.startswith("3 non-finite values (NaN/inf) in `activation/late`")
+
+
+# ---------------------------------------------------------------------------------------- the init check
+def _init(loss=3.3, classes=27, layers=(), grads=(), params=(), biases=()) -> dict:
+    out = {"loss": Loss(0, loss, classes, "`head` (Linear, out_features=27)")}
+    if layers:
+        out["activation"] = Activations(0, list(layers))
+    if grads:
+        out["activation_grad"] = Gradients(0, list(grads))
+    if params or biases:
+        out["param_grad"] = ParameterGradients(0, list(params), list(biases))
+    return out
+
+
+def test_init_loss_against_the_uniform_guess():
+    (f,) = InitCheck().observe(0, _init(loss=27.88))
+    assert f.key == "init/loss" and f.where == "head" and "27.88" in f.message and "3.30 = ln(27)" in f.message
+    assert "0.01" in f.fix and "bias" in f.fix
+    assert InitCheck().observe(0, _init(loss=3.32)) == []  # the lecture's softmax fix: about ln 27
+    assert InitCheck().observe(0, _init(loss=27.88, classes=None)) == []  # no C: no claim
+    assert InitCheck().observe(5, _init(loss=27.88)) == []  # only at initialisation
+
+
+def test_init_check_runs_once_a_fit():
+    judge = InitCheck()
+    assert len(judge.observe(0, _init(loss=27.88))) == 1 and judge.observe(0, _init(loss=27.88)) == []
+    judge.reset()
+    assert len(judge.observe(0, _init(loss=27.88))) == 1
+
+
+def test_init_saturation_and_the_fix_in_the_lectures_terms():
+    found = InitCheck().observe(0, _init(layers=[tanh("h", saturation=0.61)]))
+    (f,) = found
+    assert f.where == "h (Tanh)" and "61%" in f.message and "1 - t²" in f.message and "gain 5/3 for Tanh" in f.fix
+
+
+def test_init_signal_shrinking_with_depth():
+    stds = [0.6, 0.35, 0.2, 0.11, 0.06]
+    layers = [tanh(f"b{i}", std=s, saturation=0.0, order=i) for i, s in enumerate(stds)]
+    (f,) = InitCheck().observe(0, _init(layers=layers))
+    assert f.key == "init/vanishing/Tanh" and f.where == "b4 (Tanh)" and "(0.10×)" in f.message
+    assert "gain 5/3 for Tanh" in f.fix
+    steady = [tanh(f"b{i}", std=0.6, saturation=0.02, order=i) for i in range(5)]  # Kaiming + BatchNorm: steady
+    assert InitCheck().observe(0, _init(layers=steady)) == []
+
+
+def test_init_gradients_vanishing_toward_the_input():
+    # gradients arrive in backward order: the last layer first (order 0)
+    stds = {"b0": 1e-5, "b1": 1e-4, "b2": 1e-3}
+    grads = [LayerGradient(n, f"{n} (Tanh)", summary(std=s, order=2 - i)) for i, (n, s) in enumerate(stds.items())]
+    (f,) = InitCheck().observe(0, _init(grads=grads))
+    assert f.key == "init/gradients/vanish" and f.where == "b0 (Tanh)" and "0.01×" in f.message
+
+
+def test_init_grad_to_data_outliers_the_output_layer_is_a_note():
+    def p(name, ratio, data_std=1.0):
+        return ParameterGradient(name, (2, 2), summary(std=data_std), summary(std=ratio * data_std), ratio)
+
+    params = [p("a", 0.003), p("b", 0.004), p("c", 0.002), p("head", 2.0, data_std=0.003)]
+    (f,) = InitCheck().observe(0, _init(params=params))
+    assert f.where == "head" and f.severity == "note" and "Expected" in f.fix
+    params[3] = p("head", 2.0, data_std=1.0)  # not small weights: a problem
+    (f,) = InitCheck().observe(0, _init(params=params))
+    assert f.severity == "problem"
+
+
+def test_init_bias_before_batchnorm_is_a_note():
+    (f,) = InitCheck().observe(0, _init(biases=[("lin.bias", "bn (BatchNorm1d)")]))
+    assert f.severity == "note" and f.where == "lin.bias" and "bias=False" in f.fix
+
+
+# ---------------------------------------------------------------------------------------- learning-rate advice
+def _ratios(history: dict, lrs: dict | None = None, output: str | None = None) -> dict:
+    steps = list(range(len(next(iter(history.values())))))
+    lrs = lrs or {n: [0.1] * len(v) for n, v in history.items()}
+    return {"update_ratio": UpdateRatios(steps[-1], {}, steps, history, lrs, output)}
+
+
+def test_typical_ratio_is_the_peak_lr_phase_after_the_first_tenth():
+    history = [-1.0] * 2 + [-3.0] * 18 + [-4.0] * 20  # settling, the peak phase, then the lr drops 10x
+    lrs = [0.1] * 20 + [0.01] * 20
+    assert typical_ratio(history, lrs) == -3.0
+    assert typical_ratio([-3.0] * 3, [0.1] * 3) is None  # too few points
+
+
+def test_lr_advice_for_the_model():
+    (f,) = LearningRateAdvice().conclude(99, _ratios({"a": [-1.9] * 20, "b": [-2.0] * 20, "c": [-1.8] * 20}))
+    assert f.key == "lr/model" and "too high" in f.message and "10^-1.9" in f.message and "~13×" in f.message
+    assert "Divide the learning rate by about 13" in f.fix
+    (f,) = LearningRateAdvice().conclude(99, _ratios({"a": [-5.1] * 20, "b": [-5.0] * 20}))
+    assert "too low" in f.message and "Multiply" in f.fix
+
+
+def test_lr_advice_for_one_layer_and_the_output_layers_exception():
+    history = {"blocks.0.weight": [-3.0] * 20, "blocks.4.weight": [-1.9] * 20, "blocks.2.weight": [-3.1] * 20}
+    (f,) = LearningRateAdvice().conclude(99, _ratios(history))
+    assert f.where == "blocks.4.weight" and "10^-1.9" in f.message and "~13×" in f.message
+    assert "too high for this layer" in f.message and "13× smaller" in f.fix
+    (f,) = LearningRateAdvice().conclude(99, _ratios(history, output="blocks.4.weight"))
+    assert f.severity == "note" and "output layer" in f.message
+    assert LearningRateAdvice().conclude(99, _ratios({"a": [-3.0] * 20, "b": [-2.7] * 20})) == []  # healthy
+
+
+# ---------------------------------------------------------------------------------------- loss spikes
+def _trace(n: int, spike_at: int | None = None, mover: str | None = None, lead: int = 0, seed: int = 0) -> TraceRows:
+    """A noisy flat trace of loss, three layers' update ratios and gradient norms; optionally a loss spike at
+    ``spike_at`` and ``mover``'s statistic jumping ``lead`` steps before it."""
+    rng = random.Random(seed)
+    columns = ["loss", *(f"upd/l{i}" for i in range(3)), *(f"grad/l{i}" for i in range(3))]
+    rows = []
+    for t in range(n):
+        row = [2.0 + rng.gauss(0, 0.02), *(-3.0 + rng.gauss(0, 0.05) for _ in range(3))]
+        row += [1.0 * math.exp(rng.gauss(0, 0.05)) for _ in range(3)]
+        if spike_at is not None and t >= spike_at:
+            row[0] = 5.0 if t == spike_at else 2.0 + rng.gauss(0, 0.02)
+        if mover is not None and spike_at is not None and spike_at - lead <= t <= spike_at:
+            row[columns.index(mover)] = -1.0 if mover.startswith("upd") else 30.0
+        rows.append(row)
+    return TraceRows(columns, list(range(n)), rows)
+
+
+def test_robust_z_by_hand():
+    z, median = robust_z(10.0, [1.0, 2.0, 3.0, 4.0, 5.0])  # median 3, MAD 1 -> sigma 1.4826
+    assert median == 3.0 and z == pytest.approx(7 / 1.4826)
+
+
+def test_a_loss_spike_names_the_layer_that_moved_first_and_how_early():
+    judge = LossSpikes()
+    (f,) = judge.observe(299, {"trace": _trace(300, spike_at=200, mover="upd/l1", lead=3)})
+    assert f.step == 200 and f.where == "l1"
+    assert "update:data ratio of `l1`, 3 steps before the loss" in f.message and "learning rate" in f.fix
+
+
+def test_a_corrupted_batch_moves_the_gradients_with_the_loss():
+    (f,) = LossSpikes().observe(299, {"trace": _trace(300, spike_at=200, mover="grad/l2", lead=0)})
+    assert "gradient norm of `l2`, at the same step as the loss" in f.message and "bad batch" in f.fix
+
+
+def test_no_spike_in_noise_and_the_trace_read_in_pieces():
+    judge = LossSpikes()
+    whole = _trace(600, seed=3)
+    for start in range(0, 600, 50):  # as the recorder reads it: the rows since the last read
+        piece = TraceRows(whole.columns, whole.steps[start : start + 50], whole.rows[start : start + 50])
+        assert judge.observe(start + 49, {"trace": piece}) == []
+
+
+# ---------------------------------------------------------------------------------------- outlier activations
+def test_outlier_activations():
+    judge = OutlierActivations(ratio=50.0, patience=2)
+    normal = Layer("g", "g (GELU)", "relu_like", summary(std=1.0, lo=-0.2, hi=5.0), None, 0.0, "some", None)
+    outlier = Layer("g", "g (GELU)", "relu_like", summary(std=1.0, lo=-0.2, hi=400.0), None, 0.0, "some", None)
+    assert judge.observe(0, acts(normal)) == [] and judge.observe(1, acts(outlier)) == []
+    (f,) = judge.observe(2, acts(outlier))
+    assert f.where == "g (GELU)" and "400" in f.message and "400×" in f.message
