@@ -74,7 +74,7 @@ class UpdateProbe(Probe):
         self.selection.named = {}
         self._before: dict[str, tuple[Tensor, Tensor | None]] = {}  # name -> (parameter, this rank's part before)
         self._seen: list[str] = []  # the parameters measured this step (the same on every rank)
-        self._sample: dict[str, Tensor] = {}  # name -> the indices of its sampled elements (the trace)
+        self._sample: dict[str, Tensor] = {}  # name -> the indices of its sampled elements (the trace; made once)
         self._sampled: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (parameter, its sample before the step)
         self._lr: dict[str, float] = {}  # name -> the learning rate of its parameter group at the last step
         self._output: str | None = None
@@ -86,11 +86,6 @@ class UpdateProbe(Probe):
         self.selection.attach(pl_module, self.owner)
         last = output_layer(pl_module)
         self._output = tag_name(f"{last[0]}.weight") if last is not None else None
-        g = torch.Generator().manual_seed(0)  # the same elements in every fit (and on every rank)
-        self._sample = {
-            n: torch.randint(0, max(_flat(p).numel(), 1), (SAMPLE,), generator=g).to(p.device)
-            for n, p in self.selection.named.items()
-        }
 
     def detach(self) -> None:
         self.selection.named = {}
@@ -102,7 +97,7 @@ class UpdateProbe(Probe):
         if rec.tracing:  # a fixed sample of each parameter, before its step
             for name, p, _ in pairs:
                 if p.grad is not None and name not in self._sampled:
-                    self._sampled[name] = (p, _flat(p)[self._sample[name]])
+                    self._sampled[name] = (p, _flat(p)[self._sample_of(name, p)])
         if moment is None or not moment.scalars:
             return
         for name, p, group in pairs:
@@ -133,6 +128,14 @@ class UpdateProbe(Probe):
 
     def trace_columns(self) -> list[str]:
         return [f"upd/{n}" for n in self.selection.named]
+
+    def _sample_of(self, name: str, p: Tensor) -> Tensor:
+        """The indices of the elements of ``p`` sampled for the trace: the same in every fit and on every rank."""
+        idx = self._sample.get(name)
+        if idx is None:
+            g = torch.Generator().manual_seed(sum(map(ord, name)))
+            idx = self._sample[name] = torch.randint(0, max(_flat(p).numel(), 1), (SAMPLE,), generator=g).to(p.device)
+        return idx
 
     def tags(self, moment: Moment) -> tuple[list[str], set[str]]:
         names, self._seen = self._seen, []
