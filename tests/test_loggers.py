@@ -244,3 +244,37 @@ def test_a_second_fit_with_a_new_logger_gets_its_own_layout(tmp_path):
         t = trainer(tmp_path, [monitor], max_steps=2, logger=tb_logger(tmp_path, name))
         t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), 2))
         assert read_events(t.logger.log_dir).Tensors("custom_scalars__config__"), name
+
+
+def test_the_health_report_reaches_wandb_as_a_table_and_mlflow_as_health_md(tmp_path, monkeypatch):
+    """The report of a naive-init classifier: W&B gets a table of its findings, MLflow the markdown as health.md."""
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+    from mlflow import MlflowClient
+
+    from callbacks import HealthMonitor
+    from tests.test_health_monitor import Classifier, _data
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = MLFlowLogger(experiment_name="health", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"))
+    wb = WandbLogger(offline=True, save_dir=str(tmp_path), project="health")
+    monitor = HealthMonitor(every_n_steps=2)
+    t = trainer(tmp_path, [monitor], max_steps=4, logger=[wb, mlflow], log_every_n_steps=2)
+    try:
+        t.fit(Classifier(scale=40.0), _data(4))
+    finally:
+        wandb.finish()
+    findings = monitor.findings
+    assert any(f.key == "init/loss" for f in findings)
+    # MLflow: the report's markdown, as written
+    local = MlflowClient(tracking_uri=uri).download_artifacts(mlflow.run_id, "health.md", str(tmp_path / "dl"))
+    assert Path(local).read_text() == monitor.report.text
+    # W&B: a table, one row per finding (step, where, finding, fix, look at, kind)
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    rows = [r for r in _wandb_history(run_dir) if "health/report/path" in r]
+    table = json.loads((run_dir / "files" / rows[-1]["health/report/path"]).read_text())
+    assert table["columns"] == ["step", "where", "finding", "fix", "look at", "kind"]
+    assert [row[2] for row in table["data"]] == [f.message for f in sorted(findings, key=lambda f: f.step)]

@@ -69,6 +69,25 @@ def test_fit_writes_tensorboard_losses_checkpoints_and_samples(short_run):
     assert (logdir / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("original", ["init check: 2 problems", "far above 3.30 = ln(27)", "is saturated at initialisation"]),
+        ("batchnorm", ["init check: no problem found"]),
+    ],
+)
+def test_fit_checks_the_init_and_writes_a_health_report(tmp_path, small_corpus, config, expected):
+    """train.py's monitors by default: the init check when training starts, health.md at the end, its verdict."""
+    args = ["fit", "--config", str(ROOT / "configs" / "lecture" / f"{config}.yaml"), "--trainer.max_steps", "20"]
+    proc = train([*args, *QUIET], tmp_path, small_corpus)
+    for line in expected:
+        assert line in proc.stderr, proc.stderr[-2000:]
+    report = (tmp_path / "lightning_logs" / "version_0" / "health.md").read_text()
+    verdict = report.splitlines()[0].removeprefix("# Training health: ")
+    assert f"health: {verdict} (lightning_logs/version_0/health.md)" in proc.stderr
+    assert ("no problem found" in verdict) == (config == "batchnorm")
+
+
 def test_tensorboard_has_the_lr_beside_the_loss_and_no_hp_metric(short_run, small_corpus):
     tmp, _ = short_run
     run = tmp / "lightning_logs" / "version_0"
