@@ -77,11 +77,9 @@ class ActivationProbe(Probe):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.watched: list[Watched] = []
         self._facts: dict[str, tuple[Any, ...]] = {}  # name -> (kind, saturation spec, relu-like, below zero, norm)
-        self._nonfinite: set[str] = set()  # tags with a `/nonfinite` curve (from their first NaN/inf on)
-        self.latest: Activations | None = None  # the last readout (the end-of-fit table)
-        self.last: Activations | None = None  # the last readout with histograms (the figure)
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.watched = watch_modules(pl_module, self.modules, self.owner)
@@ -127,12 +125,7 @@ class ActivationProbe(Probe):
             kind, saturation, relu_like, below, norm = self._facts[w.name]
             sat = s.saturation if saturation is not None else None
             layers.append(Layer(w.name, w.label, kind, s, sat, s.dead if relu_like else None, below, norm))
-        readout = Activations(step, layers)
-        if layers:
-            self.latest = readout
-            if moment.histograms:
-                self.last = readout
-        return readout
+        return self._keep(Activations(step, layers), moment, bool(layers))
 
     def scalars(self, readout: Activations) -> list[Scalar]:
         out = []
@@ -143,10 +136,7 @@ class ActivationProbe(Probe):
                 out.append(Scalar(f"{tag}/saturation", layer.saturation, layer.label, CHARTS["saturation"]))
             if layer.dead is not None:
                 out.append(Scalar(f"{tag}/dead", layer.dead, layer.label, CHARTS["dead"]))
-            if s.nonfinite:
-                self._nonfinite.add(tag)
-            if tag in self._nonfinite:
-                out.append(Scalar(f"{tag}/nonfinite", float(s.nonfinite)))
+            out += self._nonfinite_scalar(tag, s.nonfinite)
         return out
 
     def histograms(self, readout: Activations) -> dict[str, Summary]:

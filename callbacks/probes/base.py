@@ -76,6 +76,8 @@ class Recording:
         self.moments = moments  # probe -> what it records on this step
         self.tracing = tracing
         self.pool = Pool()
+        #: ``add(tag, x, histogram, saturation, relu_like)``: summarises ``x`` into ``tag``, keeping nothing of it
+        self.add = self.pool.add
         self.traced: dict[tuple[str, ...], Tensor] = {}  # trace columns -> their values on the device
         self.error: BaseException | None = None
 
@@ -87,17 +89,6 @@ class Recording:
     @property
     def world_size(self) -> int:
         return self.trainer.world_size
-
-    def add(
-        self,
-        tag: str,
-        x: Tensor,
-        histogram: bool = False,
-        saturation: tuple[float, float] | None = None,
-        relu_like: bool = False,
-    ) -> None:
-        """Summarises ``x`` into ``tag`` (see ``callbacks._stats.Pool.add``); nothing of ``x`` is kept."""
-        self.pool.add(tag, x, histogram, saturation, relu_like)
 
     def guard(self, fn: Callable[..., None]) -> Callable[..., None]:
         """``fn``, keeping its first error for the end of the step instead of raising it."""
@@ -137,7 +128,10 @@ class Probe:
 
     # -- a fit
     def reset(self) -> None:
-        """Forgets everything of a previous fit (its arguments stay)."""
+        """Forgets everything of a previous fit (its arguments stay); a probe that overrides it calls it too."""
+        self.latest: Any = None  # the last readout (the end-of-fit table)
+        self.last: Any = None  # the last readout with histograms (the figure)
+        self._nonfinite: set[str] = set()  # tags with a `/nonfinite` curve
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Chooses what to watch, at the start of fit."""
@@ -189,6 +183,22 @@ class Probe:
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """The end-of-fit table of its last values: (column names, rows of formatted cells)."""
         return [], []
+
+    # -- helpers of the probes
+    def _keep(self, readout: Any, moment: Moment, seen: bool) -> Any:
+        """Keeps ``readout`` as ``latest`` (the end-of-fit table) and, on a histogram step, as ``last`` (the figure),
+        when something was ``seen``; returns it."""
+        if seen:
+            self.latest = readout
+            if moment.histograms:
+                self.last = readout
+        return readout
+
+    def _nonfinite_scalar(self, tag: str, count: int) -> list[Scalar]:
+        """``{tag}/nonfinite`` from the first step with NaN/inf on (a healthy run has no such curve)."""
+        if count:
+            self._nonfinite.add(tag)
+        return [Scalar(f"{tag}/nonfinite", float(count))] if tag in self._nonfinite else []
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -67,11 +67,9 @@ class GradientProbe(Probe):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.watched: list[Watched] = []
         self._replicas = 1
-        self._nonfinite: set[str] = set()
-        self.latest: Gradients | None = None
-        self.last: Gradients | None = None
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.watched = watch_modules(pl_module, self.modules, self.owner)
@@ -100,22 +98,14 @@ class GradientProbe(Probe):
             for w in self.watched
             if (s := summaries.get(f"activation_grad/{w.name}")) is not None
         ]
-        readout = Gradients(step, layers)
-        if layers:
-            self.latest = readout
-            if moment.histograms:
-                self.last = readout
-        return readout
+        return self._keep(Gradients(step, layers), moment, bool(layers))
 
     def scalars(self, readout: Gradients) -> list[Scalar]:
         out = []
         for layer in readout.layers:
             tag = f"activation_grad/{layer.name}"
             out.append(Scalar(f"{tag}/std", layer.summary.std, layer.label, CHART))
-            if layer.summary.nonfinite:
-                self._nonfinite.add(tag)
-            if tag in self._nonfinite:
-                out.append(Scalar(f"{tag}/nonfinite", float(layer.summary.nonfinite)))
+            out += self._nonfinite_scalar(tag, layer.summary.nonfinite)
         return out
 
     def histograms(self, readout: Gradients) -> dict[str, Summary]:

@@ -68,6 +68,7 @@ class LossProbe(Probe):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.classes: int | None = None
         self.source = ""
 

@@ -120,14 +120,12 @@ class ParameterProbe(Probe):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.selection.named = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._seen: list[str] = []  # the tags added this step, in parameter order (the same on every rank)
-        self._nonfinite: set[str] = set()
         self._data: dict[str, Summary] = {}  # this step's `param/` summaries (with a gradient or not)
         self._biases: list[tuple[str, str]] = []
-        self.latest: ParameterGradients | None = None
-        self.last: ParameterGradients | None = None
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.selection.attach(pl_module, self.owner)
@@ -173,20 +171,13 @@ class ParameterProbe(Probe):
             params.append(ParameterGradient(name, self._shapes.get(name, ()), data, grad, ratio))
         readout = ParameterGradients(step, params, self._biases)
         self._data = {n: s for n, s in summaries.items() if n.startswith("param/")}
-        if params:
-            self.latest = readout
-            if moment.histograms:
-                self.last = readout
-        return readout
+        return self._keep(readout, moment, bool(params))
 
     def scalars(self, readout: ParameterGradients) -> list[Scalar]:
         out = []
         for p in readout.params:
             tag = f"param_grad/{p.name}"
-            if p.grad.nonfinite:
-                self._nonfinite.add(tag)
-            if tag in self._nonfinite:
-                out.append(Scalar(f"{tag}/nonfinite", float(p.grad.nonfinite)))
+            out += self._nonfinite_scalar(tag, p.grad.nonfinite)
             out.append(Scalar(f"{tag}/std", p.grad.std))
             out.append(Scalar(f"{tag}/grad_to_data", p.grad_to_data, p.name, CHART))
         return out

@@ -71,6 +71,7 @@ class UpdateProbe(Probe):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.selection.named = {}
         self._before: dict[str, tuple[Tensor, Tensor | None]] = {}  # name -> (parameter, this rank's part before)
         self._seen: list[str] = []  # the parameters measured this step (the same on every rank)
