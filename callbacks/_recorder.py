@@ -352,6 +352,7 @@ class Recorder(Callback):
     # ------------------------------------------------------------------ the end of fit
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir if self.report is not None else None  # a collective under DDP: on every rank
         if not trainer.is_global_zero:
             return
         step = max(self._step, 0)
@@ -365,7 +366,7 @@ class Recorder(Callback):
         self._report(findings, step)
         writers = writers_for(trainer.loggers)
         if self.report is not None:
-            self.report.finish(trainer, writers, [f for part in self.parts for f in part.record.findings])
+            self.report.finish(trainer, writers, [f for part in self.parts for f in part.record.findings], log_dir)
         if not any(w.histograms or w.figures for w in writers):
             return
         step = trainer.global_step

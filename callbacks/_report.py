@@ -73,8 +73,11 @@ class Report:
             _say("\n".join([head, *(f"  - {f.text}" for f in problems)]))
 
     @rank_zero_only
-    def finish(self, trainer: pl.Trainer, writers: Sequence[Writer], findings: Sequence[Finding]) -> None:
-        """Writes the report of the fit's ``findings`` (file, loggers) and prints its verdict."""
+    def finish(
+        self, trainer: pl.Trainer, writers: Sequence[Writer], findings: Sequence[Finding], log_dir: str | None
+    ) -> None:
+        """Writes the report of the fit's ``findings`` (``health.md`` in ``log_dir``, the loggers) and prints its
+        verdict. ``log_dir``: ``trainer.log_dir``, read by the caller on every rank (a collective under DDP)."""
         findings = sorted(findings, key=lambda f: f.step)  # (stable: in the order found within a step)
         problems = [f for f in findings if f.severity == "problem"]
         notes = [f for f in findings if f.severity != "problem"]
@@ -87,7 +90,6 @@ class Report:
         rows = [[str(f.step), f.where, f.message, f.fix, f.figure, f.severity] for f in findings]
         for writer in writers:
             writer.report(self.text, COLUMNS, rows, steps)
-        log_dir = trainer.log_dir
         if self.filename and log_dir:
             self.path = Path(log_dir) / self.filename
             _write_atomically(self.path, self.text)
