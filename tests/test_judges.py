@@ -69,10 +69,23 @@ def test_saturation_after_a_norm_advises_the_learning_rate():
 )
 def test_dead_units_say_what_is_true_for_each_activation(below, kind, says):
     judge = DeadUnits(limit=0.1, patience=1)
-    (f,) = judge.observe(0, acts(relu("r", dead=0.3, below=below, kind=kind)))
+    (f,) = judge.observe(0, acts(relu("r", dead=0.6, below=below, kind=kind)))
     assert says in f.message and f"r ({kind})" in f.message
     if below == "some":
-        assert "no gradient" not in f.message
+        assert "no gradient" not in f.message and "> 50%" in f.message
+    else:
+        assert "> 10%" in f.message
+
+
+def test_never_positive_gelu_units_are_judged_against_a_higher_limit():
+    # a trained Transformer's GELUs: 20 % of (token, feature) units never positive in a batch, and they still learn
+    judge = DeadUnits(limit=0.1, patience=1)
+    assert judge.observe(0, acts(relu("g", dead=0.2, below="some", kind="GELU"))) == []
+    (f,) = judge.observe(0, acts(relu("r", dead=0.2, below="none", kind="ReLU")))  # a ReLU's are dead
+    assert f.where == "r (ReLU)"
+    # a user's limit above the GELU floor holds for both
+    judge = DeadUnits(limit=0.7, patience=1)
+    assert judge.observe(0, acts(relu("g", dead=0.6, below="some", kind="GELU"))) == []
 
 
 def test_vanishing_gradients_against_the_largest_layer():
@@ -100,6 +113,19 @@ def test_learning_rate_reads_the_median_parameter():
     assert judge.observe(2, high) == []
     (f,) = judge.observe(3, high)
     assert f.key == "lr/high" and "is -1.50 > -2.0" in f.message and "`head` -0.50" in f.message
+
+
+def test_learning_rate_takes_each_ratio_at_the_peak_learning_rate():
+    # a step schedule dropped the lr 10x (1e-3 -> 1e-4): every ratio one decade lower on purpose, not "too low"
+    judge = LearningRate(low=-4.0, high=-2.0, patience=2)
+    lrs = {n: [1e-3, 1e-3, 1e-4] for n in ("a", "b", "c")}
+    dropped = {"update_ratio": UpdateRatios(0, {"a": -4.1, "b": -4.2, "c": -4.3}, [], {}, lrs)}
+    assert judge.observe(0, dropped) == [] and judge.observe(1, dropped) == []  # -3.2 at the peak lr
+    # two decades below at the peak lr is too low, and the message says at which lr it was judged
+    low = {"update_ratio": UpdateRatios(0, {"a": -5.1, "b": -5.2, "c": -5.3}, [], {}, lrs)}
+    assert judge.observe(2, low) == []
+    (f,) = judge.observe(3, low)
+    assert f.key == "lr/low" and "at the peak learning rate so far is -4.20 < -4.0" in f.message
 
 
 def test_nonfinite_names_the_first_module_in_forward_order():
@@ -165,16 +191,29 @@ def test_init_gradients_vanishing_toward_the_input():
     assert f.key == "init/gradients/vanish" and f.where == "b0 (Tanh)" and "0.01×" in f.message
 
 
-def test_init_grad_to_data_outliers_the_output_layer_is_a_note():
-    def p(name, ratio, data_std=1.0):
-        return ParameterGradient(name, (2, 2), summary(std=data_std), summary(std=ratio * data_std), ratio)
+def _param(name, ratio, data_std=1.0):
+    return ParameterGradient(name, (2, 2), summary(std=data_std), summary(std=ratio * data_std), ratio)
 
-    params = [p("a", 0.003), p("b", 0.004), p("c", 0.002), p("head", 2.0, data_std=0.003)]
+
+def test_init_grad_to_data_outliers_the_output_layer_is_a_note():
+    params = [_param("a", 0.003), _param("b", 0.004), _param("c", 0.002), _param("head", 2.0, data_std=0.003)]
     (f,) = InitCheck().observe(0, _init(params=params))
     assert f.where == "head" and f.severity == "note" and "Expected" in f.fix
-    params[3] = p("head", 2.0, data_std=1.0)  # not small weights: a problem
+    params[3] = _param("head", 2.0, data_std=1.0)  # not small weights: a problem
     (f,) = InitCheck().observe(0, _init(params=params))
     assert f.severity == "problem"
+
+
+def test_init_grad_to_data_far_below_the_median():
+    # the GPT-2 init: residual projections initialised small sit above the rest, the other matrices ~10x below the
+    # median (a healthy GPT: 9.7x at most); the embedding under a vanishing deep stack: 46x below
+    median = 0.5
+    params = [_param(f"proj{i}", median, data_std=0.007) for i in range(3)] + [_param("fc", median / 9.7)]
+    assert InitCheck().observe(0, _init(params=params)) == []
+    params.append(_param("embedding", median / 46))
+    (f,) = InitCheck().observe(0, _init(params=params))
+    assert f.where == "embedding" and f.severity == "problem" and "below the median" in f.message
+    assert "vanishing before they reach it" in f.fix
 
 
 def test_init_bias_before_batchnorm_is_a_note():
@@ -194,6 +233,17 @@ def test_typical_ratio_is_the_peak_lr_phase_after_the_first_tenth():
     lrs = [0.1] * 20 + [0.01] * 20
     assert typical_ratio(history, lrs) == -3.0
     assert typical_ratio([-3.0] * 3, [0.1] * 3) is None  # too few points
+
+
+def test_typical_ratio_under_warm_up_and_cosine_decay():
+    # warm-up over 2 points, then a cosine decay to a tenth: the ratio follows the lr (-2.5 at the peak lr)
+    lrs = [1e-3 * (i + 1) / 2 for i in range(2)]
+    lrs += [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / 18))) for t in range(19)]
+    history = [-2.5 + math.log10(lr / 1e-3) for lr in lrs]
+    # the points within 2x of the peak (its first half), each brought to the peak: -2.5
+    assert typical_ratio(history, lrs) == pytest.approx(-2.5)
+    # read at the peak only, this schedule would leave two points, fewer than the five the advice needs
+    assert sum(lr >= 1e-3 * (1 - 1e-9) for lr in lrs) == 2
 
 
 def test_lr_advice_for_the_model():
@@ -247,6 +297,15 @@ def test_a_loss_spike_names_the_layer_that_moved_first_and_how_early():
 def test_a_corrupted_batch_moves_the_gradients_with_the_loss():
     (f,) = LossSpikes().observe(299, {"trace": _trace(300, spike_at=200, mover="grad/l2", lead=0)})
     assert "gradient norm of `l2`, at the same step as the loss" in f.message and "bad batch" in f.fix
+
+
+def test_an_update_at_the_spikes_own_step_comes_after_its_loss():
+    # a step's update is made after its loss: at the spike's step it is a consequence, never the first mover
+    trace = _trace(300, spike_at=200, mover="upd/l0", lead=0, seed=1)
+    for row in trace.rows[200:201]:
+        row[trace.columns.index("grad/l1")] = 3.0  # the gradients move with the loss, less than the update
+    (f,) = LossSpikes().observe(299, {"trace": trace})
+    assert f.where == "l1" and "gradient norm of `l1`, at the same step" in f.message and "bad batch" in f.fix
 
 
 def test_no_spike_in_noise_and_the_trace_read_in_pieces():

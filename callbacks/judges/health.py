@@ -46,8 +46,15 @@ class Saturation(Judge):
         return found
 
 
+#: ReLU-like activations with a gradient below zero (GELU, SiLU, ...): a unit never positive in a batch still learns,
+#: and a trained Transformer's GELUs have many such (token, feature) units. Their limit is at least this: the healthy
+#: GPT runs of benchmarks/results/diagnosis_gallery.md reach 20 %, the one whose learning rate jumped x30 88 %.
+SOFT_DEAD = 0.5
+
+
 class DeadUnits(Judge):
-    """A ReLU-like activation with more than ``limit`` of its units never positive in a batch."""
+    """A ReLU-like activation with more than ``limit`` of its units never positive in a batch (GELU-like ones: more
+    than :data:`SOFT_DEAD` of them, if that is higher)."""
 
     reads = ("activation",)
 
@@ -61,15 +68,15 @@ class DeadUnits(Judge):
             if layer.dead is None:
                 continue
             key = f"dead/{layer.name}"
-            if self.record.streak(key, layer.dead > self.limit) != self.patience:
+            limit = self.limit if layer.gradient_below_zero == "none" else max(self.limit, SOFT_DEAD)
+            if self.record.streak(key, layer.dead > limit) != self.patience:
                 continue
             if layer.gradient_below_zero == "none":
                 what = "they get no gradient, so they never learn again"
             else:  # GELU, SiLU, ELU, LeakyReLU: a small gradient below zero
                 what = "they sit in the negative tail, where the gradient is small (not zero): they learn slowly"
             message = (
-                f"`{layer.label}` has {layer.dead:.1%} dead units (never positive in a batch, > {self.limit:.0%}):"
-                f" {what}."
+                f"`{layer.label}` has {layer.dead:.1%} dead units (never positive in a batch, > {limit:.0%}): {what}."
             )
             fix = "Usually a too-high learning rate pushed their biases negative; lower it, or check the init."
             found.append(Finding(key, step, layer.label, message, fix, "activation/distribution"))
@@ -133,7 +140,10 @@ class LearningRate(Judge):
 
     The median, because the learning rate is one number for every layer: a single parameter far above the rest
     (an output layer scaled down at init: its small weights make every update large relative to them, for the
-    first thousands of steps) is expected, not a wrong lr.
+    first thousands of steps) is expected, not a wrong lr. Each ratio is taken at the highest learning rate its
+    parameter had so far (``+ log10(peak / lr)``: an update is proportional to the lr, for SGD and Adam alike), so a
+    schedule's decay, which lowers every ratio on purpose, is not "too low": the lecture's BatchNorm net under AdamW
+    at lr 1e-3 sits at -3.1 at its peak and at -4.2 after its step schedule's drop.
     """
 
     reads = ("update_ratio",)
@@ -143,15 +153,18 @@ class LearningRate(Judge):
         self.low, self.high, self.patience = low, high, patience
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        finite = sorted((v, n) for n, v in readouts["update_ratio"].ratios.items() if math.isfinite(v))
+        ratios = readouts["update_ratio"]
+        shifts = {n: _below_peak(ratios.lrs.get(n, [])) for n in ratios.ratios}
+        finite = sorted((v + shifts[n], n) for n, v in ratios.ratios.items() if math.isfinite(v))
         if not finite:
             return []
         median = statistics.median(v for v, _ in finite)
         (lo, lo_name), (hi, hi_name) = finite[0], finite[-1]
+        peak = " at the peak learning rate so far" if any(shifts.values()) else ""
         found = []
         if self.record.streak("lr/low", median < self.low) == self.patience:
             message = (
-                f"updates are tiny: the median parameter's log10(update/data) is {median:.2f} < {self.low} for"
+                f"updates are tiny: the median parameter's log10(update/data){peak} is {median:.2f} < {self.low} for"
                 f" {self.patience} logged steps (smallest: `{lo_name}` {lo:.2f})."
             )
             found.append(
@@ -159,12 +172,21 @@ class LearningRate(Judge):
             )
         if self.record.streak("lr/high", median > self.high) == self.patience:
             message = (
-                f"updates are large: the median parameter's log10(update/data) is {median:.2f} > {self.high} for"
+                f"updates are large: the median parameter's log10(update/data){peak} is {median:.2f} > {self.high} for"
                 f" {self.patience} logged steps (largest: `{hi_name}` {hi:.2f})."
             )
             fix = "The learning rate is probably too high."
             found.append(Finding("lr/high", step, "", message, fix, "update_ratio/history"))
         return found
+
+
+def _below_peak(lrs: list[float]) -> float:
+    """``log10(peak / lr)``: how many decades the last learning rate of ``lrs`` is below the highest so far (0: none
+    known)."""
+    known = [lr for lr in lrs if math.isfinite(lr) and lr > 0]
+    if not known or not math.isfinite(lrs[-1]) or lrs[-1] <= 0:
+        return 0.0
+    return math.log10(max(known) / lrs[-1])
 
 
 class NonFinite(Judge):

@@ -2,8 +2,10 @@
 
 The lecture's rule: ``log10(std(update) / std(weight))`` about -3 is healthy; well above (-2 and higher) the
 learning rate is too high for that parameter, well below (-4 and lower) too low. At the end of fit each parameter's
-typical ratio is the median of its recorded ratios while its learning rate was at its peak (a schedule's later
-drops lower every ratio by the same decades on purpose), after the first tenth of the fit. The output layer scaled
+typical ratio is the median of its recorded ratios while its learning rate was near its peak (within a factor
+:data:`PEAK_BAND`), each brought to the peak (``+ log10(peak / lr)``: an update is proportional to the learning rate),
+after the first tenth of the fit: a schedule's decay lowers every ratio on purpose, and a step schedule's peak phase
+or a warm-up-then-cosine schedule's first half are where the learning rate is judged. The output layer scaled
 down at init (the lecture's softmax fix) sits above the rest while its weights are small: a note, not a problem.
 It holds for any optimizer: the updates are measured, not computed from the gradient.
 """
@@ -22,20 +24,26 @@ TARGET, TOLERANCE = -3.0, 1.0
 APART = 0.5
 #: recorded steps a parameter needs in its peak-lr phase for advice
 MIN_POINTS = 5
+#: the points judged: those whose learning rate is at least the peak / PEAK_BAND (a cosine decay's first half; at
+#: most log10(2) = 0.3 decades brought back to the peak)
+PEAK_BAND = 2.0
 
 
 def typical_ratio(history: list[float], lrs: list[float]) -> float | None:
-    """The median log10 ratio while the lr was at its peak, after the first tenth of the points (None: too few)."""
-    finite_lrs = [lr for lr in lrs if math.isfinite(lr)]
-    peak = max(finite_lrs) if finite_lrs else None
+    """The median log10 ratio near the peak lr (within :data:`PEAK_BAND`), brought to the peak, after the first tenth
+    of the points (None: too few). A point whose lr is not known is taken as it is."""
+    known = [lr for lr in lrs if math.isfinite(lr) and lr > 0]
+    peak = max(known) if known else None
     start = len(history) // 10
-    points = [
-        r
-        for i, r in enumerate(history)
-        if i >= start
-        and math.isfinite(r)
-        and (peak is None or i >= len(lrs) or not math.isfinite(lrs[i]) or lrs[i] >= peak * (1 - 1e-9))
-    ]
+    points = []
+    for i, r in enumerate(history):
+        if i < start or not math.isfinite(r):
+            continue
+        lr = lrs[i] if i < len(lrs) else math.nan
+        if peak is None or not math.isfinite(lr) or lr <= 0:
+            points.append(r)
+        elif lr * PEAK_BAND >= peak * (1 - 1e-9):
+            points.append(r + math.log10(peak / lr))
     return statistics.median(points) if len(points) >= MIN_POINTS else None
 
 
