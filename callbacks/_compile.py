@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from callbacks._internals import compiled_by_lightning
+from callbacks._internals import compiled_by_lightning, optimized_module_type
 
 #: the attribute of ``torch._dynamo.eval_frame.OptimizedModule`` that holds the compiled module
 _ORIG = "_orig_mod."
@@ -35,7 +35,7 @@ def is_compiled(pl_module: "pl.LightningModule") -> bool:
     """Whether some of the module runs compiled: a compiled submodule, or ``trainer.fit(torch.compile(model))``."""
     if compiled_by_lightning(pl_module):
         return True
-    optimized = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    optimized = optimized_module_type()
     return optimized is not None and any(isinstance(m, optimized) for m in pl_module.modules())
 
 

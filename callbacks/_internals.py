@@ -25,6 +25,13 @@ CI) and torch 2.13 (``TORCH_TESTED``). Elsewhere each falls back to the public p
 - **One TensorBoard event per step** (speed only): torch's ``SummaryWriter.add_scalar`` writes one event per
   value; the writer puts a step's scalars into one event through the writer's ``_get_file_writer()``. Elsewhere,
   one ``add_scalar`` per value.
+- **The type ``torch.compile`` returns for a module** (``torch._dynamo.OptimizedModule``; torch has no public
+  name for it): a compiled submodule makes recorded steps run eagerly (``callbacks._compile``). Where torch has
+  no such type, no submodule counts as compiled.
+
+Outside Lightning and torch, ``callbacks._warnings`` compares Python's ``warnings._showwarnmsg_impl`` with its
+value at import, to tell whether someone else shows the warnings (pytest, a custom handler); nothing else in
+``callbacks/`` reads a private attribute.
 """
 
 import os
@@ -68,6 +75,11 @@ STEP_HOOKS = (
 def compiled_by_lightning(pl_module: "pl.LightningModule") -> bool:
     """Whether Lightning unwrapped a compiled LightningModule passed to ``fit`` (True when unsure)."""
     return getattr(pl_module, "_compiler_ctx", None) is not None if IS_TESTED else True
+
+
+def optimized_module_type() -> type | None:
+    """``torch._dynamo.OptimizedModule``, the wrapper ``torch.compile(module)`` returns, or None."""
+    return getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
 
 
 def legacy_state_key(callback: Callback) -> str | None:

@@ -278,3 +278,31 @@ def test_the_health_report_reaches_wandb_as_a_table_and_mlflow_as_health_md(tmp_
     table = json.loads((run_dir / "files" / rows[-1]["health/report/path"]).read_text())
     assert table["columns"] == ["step", "where", "finding", "fix", "look at", "kind"]
     assert [row[2] for row in table["data"]] == [f.message for f in sorted(findings, key=lambda f: f.step)]
+
+
+@pytest.mark.parametrize("prefix", ["", "exp"])
+@pytest.mark.parametrize("tested", [True, False], ids=["private_reads_on", "public_path"])
+def test_tensorboard_scalars_the_same_with_or_without_the_private_shortcuts(tmp_path, monkeypatch, tested, prefix):
+    """The writer's two private reads (`_internals`: a logger's prefix, SummaryWriter's file writer for one event a
+    step) give what the public path gives: on an untested torch/Lightning they are off, with the same tags."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks import _internals
+    from tests.callbacks_helpers import read_events, scalars
+
+    monkeypatch.setattr(_internals, "TORCH_IS_TESTED", tested)
+    monkeypatch.setattr(_internals, "IS_TESTED", tested)
+    written = []
+    if tested and not prefix:  # the one-event path is the one taken
+        one_event = _internals.write_scalars_event
+        monkeypatch.setattr("callbacks._writers.write_scalars_event", lambda *a: written.append(1) or one_event(*a))
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0, prefix=prefix, default_hp_metric=False)
+    t = trainer(tmp_path, [ActivationMonitor(every_n_steps=1)], max_steps=STEPS, logger=logger)
+    t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), STEPS))
+    acc = read_events(t.logger.log_dir)
+    ref = reference()
+    tag = f"{prefix}-activation/act/std" if prefix else "activation/act/std"  # the logger's prefix, as on self.log
+    assert sorted(scalars(acc, tag)) == list(range(STEPS))
+    assert all(v == pytest.approx(ref["std"], rel=1e-5) for v in scalars(acc, tag).values())
+    assert {t.split("/")[0] for t in acc.Tags()["scalars"]} == {tag.split("/")[0]}
+    assert bool(written) == (tested and not prefix)
