@@ -60,7 +60,8 @@ $(LOWEST_VENV)/.installed: pyproject.toml
 # the data module, the fast path, and the monitors (cadence, resume, groups, DDP, compile, manual optimization)
 LOWEST_TESTS := tests/test_train_cli.py tests/test_cli.py tests/test_ddp.py tests/test_module.py tests/test_data.py \
 	tests/test_fastpath.py tests/test_callbacks.py tests/test_callbacks_cadence.py tests/test_callbacks_group.py \
-	tests/test_callbacks_ddp.py tests/test_callbacks_setups.py tests/test_hook_skipping.py tests/test_health.py
+	tests/test_callbacks_ddp.py tests/test_callbacks_setups.py tests/test_hook_skipping.py tests/test_health.py \
+	tests/test_recorder.py tests/test_health_monitor.py tests/test_memory.py tests/test_console.py
 
 test-lowest: $(LOWEST_VENV)/.installed
 	$(LOWEST_VENV)/bin/python -c "import lightning; print('lightning', lightning.__version__)"
