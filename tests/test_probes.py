@@ -54,7 +54,7 @@ def test_the_loss_probe_reads_the_steps_mean_loss_and_says_what_c_is(tmp_path, n
 
 
 def test_a_model_without_a_linear_has_no_uniform_guess(tmp_path):
-    class Conv(TanhMLP):
+    class NoLinear(TanhMLP):
         def __init__(self) -> None:
             super().__init__()
             self.head = nn.Bilinear(16, 16, 3)  # no nn.Linear at the end: nothing to infer C from
@@ -66,5 +66,5 @@ def test_a_model_without_a_linear_has_no_uniform_guess(tmp_path):
 
     keep = Keep()
     recorder = Recorder([Part("LossProbe", [LossProbe(Cadence(every_n_steps=1))], [keep])])
-    trainer(tmp_path, [recorder], max_steps=1).fit(Conv(), fixed_loader(saturating_batch(), 1))
+    trainer(tmp_path, [recorder], max_steps=1).fit(NoLinear(), fixed_loader(saturating_batch(), 1))
     assert keep.seen[0].classes is None and keep.seen[0].source == ""
