@@ -2,6 +2,7 @@
 
 import math
 import random
+import statistics
 
 import pytest
 
@@ -191,6 +192,15 @@ def test_init_gradients_vanishing_toward_the_input():
     assert f.key == "init/gradients/vanish" and f.where == "b0 (Tanh)" and "0.01×" in f.message
 
 
+@pytest.mark.parametrize(("first_to_last", "vanishing"), [(0.095, True), (0.5, False), (1.13, False)])
+def test_init_gradients_vanishing_threshold(first_to_last, vanishing):
+    # 0.095: a deep tanh stack at PyTorch's default init (0.58x a layer); 1.13: the gallery's healthiest worst
+    stds = [first_to_last, first_to_last**0.5, 1.0]  # first layer to last, in forward order
+    grads = [LayerGradient(f"b{i}", f"b{i} (Tanh)", summary(std=s, order=2 - i)) for i, s in enumerate(stds)]
+    found = InitCheck().observe(0, _init(grads=grads))
+    assert [f.key for f in found] == (["init/gradients/vanish"] if vanishing else [])
+
+
 def _param(name, ratio, data_std=1.0):
     return ParameterGradient(name, (2, 2), summary(std=data_std), summary(std=ratio * data_std), ratio)
 
@@ -306,6 +316,18 @@ def test_an_update_at_the_spikes_own_step_comes_after_its_loss():
         row[trace.columns.index("grad/l1")] = 3.0  # the gradients move with the loss, less than the update
     (f,) = LossSpikes().observe(299, {"trace": trace})
     assert f.where == "l1" and "gradient norm of `l1`, at the same step" in f.message and "bad batch" in f.fix
+
+
+def test_a_loss_bump_of_robust_z_7_is_noise_not_a_spike():
+    # a healthy GPT's per-batch loss reached z 5.7 in 1,000 steps: 10 robust sigmas make a spike, 7 do not
+    trace = _trace(300, seed=2)
+    median = statistics.median(row[0] for row in trace.rows[100:200])
+    mad = statistics.median(abs(row[0] - median) for row in trace.rows[100:200]) * 1.4826
+    trace.rows[200][0] = median + 7 * mad
+    assert LossSpikes().observe(299, {"trace": trace}) == []
+    trace.rows[200][0] = median + 12 * mad
+    (f,) = LossSpikes().observe(299, {"trace": trace})
+    assert f.step == 200
 
 
 def test_no_spike_in_noise_and_the_trace_read_in_pieces():

@@ -20,15 +20,22 @@ from typing import Any, Literal
 
 from callbacks.judges.base import Finding, Judge, Readouts
 
-#: a loss this many times ln(C) at initialisation is confidently wrong (the lecture: 27.9 / 3.30; a fixed init 1.0)
+# The numbers that justify each threshold are measured in benchmarks/results/diagnosis_gallery.md ("Margins").
+#: a loss this many times ln(C) at initialisation is confidently wrong (the lecture: 27.9 / 3.30; the gallery's
+#: healthy runs at most 1.01x, its over-confident output layers 5.4x and 7.3x)
 LOSS_RATIO = 1.25
 #: a bounded activation with more of its outputs than this near the bounds at initialisation is saturated
-#: (the lecture's healthy inits: 5-21 % beyond 0.97; its naive init about 70 %)
+#: (the lecture's healthy inits: 5-21 % beyond 0.97, the gallery's at most 22 %; its naive init about 70 %)
 SATURATION = 0.4
-#: std of the last of a stack of like activations against the first: below VANISHING the signal fades
+#: std of the last of a stack of like activations against the first: below VANISHING the signal fades (the
+#: gallery's healthy stacks, BatchNorm nets and GPTs: 0.99-1.02; the deep tanh stack at PyTorch's default init,
+#: a gain of 1/sqrt(3) where tanh needs 5/3: 0.16); EXPLODING: no gallery run grows, 3x is the mirror of 0.3
 VANISHING, EXPLODING = 0.3, 3.0
-#: gradient std at the first watched activation against the last: below or above these, vanishing or exploding
-GRAD_VANISHING, GRAD_EXPLODING = 0.1, 10.0
+#: gradient std at the first watched activation against the last: below or above these, vanishing or exploding.
+#: The gallery's healthy nets: 1.13-2.25 (gradients no smaller toward the input); the deep tanh stack at PyTorch's
+#: default init: 0.095 (0.58x a layer over four layers), too close to the former 0.1 to be told reliably, so the
+#: same 0.3 as the signal's. Exploding: above 10x (healthy at most 2.25x).
+GRAD_VANISHING, GRAD_EXPLODING = 0.3, 10.0
 #: a parameter's grad:data this many times above the median parameter's (the healthy runs of
 #: benchmarks/results/diagnosis_gallery.md, weights not initialised small: at most 4.5x, the deep BatchNorm net)
 GRAD_TO_DATA_SPREAD = 10.0

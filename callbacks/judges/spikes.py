@@ -12,8 +12,10 @@ A step's update is made after its loss and gradients: it can only explain the lo
 ratio counts from one step before the spike on (at the spike's own step it is the spike's consequence). What moved
 at the spike's step and nothing before points at that step's batch; what moved before points at the training.
 
-Calibrated in ``benchmarks/results/diagnosis_gallery.md`` (``z`` 6): the healthy runs' largest loss z over any
-step is 4.5 (MLP and GPT); the GPT's loss spikes are at z 22 (a learning rate x30) and 57 (a batch of noise).
+Calibrated in ``benchmarks/results/diagnosis_gallery.md``: the healthy runs' largest loss z over any step is 5.7 (a
+GPT's per-batch loss, 1,000 steps; the MLPs at most 4.3), too close to the usual 6 sigma (a robust sigma is smaller
+than a standard deviation when the tails are heavy, as a per-batch loss's are), so ``z`` is 10: the GPT's loss spikes
+reach z 28 (a learning rate x30: z 7 on the first step after the jump, 28 on the next) and 60 (a batch of noise).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class LossSpikes(Judge):
 
     reads = ("trace",)
 
-    def __init__(self, z: float = 6.0, window: int = 100, lookback: int = 10, cooldown: int = 50) -> None:
+    def __init__(self, z: float = 10.0, window: int = 100, lookback: int = 10, cooldown: int = 50) -> None:
         super().__init__()
         self.z, self.window, self.lookback, self.cooldown = z, window, lookback, cooldown
         self.reset()
