@@ -19,6 +19,10 @@ and `self.log("train/loss")` every step):
   `on_before_optimizer_step` (Lightning's recipe).
 - ``tb_hist``: a hand-written callback calling `SummaryWriter.add_histogram` on every parameter and its
   gradient every 10 steps.
+- ``health``: `HealthMonitor()` at its defaults (the four monitors, the loss and the diagnoses; scalars every
+  50 steps, so none in a short window: what it costs between recorded steps).
+- ``trace``: `HealthMonitor(trace=True)`: the same plus the every-step trace of the loss-spike diagnosis (each
+  parameter's gradient norm and sampled update:data ratio, each watched module's output RMS, every step).
 
 Timing: torch's global optimizer-step hook stamps the end of every optimizer step. A fit runs ``--warmup``
 + 1 + ``--steps`` steps and is stopped after the last one (so the monitors log no final-step histogram);
@@ -45,15 +49,34 @@ W&B, of the `.wandb` history records that hold histograms), per 1,000 steps.
     python benchmarks/bench_monitors.py --compile       # the same rows on torch.compile'd models
     python benchmarks/bench_monitors.py --device cuda --precision bf16-mixed --steps 1000
     python benchmarks/bench_monitors.py --profile dense # cProfile of one fit's window, top lines
+    python benchmarks/bench_monitors.py --rows none trace --repeats 3   # what the every-step trace costs
+    python benchmarks/bench_monitors.py --memory --repeats 1           # peak memory of a recorded step
+
+With ``--profile ROW`` it also prints the CPU seconds spent inside ``callbacks/`` in the window (each call into
+the package from outside it counted once: Lightning's hook calls, forward hooks, tensor hooks).
+
+``--memory``: the peak memory of one training step, recorded or not, on issue 20's model (6 pre-LayerNorm
+blocks, width 256, 256 tokens, 4 heads, batch 16, AdamW). Each case is a fresh process (``MEMORY_CASES``): a
+fit stopped after step 3 (after AdamW's state exists; the monitors record every 2 steps, i.e. steps 1 and 3,
+or every 1,000, i.e. not step 3; figures only on their first recorded step, never on step 3). The kernel's
+peak RSS (``VmHWM``) is reset when step 3 starts and read when it ends, after every monitor's hook; on CUDA,
+``torch.cuda.max_memory_allocated`` over the same step. Every case but ``none`` has imported matplotlib and
+drawn one figure first, so a monitor's first figure does not count as the step's memory. The histograms of
+step 3 are read back from the log, to show which step recorded.
+
+``--json PATH`` writes the measurements, for ``benchmarks/before_after.py`` (the same benchmark on two
+checkouts, alternately, in one session).
 
 Targets (issue 14): ``default`` <= 2 % overhead on CPU; ``dense`` no slower than ``wandb`` and ``tb_hist``;
-log bytes per histogram no more than TensorBoard's own `add_histogram`.
+log bytes per histogram no more than TensorBoard's own `add_histogram`. Issue 18: ``trace`` at most 1 % over
+``none``. Issue 20: a recorded step's peak at most an unrecorded one's plus about one watched tensor.
 """
 
 import argparse
 import contextlib
 import cProfile
 import io
+import json
 import logging
 import math
 import os
@@ -62,6 +85,7 @@ import pstats
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -85,7 +109,7 @@ from typing_extensions import override
 
 from callbacks import ActivationMonitor, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
 
-ROWS = ("none", "scalars", "dense", "default", "wandb", "grad_norm", "tb_hist")
+ROWS = ("none", "scalars", "dense", "default", "wandb", "grad_norm", "tb_hist", "health", "trace")
 LOG_EVERY = 50  # Trainer(log_every_n_steps=...), Lightning's default
 CADENCE = 10  # the dense rows: every 10 steps
 
@@ -429,6 +453,10 @@ def _dir_bytes(path: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------- one fit
 def _monitors(row: str) -> list[Callback]:
+    if row in ("health", "trace"):
+        from callbacks import HealthMonitor  # (not in checkouts from before issue 18)
+
+        return [HealthMonitor(trace=row == "trace")]
     if row == "default":
         return [ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()]
     hist = CADENCE if row == "dense" else 0  # `scalars`: no histograms
@@ -467,7 +495,7 @@ def fit(row: str, args: argparse.Namespace, cfg: GPTConfig, root: Path, tag: str
         wandb.watch(model, log="all", log_freq=CADENCE)
     else:
         logger = TensorBoardLogger(str(root / row), name="", version=tag)
-        if row in ("scalars", "dense", "default"):
+        if row in ("scalars", "dense", "default", "health", "trace"):
             callbacks = _monitors(row)
         elif row == "tb_hist":
             callbacks = [TBHistograms()]
@@ -517,6 +545,249 @@ def fit(row: str, args: argparse.Namespace, cfg: GPTConfig, root: Path, tag: str
     return out
 
 
+# ---------------------------------------------------------------------------------------------- memory
+#: one process each (`--memory`); what is attached, and whether the measured step records (see `memory_child`)
+MEMORY_CASES = ("none", "imported", "unrecorded", "recorded", "update", "health", "traced")
+MEMORY_LABELS = {
+    "none": "no monitors",
+    "imported": "no monitors; `callbacks` and matplotlib imported, one figure drawn",
+    "unrecorded": "the four monitors, the measured step not recorded",
+    "recorded": "the four monitors recording the measured step (scalars + histograms)",
+    "update": "UpdateRatioMonitor alone recording the measured step",
+    "health": "HealthMonitor() recording the measured step",
+    "traced": "HealthMonitor(trace=True), the measured step traced, not recorded",
+}
+#: the measured step: after step 0's update made AdamW's state, and not the first recorded step (its figure)
+MEASURED = 3
+MIB = 2**20
+
+
+def memory_config(quick: bool) -> GPTConfig:
+    """Issue 20's model: 6 pre-LayerNorm blocks, width 256, 256 tokens (with batch 16)."""
+    if quick:
+        return GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+    return GPTConfig(n_layer=6, n_head=4, n_embd=256, block_size=256)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+class StepMemory(Callback):
+    """Peak memory during step ``MEASURED`` only: the kernel's RSS high-water mark is reset when it starts
+    (``/proc/self/clear_refs``), read when it ends (after every callback before this one); on CUDA the
+    allocator's peak likewise. Stops the fit after that step."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.out: dict[str, float] = {}
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step != MEASURED:
+            return
+        self.out["peak_before"] = _status_kb("VmHWM") * 1024  # the process's peak over steps 0 .. MEASURED - 1
+        self.out["start"] = _status_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.out["cuda_start"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step - 1 != MEASURED:  # (global_step counts the step just made)
+            return
+        self.out["peak"] = _status_kb("VmHWM") * 1024
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.out["cuda_peak"] = torch.cuda.max_memory_allocated()
+        trainer.should_stop = True
+
+
+def _memory_callbacks(case: str) -> list[Callback]:
+    """What is attached in ``case``: recording steps 1 and 3 (every 2 steps), or none of 1 .. 999; figures only at
+    the first recorded step (0 after issue 18, 1 before), never on the measured step."""
+    if case in ("none", "imported"):
+        return []
+    from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+
+    n = 1000 if case in ("unrecorded", "traced") else 2
+    kw = {"every_n_steps": n, "figure_every_n_steps": 0}
+    if case in ("health", "traced"):
+        from callbacks import HealthMonitor  # (not in checkouts from before issue 18)
+
+        return [HealthMonitor(histogram_every_n_steps=n, trace=case == "traced", **kw)]
+    if case == "update":
+        return [UpdateRatioMonitor(**kw)]
+    hist = {"histogram_every_n_steps": n, **kw}
+    return [
+        CallbackGroup(
+            [ActivationMonitor(**hist), GradientMonitor(**hist), ParameterMonitor(**hist), UpdateRatioMonitor(**kw)]
+        )
+    ]
+
+
+def memory_child(case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One case of `--memory`, in its own process: a fit stopped after step ``MEASURED``, its peak memory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _memory_fit(case, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _memory_fit(case: str, args: argparse.Namespace) -> dict[str, Any]:
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if case != "none":  # what a monitor's first figure imports and allocates, in every case but the first
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        import callbacks.figures  # noqa: F401
+
+        fig = plt.figure()
+        fig.canvas.draw()
+        plt.close(fig)
+    cfg = memory_config(args.quick)
+    batch = 4 if args.quick else args.batch
+    torch.manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, ((MEASURED + 2) * batch, cfg.block_size + 1))
+    loader = DataLoader(TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()), batch_size=batch)
+    model = GPTModule(cfg)
+    # the watched tensors: the GELU outputs (and, as large, the gradients w.r.t. them); the >= 2-D parameters
+    sizes: list[int] = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: sizes.append(o.nbytes * batch))  # of one sequence, times batch
+        for m in model.modules()
+        if isinstance(m, nn.GELU)
+    ]
+    with torch.no_grad():
+        model(loader.dataset[0][0][None])  # (1, T)
+    for h in hooks:
+        h.remove()
+    weights = [p.nbytes for p in model.parameters() if p.dim() >= 2]
+    probe = StepMemory(args.device == "cuda")
+    with tempfile.TemporaryDirectory(prefix="bench_monitors_memory_") as tmp:
+        trainer = L.Trainer(
+            accelerator=args.device,
+            devices=1,
+            precision=args.precision,
+            max_steps=100_000,  # a long fit as far as the monitors can tell; `StepMemory` stops it
+            logger=TensorBoardLogger(tmp, name="", version="run"),
+            callbacks=[*_memory_callbacks(case), probe],  # the probe last: it reads after the monitors' hooks
+            limit_val_batches=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(model, loader)
+        histograms = _histogram_steps(Path(tmp))
+    return {
+        "case": case,
+        "code": code_path(),
+        **probe.out,
+        "largest_watched": max([*sizes, *weights]),
+        "largest_activation": max(sizes, default=0),
+        "watched_weights": sum(weights),
+        "histograms_at_measured": histograms.get(MEASURED, 0),
+        "histogram_steps": sorted(histograms),
+    }
+
+
+def _histogram_steps(log_dir: Path) -> dict[int, int]:
+    """Histograms written per step, read back from the event files."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    steps: dict[int, int] = {}
+    for path in log_dir.rglob("events.out.tfevents.*"):
+        for data in _tfrecords(path):
+            event = Event.FromString(data)
+            n = sum(v.WhichOneof("value") == "histo" for v in event.summary.value)
+            if n:
+                steps[event.step] = steps.get(event.step, 0) + n
+    return steps
+
+
+def memory(args: argparse.Namespace) -> None:
+    """`--memory`: each case in a fresh process, alternating over ``--repeats``; medians of the peaks."""
+    cases = [c for c in MEMORY_CASES if c not in ("health", "traced") or has_health_monitor()]
+    passed = ["--threads", str(args.threads), "--batch", str(args.batch), "--device", args.device]
+    passed += ["--precision", args.precision] + (["--quick"] if args.quick else [])
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    load = [os.getloadavg()[0]]
+    for rep in range(args.repeats):
+        for case in cases[rep % len(cases) :] + cases[: rep % len(cases)]:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-case", case, *passed], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory case {case} failed:\n{proc.stderr[-3000:]}")
+            x = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[case].append(x)
+            load.append(os.getloadavg()[0])
+            print(f"repeat {rep} {case:>10}: peak of step {MEASURED} {x['peak'] / MIB:,.0f} MiB", flush=True)
+    report_memory(runs, args, load)
+    if args.json:
+        args.json.write_text(json.dumps({"code": code_path(), "load": load, "runs": runs}, indent=1))
+
+
+def report_memory(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, load: list[float]) -> None:
+    def med(case: str, key: str) -> float:
+        return statistics.median(x[key] for x in runs[case])
+
+    cfg = memory_config(args.quick)
+    first = next(iter(runs.values()))[0]
+    cuda = args.device == "cuda"
+    print(f"\n{_machine()}; {_versions()}; torch threads {args.threads}; {_revision()}; code: {code_path()}")
+    print(
+        f"model: {cfg.n_layer} pre-LayerNorm blocks, width {cfg.n_embd}, {cfg.block_size} tokens, batch"
+        f" {4 if args.quick else args.batch}, AdamW, {args.device}, {args.precision}; step {MEASURED} measured"
+        f" (one process a case, median of {args.repeats}); load average {min(load):.1f}-{max(load):.1f}"
+    )
+    print(
+        f"largest watched tensor {first['largest_watched'] / MIB:.1f} MiB (a GELU output, and the gradient w.r.t. it);"
+        f" the >= 2-D parameters the UpdateRatioMonitor copies before their optimizer step:"
+        f" {first['watched_weights'] / MIB:.1f} MiB\n"
+    )
+    base = med("unrecorded", "peak") if "unrecorded" in runs else math.nan
+    unit = first["largest_watched"]
+    head = "| case | peak RSS of the step (MiB) | over unrecorded (MiB) | in largest tensors | RSS at its start (MiB)"
+    head += " | process peak before it (MiB) | histograms on the step |"
+    if cuda:
+        head += " CUDA peak of the step (MiB) | CUDA allocated at its start (MiB) |"
+    print(head)
+    print("|---|" + "---:|" * (head.count("|") - 2))
+    for case in runs:
+        peak = med(case, "peak")
+        line = (
+            f"| {MEMORY_LABELS[case]} | {peak / MIB:,.0f} | {(peak - base) / MIB:+,.0f} | {(peak - base) / unit:+.1f}"
+            f" | {med(case, 'start') / MIB:,.0f} | {med(case, 'peak_before') / MIB:,.0f}"
+            f" | {med(case, 'histograms_at_measured'):.0f} |"
+        )
+        if cuda:
+            line += f" {med(case, 'cuda_peak') / MIB:,.0f} | {med(case, 'cuda_start') / MIB:,.0f} |"
+        print(line)
+    for case, xs in runs.items():
+        print(
+            f"  {case}: peaks "
+            + ", ".join(f"{x['peak'] / MIB:,.1f}" for x in xs)
+            + f" MiB; histogram steps {xs[0]['histogram_steps']}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -529,10 +800,8 @@ def _machine() -> str:
 
 
 def _revision() -> str:
-    """The checkout's commit, and whether `callbacks/` differs from it (what was measured)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
+    """The commit of the checkout `callbacks` is imported from, and whether `callbacks/` differs from it."""
+    root = Path(code_path()).parent
     try:
         git = ["git", "-C", str(root)]
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
@@ -559,6 +828,8 @@ LABELS = {
     "wandb": 'wandb.watch(log="all", log_freq=10)',
     "grad_norm": "grad_norm every step",
     "tb_hist": "hand-written add_histogram /10",
+    "health": "HealthMonitor() (nothing recorded in the window)",
+    "trace": "HealthMonitor(trace=True) (every-step trace)",
 }
 
 
@@ -619,6 +890,42 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
         )
     for r, runs in results.items():
         print(f"  {r}: {what} s per window " + ", ".join(f"{x[clock]:.2f}" for x in runs))
+    print(
+        "paired (row / `none` of the same repeat, median over repeats): "
+        + ", ".join(f"{r} {statistics.median(paired(results, r, clock)):.3f}" for r in results if r != "none")
+    )
+
+
+def paired(results: dict[str, list[dict[str, float]]], row: str, clock: str) -> list[float]:
+    """The row's time over `none`'s in each repeat (the two fits ran back to back)."""
+    return [x[clock] / n[clock] for x, n in zip(results[row], results["none"], strict=True)]
+
+
+def code_path() -> str:
+    """Where `callbacks` was imported from (another checkout with PYTHONPATH)."""
+    import callbacks
+
+    return str(Path(callbacks.__file__).parent)
+
+
+def seconds_in_callbacks(stats: pstats.Stats) -> float:
+    """CPU seconds spent in the measured `callbacks/` package, counted where it is entered from outside it
+    (Lightning's hook calls, the modules' forward hooks, autograd's tensor hooks): each call into it once."""
+    package = code_path() + os.sep
+    inside = 0.0
+    for func, (_, _, _, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if not func[0].startswith(package):
+            continue
+        for caller, edge in callers.items():
+            if not caller[0].startswith(package):
+                inside += edge[3]  # cumulative time of the calls along this edge
+    return inside
+
+
+def has_health_monitor() -> bool:
+    import callbacks
+
+    return hasattr(callbacks, "HealthMonitor")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -634,16 +941,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--quick", action="store_true", help="a tiny model: checks that the script runs")
     parser.add_argument("--profile", choices=ROWS, help="one fit of this row under cProfile, top lines")
+    parser.add_argument("--memory", action="store_true", help="peak memory of a recorded step (one process a case)")
+    parser.add_argument("--memory-case", choices=MEMORY_CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the measurements here (for comparisons)")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.steps % CADENCE:
         parser.error(f"Expected --steps to be a positive multiple of {CADENCE}, but got {args.steps}.")
     if args.warmup <= 0 or args.warmup % CADENCE:
         # the first logged step (and the monitors' first figure, drawn once per fit) stays in the warm-up
         parser.error(f"Expected --warmup to be a positive multiple of {CADENCE}, but got {args.warmup}.")
+    if args.memory_case:
+        print(json.dumps(memory_child(args.memory_case, args)))
+        return
+    if args.memory:
+        if not Path("/proc/self/clear_refs").exists():
+            parser.error("--memory needs Linux: it resets and reads the peak RSS in /proc/self (not found here).")
+        memory(args)
+        return
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16) if args.quick else GPTConfig()
     if args.quick:
         args.batch = 4
-    rows = args.rows or [r for r in ROWS if r != "default" or args.steps >= 10 * LOG_EVERY]
+    rows = args.rows or [
+        r
+        for r in ROWS
+        if (r != "default" or args.steps >= 10 * LOG_EVERY) and (r not in ("health", "trace") or has_health_monitor())
+    ]
     if "none" not in rows:
         rows = ["none", *rows]
     clock = "cpu" if args.device == "cpu" else "wall"
@@ -658,12 +980,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.profile}: {x['cpu']:.2f} s CPU / {x['wall']:.2f} s wall for {args.steps} steps, profiled")
             text = io.StringIO()
             stats = pstats.Stats(CLOCK.profiler, stream=text)
+            inside = seconds_in_callbacks(stats)
+            print(
+                f"inside callbacks/ (entered from outside it): {inside:.3f} s CPU of the window's {x['cpu']:.2f} s"
+                f" ({100 * inside / x['cpu']:.2f} %); code: {code_path()}"
+            )
+            if args.json:
+                args.json.write_text(json.dumps({"code": code_path(), "profile": args.profile, "inside": inside, **x}))
             stats.sort_stats("tottime").print_stats(25)  # torch ops show as built-in methods
             stats.sort_stats("cumulative").print_stats(r"callbacks/|bench_monitors|wandb_torch|tensorboard", 25)
             print(text.getvalue().replace(str(Path(torch.__file__).parents[1]) + "/", ""))
             CLOCK.profiler = None
             return
         results: dict[str, list[dict[str, float]]] = {r: [] for r in rows}
+        load = [os.getloadavg()[0]]
         for rep in range(args.repeats):
             order = rows[rep % len(rows) :] + rows[: rep % len(rows)]  # rotated, alternating
             for r in order:
@@ -675,7 +1005,12 @@ def main(argv: list[str] | None = None) -> None:
                     f" {args.steps} steps (fit {time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
+                load.append(os.getloadavg()[0])
         report(results, args, clock, revision)
+        print(f"load average (1 min) during the run: {min(load):.1f}-{max(load):.1f}; code: {code_path()}")
+        if args.json:
+            record = {"code": code_path(), "clock": clock, "load": load, "results": results}
+            args.json.write_text(json.dumps(record, indent=1))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,13 @@ plain SGD, one intra-op thread, for the same number of steps:
 - (d) ``ours+monitors``: the same with the four monitors of ``callbacks/`` at their default cadence.
 - (e) ``ours-public``: (c) with ``--fast_path false``: Lightning's public path only, so c / e is what
   ``lightning_makemore/fastpath.py`` buys (its reason to exist).
+- (f) ``ours+spikes``: (d) with ``--spikes true``: the every-step trace for the loss-spike diagnosis.
+- (g) ``ours+group``: (d) with the four monitors as one ``CallbackGroup`` in place of ``HealthMonitor`` (what
+  ``train.py`` passed before the diagnoses; the like-for-like row when old and new code are compared).
+
+``--loops`` picks some of them (default: a to e). Which code is measured is the ``callbacks`` and
+``lightning_makemore`` that Python imports (their paths are printed): with ``PYTHONPATH=/path/to/other/tree`` the
+same script measures another checkout, e.g. a ``git worktree`` of an older commit, in the same session.
 
 Each loop is timed from the end of optimizer step ``--warmup`` to the end of the last step (wall and
 CPU time; torch's global optimizer-step hook reads the clocks), so imports, first calls, the final
@@ -23,6 +30,7 @@ CPU time (``time.process_time``) is the figure to trust when other jobs share th
 
     python benchmarks/bench_speed.py --steps 5000 --repeats 5
     python benchmarks/bench_speed.py --long           # also peak RSS of a 200,000-step run with monitors
+    python benchmarks/bench_speed.py --loops ours ours+monitors ours+spikes --steps 3000 --output /tmp/s.md
 
 Targets (issue 4): c >= 0.5 x a, c >= 1.6 x b, d <= 1.10 x c (time), i.e. d/c >= 0.91 in steps/s;
 peak RSS of the long run under 1 GB and flat after warm-up. Writes ``benchmarks/results/speed.md``.
@@ -55,6 +63,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_makemore.cli as cli_module
 from lightning_makemore.cli import MakemoreCLI
 from lightning_makemore.data import NamesDataModule
 from lightning_makemore.model import MLP
@@ -62,8 +71,9 @@ from lightning_makemore.module import LECTURE_SEED, MakemoreModule
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speed.md"
-LOOPS = ("plain", "port", "ours", "ours+monitors", "ours-public")
-LETTERS = dict(zip(LOOPS, "abcde", strict=True))
+LOOPS = ("plain", "port", "ours", "ours+monitors", "ours-public", "ours+spikes", "ours+group")
+LETTERS = dict(zip(LOOPS, "abcdefg", strict=True))
+DEFAULT_LOOPS = LOOPS[:5]
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -173,12 +183,18 @@ def run_port(data: tuple[Tensor, Tensor, int], steps: int, warmup: int, root: st
     return clock.result()
 
 
-def run_ours(steps: int, warmup: int, root: str, monitors: bool, extra: list[str] = ()) -> tuple[float, float, int]:
-    """(c), (d): `python train.py fit ...` in this process, timed by the optimizer clock."""
+def run_ours(
+    steps: int, warmup: int, root: str, monitors: bool, extra: list[str] = (), group: bool = False
+) -> tuple[float, float, int]:
+    """(c), (d), (e), (f), (g): `python train.py fit ...` in this process, timed by the optimizer clock.
+
+    ``group``: the CLI's monitors are the four monitors as one ``CallbackGroup`` (the same place in the callback
+    list as its own monitors), whatever this checkout's ``train.py`` uses by default.
+    """
     clock = Clock(warmup)
     args = ["fit", "--trainer.max_steps", str(steps), "--monitors", str(monitors).lower()]
     args += ["--trainer.default_root_dir", root, *extra]
-    with quiet(), optimizer_clock(clock):
+    with quiet(), optimizer_clock(clock), _four_as_group(group):
         MakemoreCLI(
             MakemoreModule,
             NamesDataModule,
@@ -186,6 +202,25 @@ def run_ours(steps: int, warmup: int, root: str, monitors: bool, extra: list[str
             save_config_kwargs={"overwrite": True},
         )
     return clock.result()
+
+
+@contextlib.contextmanager
+def _four_as_group(active: bool) -> Iterator[None]:
+    """While active, the CLI's monitors are `CallbackGroup([the four monitors])` (train.py's before issue 18)."""
+    if not active:
+        yield
+        return
+    from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+
+    def four(*args: Any, **kwargs: Any) -> list[Callback]:
+        return [CallbackGroup([ActivationMonitor(), GradientMonitor(), ParameterMonitor(), UpdateRatioMonitor()])]
+
+    original = cli_module.make_monitors
+    cli_module.make_monitors = four
+    try:
+        yield
+    finally:
+        cli_module.make_monitors = original
 
 
 # ------------------------------------------------------------------------------------------- long run
@@ -257,6 +292,8 @@ def busy_processes() -> int:
 def table(times: dict[str, dict[str, list[float]]], steps: int) -> list[str]:
     rows = ["| loop | steps/s (wall) | steps/s (CPU) | ms/step (CPU) | runs (wall s) |", "|---|---:|---:|---:|---|"]
     for loop in LOOPS:
+        if loop not in times:
+            continue
         wall, cpu = statistics.median(times[loop]["wall"]), statistics.median(times[loop]["cpu"])
         runs = ", ".join(f"{t:.2f}" for t in times[loop]["wall"])
         name = f"({LETTERS[loop]}) {loop}"
@@ -265,18 +302,33 @@ def table(times: dict[str, dict[str, list[float]]], steps: int) -> list[str]:
 
 
 def ratios(times: dict[str, dict[str, list[float]]]) -> list[str]:
-    rate = {kind: {loop: 1 / statistics.median(times[loop][kind]) for loop in LOOPS} for kind in ("wall", "cpu")}
+    """The ratios of steps/s (of the medians) among the loops that ran."""
+    rate = {kind: {loop: 1 / statistics.median(x[kind]) for loop, x in times.items()} for kind in ("wall", "cpu")}
     checks = [
         ("c / a", "ours", "plain", ">= 0.5"),
         ("c / b", "ours", "port", ">= 1.6"),
         ("d / c", "ours+monitors", "ours", ">= 0.91 (time <= 1.10 x)"),
         ("c / e", "ours", "ours-public", "> 1 (the fast path's gain)"),
+        ("g / c", "ours+group", "ours", "the four monitors alone (d before issue 18)"),
+        ("d / g", "ours+monitors", "ours+group", "what HealthMonitor adds to the four"),
+        ("f / c", "ours+spikes", "ours", "--spikes true"),
+        ("f / d", "ours+spikes", "ours+monitors", "what the every-step trace costs"),
     ]
     rows = ["| ratio of steps/s | wall | CPU | target |", "|---|---:|---:|---|"]
     for name, num, den, target in checks:
+        if num not in times or den not in times:
+            continue
         wall, cpu = rate["wall"][num] / rate["wall"][den], rate["cpu"][num] / rate["cpu"][den]
         rows.append(f"| {name} | {wall:.2f} | {cpu:.2f} | {target} |")
     return rows
+
+
+def code_paths() -> str:
+    """Where the measured code was imported from (another checkout with PYTHONPATH)."""
+    import callbacks
+    import lightning_makemore
+
+    return ", ".join(str(Path(m.__file__).parent) for m in (callbacks, lightning_makemore))
 
 
 def main() -> None:
@@ -287,7 +339,9 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="also a 200,000-step run with monitors for RSS")
     parser.add_argument("--long-steps", type=int, default=200_000)
     parser.add_argument("--long-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(DEFAULT_LOOPS), help="default: a to e")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--json", type=Path, help="also write every repeat's seconds here (for comparisons)")
     args = parser.parse_args()
     if not os.environ.get("MAKEMORE_NAMES") and not args.long_child:
         print("note: MAKEMORE_NAMES is not set; the names corpus is read from the download cache", file=sys.stderr)
@@ -308,14 +362,18 @@ def main() -> None:
         "ours": lambda n, root: run_ours(n, args.warmup, root, monitors=False),
         "ours+monitors": lambda n, root: run_ours(n, args.warmup, root, monitors=True),
         "ours-public": lambda n, root: run_ours(n, args.warmup, root, monitors=False, extra=["--fast_path", "false"]),
+        "ours+spikes": lambda n, root: run_ours(n, args.warmup, root, monitors=True, extra=["--spikes", "true"]),
+        "ours+group": lambda n, root: run_ours(n, args.warmup, root, monitors=True, group=True),
     }
-    times: dict[str, dict[str, list[float]]] = {loop: {"wall": [], "cpu": []} for loop in LOOPS}
+    loops = [loop for loop in LOOPS if loop in args.loops]
+    times: dict[str, dict[str, list[float]]] = {loop: {"wall": [], "cpu": []} for loop in loops}
     busy = [busy_processes()]
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as root:
-        for loop in LOOPS:  # warm-up of each: imports, matplotlib, first figure
+        for loop in loops:  # warm-up of each: imports, matplotlib, first figure
             runners[loop](args.warmup + 300, root)
         for r in range(args.repeats):
-            order = LOOPS if r % 2 == 0 else LOOPS[::-1]  # alternate, so drifts in load hit all alike
+            order = loops if r % 2 == 0 else loops[::-1]  # alternate, so drifts in load hit all alike
             for loop in order:
                 gc.collect()
                 wall, cpu, n = runners[loop](args.steps, root)
@@ -326,12 +384,15 @@ def main() -> None:
                     flush=True,
                 )
             busy.append(busy_processes())
+            load.append(os.getloadavg()[0])
     timed = args.steps - args.warmup
     command = "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:])
     lines = [
         f"Machine: {machine()}.",
         f"Command: `{command.strip()}`. Steps {args.steps} per fit, {timed} timed (after {args.warmup} of warm-up),"
-        f" median of {args.repeats} alternating repeats. Other busy processes during the run: {min(busy)}-{max(busy)}.",
+        f" median of {args.repeats} alternating repeats. Other busy processes during the run: {min(busy)}-{max(busy)}"
+        f" (load average {min(load):.1f}-{max(load):.1f}).",
+        f"Code measured: {code_paths()}.",
         "",
         *table(times, timed),
         "",
@@ -353,6 +414,9 @@ def main() -> None:
         lines.append(f"| end of fit | | {long['final'][0]:.0f} | {long['final'][1]:.0f} |")
     text = "\n".join(lines)
     print("\n" + text)
+    if args.json:
+        record = {"code": code_paths(), "timed": timed, "busy": busy, "load": load, "times": times}
+        args.json.write_text(json.dumps(record, indent=1))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         "# Training speed: plain PyTorch, the obvious Lightning port, ours\n\n"

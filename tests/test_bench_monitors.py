@@ -1,9 +1,11 @@
 """Smoke test of `benchmarks/bench_monitors.py` on its tiny model: the script runs and reports every row.
 
-No timing is asserted (speed belongs in the benchmark's own output); what is checked is what the
-script reads back from the logs it wrote: the histograms per logged step and their size on disk.
+No timing or memory figure is asserted (they belong in the benchmark's own output); what is checked is what the
+script reads back from the logs it wrote: the histograms per logged step and their size on disk, and which step
+of a `--memory` case recorded.
 """
 
+import argparse
 import importlib.util
 import re
 import tempfile
@@ -40,3 +42,21 @@ def test_quick_run_reports_rows_and_log_sizes(
     assert int(dense[6]) == 2 + 2 + 2 * (2 * 4 + 2)
     assert int(tb[6]) == 2 * (2 * 12 + 4)
     assert 0 < int(dense[7]) < int(tb[7])  # bytes per histogram: 64 bins against TensorBoard's own bins
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak RSS from /proc (Linux)")
+def test_memory_cases_record_the_measured_step_or_not(bench) -> None:
+    """`--memory`'s cases, run here in-process on the tiny GPT: the measured step records every histogram of the
+    four monitors in the recorded case and none in the unrecorded one; the sizes it reports are the tensors'."""
+    args = argparse.Namespace(threads=1, batch=16, device="cpu", precision="32-true", quick=True)
+    threads = torch.get_num_threads()
+    recorded, unrecorded = bench.memory_child("recorded", args), bench.memory_child("unrecorded", args)
+    assert torch.get_num_threads() == threads
+    assert recorded["histograms_at_measured"] == 2 + 2 + 2 * (2 * 4 + 2)  # as in the quick run above
+    assert unrecorded["histograms_at_measured"] == 0 and bench.MEASURED not in unrecorded["histogram_steps"]
+    for x in (recorded, unrecorded):
+        assert 0 < x["start"] <= x["peak"]
+        # the tiny GPT at batch 4: a GELU output is (4, 16, 4 * 32) float32; the >= 2-D parameters are wte (65, 32),
+        # wpe (16, 32) and per block c_attn (32, 96), c_proj (32, 32), c_fc (32, 128), c_proj (128, 32)
+        assert x["largest_watched"] == 4 * 16 * 128 * 4
+        assert x["watched_weights"] == 4 * (65 * 32 + 16 * 32 + 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32))
