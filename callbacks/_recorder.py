@@ -102,7 +102,6 @@ class Recorder(Callback):
         self._pending: BaseException | None = None  # a write that failed on this rank (see `_write_guarded`)
         self._figure_steps: dict[Probe, int] = {}  # the step of each probe's last figure
         self._data_steps: dict[Probe, int] = {}  # the step of each probe's last figure data (histograms, or scalars)
-        self._writes_figures = False
 
     @property
     def idle(self) -> bool:
@@ -132,7 +131,6 @@ class Recorder(Callback):
         writers = writers_for(trainer.loggers)
         # histograms are binned when some logger shows them or the figures drawn from them
         shown = any(w.histograms or w.figures for w in writers)
-        self._writes_figures = any(w.figures for w in writers)
         for p in self.probes:
             p.schedule = p.cadence.resolve(trainer.log_every_n_steps, p.has_histograms and shown, p.has_histograms)
         self._step, self._wake, self._first, self._origin, self._rate = -1, -1, None, None, None
@@ -163,7 +161,7 @@ class Recorder(Callback):
                 return
             try:
                 for probe, name in targets:
-                    if probe in rec.moments:
+                    if rec.tracing or probe in rec.moments:
                         probe.on_output(rec, name, t)
             except Exception as error:  # raised on every rank after the reduction
                 rec.error = error

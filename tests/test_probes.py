@@ -68,3 +68,72 @@ def test_a_model_without_a_linear_has_no_uniform_guess(tmp_path):
     recorder = Recorder([Part("LossProbe", [LossProbe(Cadence(every_n_steps=1))], [keep])])
     trainer(tmp_path, [recorder], max_steps=1).fit(NoLinear(), fixed_loader(saturating_batch(), 1))
     assert keep.seen[0].classes is None and keep.seen[0].source == ""
+
+
+class KeepTrace(Judge):
+    """Keeps every trace row it is given (the rows since the last read, on recorded steps and at the end)."""
+
+    reads = ("trace",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def observe(self, step: int, readouts: Any) -> list:
+        trace = readouts["trace"]
+        for s, row in zip(trace.steps, trace.rows, strict=True):
+            self.rows[s] = dict(zip(trace.columns, row, strict=True))
+        return []
+
+    def conclude(self, step: int, readouts: Any) -> list:
+        return self.observe(step, readouts)
+
+
+def test_the_every_step_trace_against_the_tensors(tmp_path):
+    """Every step's row: the loss, each watched output's RMS, each weight's gradient norm and sampled update:data
+    ratio, equal to what a reference callback computes from the tensors (the update ratio within its sampling)."""
+    import torch
+
+    from callbacks._cadence import Cadence as C
+    from callbacks.probes.activation import ActivationProbe
+    from callbacks.probes.parameter import ParameterProbe
+    from callbacks.probes.update import UpdateProbe
+
+    probes = [
+        LossProbe(C(every_n_steps=5)),
+        ActivationProbe(None, C(every_n_steps=5), 16, 0.97),
+        ParameterProbe(None, 2, C(every_n_steps=5), 16),
+        UpdateProbe(None, 2, C(every_n_steps=5)),
+    ]
+    keep = KeepTrace()
+    recorder = Recorder([Part("all", probes, [keep])], trace=True)
+    ref: dict[int, dict[str, float]] = {}
+
+    class Reference(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            row = ref.setdefault(trainer.global_step, {})
+            row["act/act"] = pl_module.h.detach().square().mean().sqrt().item()
+            for name, p in pl_module.named_parameters():
+                if p.ndim == 2:
+                    row[f"grad/{name}"] = p.grad.norm().item()
+                    row[f"before/{name}"] = p.detach().clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            row = ref[batch_idx]
+            row["loss"] = outputs["loss"].item()
+            for name, p in pl_module.named_parameters():
+                if p.ndim == 2:
+                    before = row.pop(f"before/{name}")
+                    row[f"upd/{name}"] = torch.log10((p.detach() - before).norm() / before.norm()).item()
+
+    t = trainer(tmp_path, [recorder, Reference()], max_steps=12, log_every_n_steps=5)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 12))
+    assert sorted(keep.rows) == list(range(12))  # every step, read on the recorded steps and at the end
+    for step, row in keep.rows.items():
+        expected = ref[step]
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        assert row["act/act"] == pytest.approx(expected["act/act"], rel=1e-5)
+        for name in ("hidden.weight", "head.weight"):
+            assert row[f"grad/{name}"] == pytest.approx(expected[f"grad/{name}"], rel=1e-5)
+            assert row[f"upd/{name}"] == pytest.approx(expected[f"upd/{name}"], abs=0.3)  # 64 of the elements
+        assert math.isfinite(row["act/relu"])
