@@ -18,7 +18,12 @@ from typing import Any
 
 from callbacks.judges.base import Finding, Judge, Readouts
 
-#: the lecture's healthy log10 update:data ratio, and how far (in decades) a parameter may sit from it
+#: the lecture's healthy log10 update:data ratio, and how far (in decades) a parameter may sit from it: above -2 the
+#: learning rate is too high, below -4 too low (the lecture's words). Measured in benchmarks/results/
+#: diagnosis_gallery.md: the lecture's nets at its lr 0.1 (SGD), -2.85 to -2.51; a small GPT at nanoGPT's AdamW lr
+#: 1e-3, -2.03 to -2.01 (its weights start at 0.02 and Adam's steps are about the lr: an AdamW Transformer sits near
+#: the line); 10x the lecture's lr, -1.24 on the Kaiming tanh net but -1.98 on the deep BatchNorm net (BatchNorm lets
+#: the weights grow, so 10x the lr raises the ratio by only half a decade); 100x too low, -5.2 (SGD) and -5.0 (AdamW).
 TARGET, TOLERANCE = -3.0, 1.0
 #: a parameter this many decades from the median parameter is advised on by itself
 APART = 0.5
