@@ -39,7 +39,7 @@ def test_quick_gallery_writes_the_table_and_scores(
     assert torch.get_num_threads() == threads
     runs = payload["runs"]
     assert list(runs) == ["over-confident output (tanh fix, output layer randn)", "GPT, one corrupted batch (step 600)"]
-    assert [r["steps"] for r in runs.values()] == [300, 250]  # --quick
+    assert [r["steps"] for r in runs.values()] == [300, 200]  # --quick
 
     # the over-confident MLP: the init check names its output layer
     mlp = runs["over-confident output (tanh fix, output layer randn)"]
