@@ -1,7 +1,7 @@
 """The diagnosis gallery: sick and healthy runs, and whether ``HealthMonitor`` names the right problem and layer.
 
     export MAKEMORE_NAMES=/work/shared/data/names.txt     # else the corpus is downloaded once
-    python benchmarks/diagnosis_gallery.py              # 31 runs, ~11 min on one thread of a shared 2-core EPYC
+    python benchmarks/diagnosis_gallery.py              # 28 runs, ~9 min on one thread of a shared 2-core EPYC
     python benchmarks/diagnosis_gallery.py --lr-sweep   # and 16 learning-rate sweep runs, not scored (~7 min more)
     python benchmarks/diagnosis_gallery.py --runs "saturated tanh" "corrupted"     # runs whose name contains these
     python benchmarks/diagnosis_gallery.py --quick      # 300 MLP / 200 GPT steps, one seed: ~1 min (a smoke test)
