@@ -4,7 +4,7 @@
     python benchmarks/diagnosis_gallery.py              # 28 runs, ~9 min on one thread of a shared 2-core EPYC
     python benchmarks/diagnosis_gallery.py --lr-sweep   # and 16 learning-rate sweep runs, not scored (~7 min more)
     python benchmarks/diagnosis_gallery.py --runs "saturated tanh" "corrupted"     # runs whose name contains these
-    python benchmarks/diagnosis_gallery.py --quick      # 300 MLP / 200 GPT steps, one seed: ~1 min (a smoke test)
+    python benchmarks/diagnosis_gallery.py --quick      # 300 MLP / 200 GPT steps, one seed: ~1.5 min (a smoke test)
 
 Every run is a fresh ``Trainer.fit`` on CPU with one ``HealthMonitor()`` at its defaults (scalars every 50 steps,
 the every-step trace on), a ``CSVLogger``, one intra-op thread, no validation; runs are sequential. Two families:
