@@ -55,7 +55,9 @@ class ActivationMonitor(Monitor):
         saturation_threshold: share of the output range beyond which a bounded output is saturated.
         saturation_warning: warn once when a layer's saturation stays above this for 3 logged steps
             (calibrated on the lecture's runs: its healthy nets stay below 0.25, its naive init above 0.6).
-        dead_warning: warn once when a layer's dead share stays above this for 3 logged steps.
+        dead_warning: warn once when a layer's dead share stays above this for 3 logged steps (for activations
+            with a gradient below zero, GELU, SiLU and the like, above the larger of this and 0.5: healthy
+            Transformers have 12-20 % of such units never positive, and they still learn).
         warn: emit health warnings (they are listed in the summary either way).
 
     Raises:
