@@ -94,9 +94,8 @@ def report(records: dict[str, list[dict[str, Any]]], trees: dict[str, Path]) -> 
         )
         print("|---|---:|---:|---:|---:|---:|")
         peak = {
-            k: {c: statistics.median(x["peak"] for rec in recs for x in rec["runs"].get(c, [])) for c in cases + extra}
+            k: {c: statistics.median(x["peak"] for rec in recs for x in rec["runs"][c]) for c in recs[0]["runs"]}
             for k, recs in records.items()
-            if recs
         }
         peak["before"].update(dict.fromkeys(extra, float("nan")))
         for c in cases + extra:

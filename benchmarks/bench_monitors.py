@@ -62,7 +62,9 @@ or every 1,000, i.e. not step 3; figures only on their first recorded step, neve
 peak RSS (``VmHWM``) is reset when step 3 starts and read when it ends, after every monitor's hook; on CUDA,
 ``torch.cuda.max_memory_allocated`` over the same step. Every case but ``none`` has imported matplotlib and
 drawn one figure first, so a monitor's first figure does not count as the step's memory. The histograms of
-step 3 are read back from the log, to show which step recorded.
+step 3 are read back from the log, to show which step recorded. RSS also holds what glibc's allocator keeps
+after a free (tens of MiB, different in each process); ``--mmap-threshold 65536`` gives every tensor of 64 KiB
+or more its own mapping, returned when freed, so that the peak RSS follows the peak of live memory.
 
 ``--json PATH`` writes the measurements, for ``benchmarks/before_after.py`` (the same benchmark on two
 checkouts, alternately, in one session).
@@ -728,10 +730,17 @@ def memory(args: argparse.Namespace) -> None:
     passed += ["--precision", args.precision] + (["--quick"] if args.quick else [])
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     load = [os.getloadavg()[0]]
+    env = dict(os.environ)
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)  # read by glibc when the process starts
     for rep in range(args.repeats):
         for case in cases[rep % len(cases) :] + cases[: rep % len(cases)]:
             proc = subprocess.run(
-                [sys.executable, __file__, "--memory-case", case, *passed], capture_output=True, text=True, check=False
+                [sys.executable, __file__, "--memory-case", case, *passed],
+                capture_output=True,
+                text=True,
+                check=False,
+                env=env,
             )
             if proc.returncode != 0:
                 raise RuntimeError(f"memory case {case} failed:\n{proc.stderr[-3000:]}")
@@ -755,7 +764,8 @@ def report_memory(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespac
     print(
         f"model: {cfg.n_layer} pre-LayerNorm blocks, width {cfg.n_embd}, {cfg.block_size} tokens, batch"
         f" {4 if args.quick else args.batch}, AdamW, {args.device}, {args.precision}; step {MEASURED} measured"
-        f" (one process a case, median of {args.repeats}); load average {min(load):.1f}-{max(load):.1f}"
+        f" (one process a case, median of {args.repeats}); load average {min(load):.1f}-{max(load):.1f};"
+        f" malloc: {f'MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}' if args.mmap_threshold else 'glibc defaults'}"
     )
     print(
         f"largest watched tensor {first['largest_watched'] / MIB:.1f} MiB (a GELU output, and the gradient w.r.t. it);"
@@ -943,6 +953,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=ROWS, help="one fit of this row under cProfile, top lines")
     parser.add_argument("--memory", action="store_true", help="peak memory of a recorded step (one process a case)")
     parser.add_argument("--memory-case", choices=MEMORY_CASES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="--memory: glibc's MALLOC_MMAP_THRESHOLD_ in the cases' processes (e.g. 65536: every tensor of 64 KiB"
+        " or more mapped on its own and given back when freed, so RSS follows live memory); 0: the allocator's default",
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements here (for comparisons)")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.steps % CADENCE:

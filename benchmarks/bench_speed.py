@@ -31,6 +31,7 @@ CPU time (``time.process_time``) is the figure to trust when other jobs share th
     python benchmarks/bench_speed.py --steps 5000 --repeats 5
     python benchmarks/bench_speed.py --long           # also peak RSS of a 200,000-step run with monitors
     python benchmarks/bench_speed.py --loops ours ours+monitors ours+spikes --steps 3000 --output /tmp/s.md
+    python benchmarks/bench_speed.py --profile ours+monitors --steps 3000   # CPU seconds inside callbacks/
 
 Targets (issue 4): c >= 0.5 x a, c >= 1.6 x b, d <= 1.10 x c (time), i.e. d/c >= 0.91 in steps/s;
 peak RSS of the long run under 1 GB and flat after warm-up. Writes ``benchmarks/results/speed.md``.
@@ -40,11 +41,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import functools
 import gc
+import io
 import json
 import logging
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
@@ -78,10 +83,13 @@ DEFAULT_LOOPS = LOOPS[:5]
 
 # --------------------------------------------------------------------------------------------- timing
 class Clock:
-    """Wall and CPU seconds between the end of step `warmup` and the end of the last step."""
+    """Wall and CPU seconds between the end of step `warmup` and the end of the last step; a profiler, if given,
+    runs over the same steps (up to step `last`)."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, last: int = 0, profiler: cProfile.Profile | None = None) -> None:
         self.warmup = warmup
+        self.last = last
+        self.profiler = profiler
         self.start: tuple[float, float] | None = None
         self.end: tuple[float, float] = (0.0, 0.0)
         self.steps = 0
@@ -91,6 +99,10 @@ class Clock:
         now = (time.perf_counter(), time.process_time())
         if step == self.warmup:
             self.start = now
+            if self.profiler is not None:
+                self.profiler.enable()
+        elif step == self.last and self.profiler is not None:
+            self.profiler.disable()
         self.end, self.steps = now, step - self.warmup
 
     def result(self) -> tuple[float, float, int]:
@@ -183,15 +195,32 @@ def run_port(data: tuple[Tensor, Tensor, int], steps: int, warmup: int, root: st
     return clock.result()
 
 
+#: the arguments of `run_ours` for each of its loops
+OURS: dict[str, dict[str, Any]] = {
+    "ours": {"monitors": False},
+    "ours+monitors": {"monitors": True},
+    "ours-public": {"monitors": False, "extra": ["--fast_path", "false"]},
+    "ours+spikes": {"monitors": True, "extra": ["--spikes", "true"]},
+    "ours+group": {"monitors": True, "group": True},
+}
+
+
 def run_ours(
-    steps: int, warmup: int, root: str, monitors: bool, extra: list[str] = (), group: bool = False
+    steps: int,
+    warmup: int,
+    root: str,
+    monitors: bool,
+    extra: list[str] = (),
+    group: bool = False,
+    profiler: cProfile.Profile | None = None,
 ) -> tuple[float, float, int]:
     """(c), (d), (e), (f), (g): `python train.py fit ...` in this process, timed by the optimizer clock.
 
     ``group``: the CLI's monitors are the four monitors as one ``CallbackGroup`` (the same place in the callback
-    list as its own monitors), whatever this checkout's ``train.py`` uses by default.
+    list as its own monitors), whatever this checkout's ``train.py`` uses by default. ``profiler``: enabled over
+    the timed steps only.
     """
-    clock = Clock(warmup)
+    clock = Clock(warmup, steps, profiler)
     args = ["fit", "--trainer.max_steps", str(steps), "--monitors", str(monitors).lower()]
     args += ["--trainer.default_root_dir", root, *extra]
     with quiet(), optimizer_clock(clock), _four_as_group(group):
@@ -323,6 +352,33 @@ def ratios(times: dict[str, dict[str, list[float]]]) -> list[str]:
     return rows
 
 
+def _run_loop(loop: str, warmup: int, steps: int, root: str) -> tuple[float, float, int]:
+    return run_ours(steps, warmup, root, **OURS[loop])
+
+
+def profile(args: argparse.Namespace) -> None:
+    """`--profile LOOP`: one fit of the loop under cProfile (CPU-time clock) over its timed steps, after a warm-up
+    fit; the CPU seconds spent inside `callbacks/` then, and the top lines."""
+    from bench_monitors import seconds_in_callbacks
+
+    with tempfile.TemporaryDirectory() as root:
+        _run_loop(args.profile, args.warmup, args.warmup + 300, root)  # imports, matplotlib, first figure
+        profiler = cProfile.Profile(time.process_time)  # CPU time: others share the machine
+        wall, cpu, n = run_ours(args.steps, args.warmup, root, profiler=profiler, **OURS[args.profile])
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    inside = seconds_in_callbacks(stats)
+    stats.sort_stats("cumulative").print_stats(r"callbacks/", 30)
+    print(text.getvalue())
+    print(
+        f"{args.profile}: {cpu:.2f} s CPU / {wall:.2f} s wall for {n} steps, profiled; inside callbacks/ (entered from"
+        f" outside it): {inside:.3f} s CPU ({1e3 * inside / n:.3f} ms a step); code: {code_paths()}"
+    )
+    if args.json:
+        record = {"code": code_paths(), "profile": args.profile, "inside": inside, "cpu": cpu, "wall": wall}
+        args.json.write_text(json.dumps(record))
+
+
 def code_paths() -> str:
     """Where the measured code was imported from (another checkout with PYTHONPATH)."""
     import callbacks
@@ -342,6 +398,7 @@ def main() -> None:
     parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(DEFAULT_LOOPS), help="default: a to e")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--json", type=Path, help="also write every repeat's seconds here (for comparisons)")
+    parser.add_argument("--profile", choices=OURS, help="one fit of this loop under cProfile: CPU inside callbacks/")
     args = parser.parse_args()
     if not os.environ.get("MAKEMORE_NAMES") and not args.long_child:
         print("note: MAKEMORE_NAMES is not set; the names corpus is read from the download cache", file=sys.stderr)
@@ -352,6 +409,9 @@ def main() -> None:
         long_child(args.long_child)
         return
     torch.set_num_threads(1)
+    if args.profile:
+        profile(args)
+        return
 
     dm = NamesDataModule()
     dm.setup("fit")
@@ -359,11 +419,7 @@ def main() -> None:
     runners = {
         "plain": lambda n, root: run_plain(data, n, args.warmup, root),
         "port": lambda n, root: run_port(data, n, args.warmup, root),
-        "ours": lambda n, root: run_ours(n, args.warmup, root, monitors=False),
-        "ours+monitors": lambda n, root: run_ours(n, args.warmup, root, monitors=True),
-        "ours-public": lambda n, root: run_ours(n, args.warmup, root, monitors=False, extra=["--fast_path", "false"]),
-        "ours+spikes": lambda n, root: run_ours(n, args.warmup, root, monitors=True, extra=["--spikes", "true"]),
-        "ours+group": lambda n, root: run_ours(n, args.warmup, root, monitors=True, group=True),
+        **{loop: functools.partial(_run_loop, loop, args.warmup) for loop in OURS},
     }
     loops = [loop for loop in LOOPS if loop in args.loops]
     times: dict[str, dict[str, list[float]]] = {loop: {"wall": [], "cpu": []} for loop in loops}
