@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor  # noqa: E402
-from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer  # noqa: E402
+from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer
 
 OUT = Path(__file__).with_name("monitors_v1.ckpt")
 
