@@ -22,7 +22,7 @@ from callbacks._selection import (
     watch_modules,
 )
 from callbacks._stats import Summary
-from callbacks.probes.base import Chart, Probe, Recording, Scalar
+from callbacks.probes.base import Chart, Probe, Recording, Scalar, draw_summaries
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -143,16 +143,10 @@ class ActivationProbe(Probe):
         return {f"activation/{layer.name}": layer.summary for layer in readout.layers}
 
     def draw(self) -> Figure | None:
-        from callbacks.figures import Distribution, plot_distributions
-
         if self.last is None:
             return None
-        data = {
-            layer.label: Distribution(layer.summary.edges, layer.summary.counts, _legend(layer))
-            for layer in self.last.layers
-            if layer.summary.edges is not None
-        }
-        return plot_distributions(data, f"activation distribution (step {self.last.step})") if data else None
+        curves = ((layer.label, layer.summary, _legend(layer)) for layer in self.last.layers)
+        return draw_summaries(curves, f"activation distribution (step {self.last.step})")
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         last = self.latest

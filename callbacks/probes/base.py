@@ -16,7 +16,7 @@ run needs. A probe never touches a logger, a hook handle or another probe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -206,6 +206,15 @@ class Probe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def draw_summaries(curves: Iterable[tuple[str, Summary, str]], title: str, xlabel: str = "value") -> Figure | None:
+    """The lecture's overlaid distributions of ``(label, summary, legend)`` curves, those with a histogram;
+    ``None`` when none has one (a step recorded without histograms)."""
+    from callbacks.figures import Distribution, plot_distributions
+
+    data = {label: Distribution(s.edges, s.counts, legend) for label, s, legend in curves if s.edges is not None}
+    return plot_distributions(data, title, xlabel=xlabel) if data else None
 
 
 def first_tensor(output: Any) -> Tensor | None:

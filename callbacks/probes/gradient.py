@@ -18,7 +18,7 @@ from torch import Tensor
 from callbacks._cadence import Cadence, Moment
 from callbacks._selection import ModuleSpec, Watched, watch_modules
 from callbacks._stats import Summary
-from callbacks.probes.base import Chart, Probe, Recording, Scalar
+from callbacks.probes.base import Chart, Probe, Recording, Scalar, draw_summaries
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -112,17 +112,10 @@ class GradientProbe(Probe):
         return {f"activation_grad/{layer.name}": layer.summary for layer in readout.layers}
 
     def draw(self) -> Figure | None:
-        from callbacks.figures import Distribution, plot_distributions
-
         if self.last is None:
             return None
-        data = {
-            layer.label: Distribution(layer.summary.edges, layer.summary.counts, f"std {layer.summary.std:.2e}")
-            for layer in self.last.layers
-            if layer.summary.edges is not None
-        }
-        title = f"gradient distribution (step {self.last.step})"
-        return plot_distributions(data, title, xlabel="gradient") if data else None
+        curves = ((layer.label, layer.summary, f"std {layer.summary.std:.2e}") for layer in self.last.layers)
+        return draw_summaries(curves, f"gradient distribution (step {self.last.step})", xlabel="gradient")
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         layers = self.latest.layers if self.latest is not None else []

@@ -20,7 +20,7 @@ from callbacks._cadence import Cadence, Moment
 from callbacks._compile import tag_name
 from callbacks._selection import biases_before_batchnorm, select_parameters
 from callbacks._stats import Summary
-from callbacks.probes.base import Chart, Probe, Recording, Scalar
+from callbacks.probes.base import Chart, Probe, Recording, Scalar, draw_summaries
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -188,19 +188,13 @@ class ParameterProbe(Probe):
         return out
 
     def draw(self) -> Figure | None:
-        from callbacks.figures import Distribution, plot_distributions
-
         if self.last is None:
             return None
-        data = {
-            f"{p.name} {p.shape}": Distribution(
-                p.grad.edges, p.grad.counts, f"std {p.grad.std:.1e}, grad:data {p.grad_to_data:.1e}"
-            )
+        curves = (
+            (f"{p.name} {p.shape}", p.grad, f"std {p.grad.std:.1e}, grad:data {p.grad_to_data:.1e}")
             for p in self.last.params
-            if p.grad.edges is not None
-        }
-        title = f"weights gradient distribution (step {self.last.step})"
-        return plot_distributions(data, title, xlabel="gradient") if data else None
+        )
+        return draw_summaries(curves, f"weights gradient distribution (step {self.last.step})", xlabel="gradient")
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         params = self.latest.params if self.latest is not None else []
