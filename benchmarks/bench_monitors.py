@@ -166,14 +166,18 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    """nanoGPT's decoder: token and position embeddings, pre-LayerNorm blocks, the head tied to the token
+    embedding as in GPT-2 and nanoGPT (``tied=False``: a head of its own, e.g. for a diagnosis to name it)."""
+
+    def __init__(self, cfg: GPTConfig, tied: bool = True) -> None:
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 and nanoGPT
+        if tied:
+            self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))

@@ -59,14 +59,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lightning.pytorch as L  # noqa: E402
-from bench_monitors import Block, GPTConfig  # noqa: E402
+from bench_monitors import GPT, GPTConfig  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from callbacks import HealthMonitor  # noqa: E402
@@ -78,32 +78,6 @@ SEEDS = (2147483647, 1, 2)  # the lecture's seed, then two more (init and batch 
 
 
 # ---------------------------------------------------------------------------------------------- the GPT
-class GPT(nn.Module):
-    """nanoGPT's decoder, small: token and position embeddings, pre-LayerNorm blocks, an untied head."""
-
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-            elif p.dim() >= 2:  # std 0.02 everywhere else, the head too: the first softmax is near uniform
-                nn.init.normal_(p, 0.0, 0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        T = idx.size(1)
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
-
-
 class GPTModule(L.LightningModule):
     """The GPT trained the usual way: AdamW (weight decay on matrices), linear warm-up, cosine decay to lr/10; the
     peak lr 1e-3 of nanoGPT's small character-level GPT (``config/train_shakespeare_char.py``).
@@ -125,7 +99,7 @@ class GPTModule(L.LightningModule):
         outlier: tuple[int, int, float] | None = None,
     ) -> None:
         super().__init__()
-        self.model = GPT(cfg)
+        self.model = GPT(cfg, tied=False)  # an untied head, std 0.02: the first softmax is near uniform
         self.steps, self.lr, self.warmup, self.lr_jump = steps, lr, warmup, lr_jump
         if outlier is not None:
             block, channel, scale = outlier
