@@ -16,6 +16,43 @@ from typing import Any, ClassVar, Literal
 Readouts = Mapping[str, Any]
 
 
+#: what an :class:`Action` can change: the learning rate (of the model or named parameters) by ``value``, a named
+#: layer's weights (scaled by ``value``, or re-initialised with its activation's gain: ``init``), normalisation
+#: switched on, the activation swapped for ``value``, gradients clipped at norm ``value``
+ActionKind = Literal["scale_lr", "scale_layer", "init", "normalise", "activation", "clip_gradients"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """A fix a program can apply (``callbacks.fixes``; ``train.py`` flags), beside a finding's sentence.
+
+    ``targets``: parameter or module names (empty: the whole model); for ``init``, the activations whose feeding
+    layers are re-initialised (``std = gain / sqrt(fan_in)``); ``value``: the factor (``scale_lr``,
+    ``scale_layer``), the init regime or activation name, or the gradient norm to clip at; ``evidence``: the
+    numbers behind it, in a few words.
+    """
+
+    kind: ActionKind
+    targets: tuple[str, ...] = ()
+    value: float | str | None = None
+    evidence: str = ""
+
+    def describe(self) -> str:
+        """One short phrase: ``"lr × 0.1"``, ``"scale net.head × 0.01"``."""
+        where = ", ".join(self.targets)
+        if self.kind == "scale_lr":
+            return f"lr × {self.value:.3g}" + (f" for {where}" if where else "")  # type: ignore[str-format]
+        if self.kind == "scale_layer":
+            return f"scale {where} × {self.value:.3g}"  # type: ignore[str-format]
+        if self.kind == "clip_gradients":
+            return f"clip gradients at norm {self.value:.3g}"  # type: ignore[str-format]
+        if self.kind == "init":
+            return f"init {self.value}" + (f" before {where}" if where else "")
+        if self.kind == "activation":
+            return f"activation {self.value}"
+        return "normalise (BatchNorm)" + (f" before {where}" if where else "")
+
+
 @dataclass(frozen=True)
 class Finding:
     """One thing a judge found: what, where, how much (``message``), since when (``step``) and what to change.
@@ -30,6 +67,7 @@ class Finding:
     fix: str = ""
     figure: str = ""
     severity: Literal["problem", "note"] = "problem"
+    action: Action | None = None  # the fix as something a program can apply (None: none applicable)
 
     @property
     def text(self) -> str:

@@ -11,7 +11,7 @@ import statistics
 from typing import ClassVar
 
 from callbacks._stats import Summary
-from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.judges.base import Action, Finding, Judge, Readouts
 
 
 class Saturation(Judge):
@@ -42,7 +42,12 @@ class Saturation(Judge):
                 f"`{layer.label}` is saturated: {layer.saturation:.1%} of its outputs beyond {self.threshold} of the"
                 f" range (> {self.limit:.0%}), where its gradient is cut."
             )
-            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution"))
+            action = (
+                Action("scale_lr", (), 0.3, f"{layer.saturation:.0%} saturated behind a norm")
+                if layer.norm_before
+                else Action("init", (layer.name,), "kaiming", f"{layer.saturation:.0%} saturated")
+            )
+            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution", action=action))
         return found
 
 
@@ -79,7 +84,8 @@ class DeadUnits(Judge):
                 f"`{layer.label}` has {layer.dead:.1%} dead units (never positive in a batch, > {limit:.0%}): {what}."
             )
             fix = "Usually a too-high learning rate pushed their biases negative; lower it, or check the init."
-            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution"))
+            action = Action("scale_lr", (), 0.1, f"{layer.dead:.0%} dead units")
+            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution", action=action))
         return found
 
 
@@ -108,7 +114,8 @@ class VanishingGradients(Judge):
                     f"gradients at `{g.label}` are vanishing: std {std:.2e} against {top:.2e} for the largest layer."
                 )
                 fix = "Check for saturated activations or a too-small init before it."
-                found.append(Finding(key, step, g.label, message, fix, "activation_grad/distribution"))
+                action = Action("init", (), "kaiming", f"gradient std {std:.1e} vs {top:.1e}")
+                found.append(Finding(key, step, g.label, message, fix, "activation_grad/distribution", action=action))
         return found
 
 
@@ -131,7 +138,8 @@ class VanishingParameterGradients(Judge):
                     f" for {self.patience} logged steps."
                 )
                 fix = "Check for saturated activations or a too-small init after it."
-                found.append(Finding(key, step, p.name, message, fix, "param_grad/distribution"))
+                action = Action("init", (), "kaiming", f"grad:data {p.grad_to_data:.1e}")
+                found.append(Finding(key, step, p.name, message, fix, "param_grad/distribution", action=action))
         return found
 
 
@@ -223,4 +231,5 @@ class NonFinite(Judge):
             f"{s.nonfinite} non-finite values (NaN/inf) in `{tag}` ({place}, step {step}, rank {first.nonfinite_rank});"
             f" they are counted in `{tag}/nonfinite` and left out of the statistics. Warned once."
         )
-        return [Finding("nonfinite", step, first_label, message)]
+        action = Action("scale_lr", (), 0.1, "non-finite values")  # most often a learning rate that diverged
+        return [Finding("nonfinite", step, first_label, message, action=action)]

@@ -18,7 +18,7 @@ import math
 import statistics
 from typing import Any, Literal
 
-from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.judges.base import Action, Finding, Judge, Readouts
 
 # The numbers that justify each threshold are measured in benchmarks/results/diagnosis_gallery.md ("Margins").
 #: a loss this many times ln(C) at initialisation is confidently wrong (the lecture: 27.9 / 3.30; the gallery's
@@ -98,7 +98,8 @@ class InitCheck(Judge):
             " confidently wrong, and the first steps only squash its logits (the hockey-stick loss curve)."
         )
         fix = "Scale the output layer's weights down (e.g. × 0.01) and zero its bias, so the first softmax is uniform."
-        return [Finding("init/loss", 0, where, message, fix, "loss")]
+        action = Action("scale_layer", (where,), 0.01, f"init loss {loss.value:.2f} vs ln C {uniform:.2f}")
+        return [Finding("init/loss", 0, where, message, fix, "loss", action=action)]
 
     @staticmethod
     def _activations(acts: Any) -> list[Finding]:
@@ -117,8 +118,21 @@ class InitCheck(Judge):
                 f"`{layer.label}` is saturated at initialisation: {layer.saturation:.0%} of its outputs are near"
                 " ±1, where its local gradient 1 - t² is about 0: those units barely learn."
             )
+            action = (
+                None  # a norm's gain of 1 saturating: nothing generic to change
+                if layer.norm_before
+                else Action("init", (layer.name,), "kaiming", f"{layer.saturation:.0%} saturated at init")
+            )
             found.append(
-                Finding(f"init/saturation/{layer.name}", 0, layer.label, message, fix, "activation/distribution")
+                Finding(
+                    f"init/saturation/{layer.name}",
+                    0,
+                    layer.label,
+                    message,
+                    fix,
+                    "activation/distribution",
+                    action=action,
+                )
             )
         by_kind: dict[str, list[Any]] = {}
         for layer in layers:
@@ -139,14 +153,24 @@ class InitCheck(Judge):
                     f"The init's gain is too small for {kind}: use std(W) = gain / sqrt(fan_in) ({_gain(kind)}), or a"
                     " normalisation layer (BatchNorm) before each activation."
                 )
-                found.append(Finding(f"init/vanishing/{kind}", 0, last.label, message, fix, "activation/distribution"))
+                action = Action("init", tuple(x.name for x in stack), "kaiming", f"std last/first {ratio:.2f}")
+                found.append(
+                    Finding(
+                        f"init/vanishing/{kind}", 0, last.label, message, fix, "activation/distribution", action=action
+                    )
+                )
             elif ratio > EXPLODING and last.saturation is None:
                 message = (
                     f"The {kind} activations grow with depth at initialisation: std {stds} from `{first.label}` to"
                     f" `{last.label}` ({ratio:.1f}×): the signal explodes toward the output."
                 )
                 fix = f"The init's gain is too large: use std(W) = gain / sqrt(fan_in) ({_gain(kind)}), or normalise."
-                found.append(Finding(f"init/exploding/{kind}", 0, last.label, message, fix, "activation/distribution"))
+                action = Action("init", tuple(x.name for x in stack), "kaiming", f"std last/first {ratio:.1f}")
+                found.append(
+                    Finding(
+                        f"init/exploding/{kind}", 0, last.label, message, fix, "activation/distribution", action=action
+                    )
+                )
         return found
 
     @staticmethod
@@ -169,7 +193,12 @@ class InitCheck(Judge):
             "Look for saturated activations between them, and use std(W) = gain / sqrt(fan_in) (Kaiming) or a"
             " normalisation layer so every layer keeps the signal's size."
         )
-        return [Finding(f"init/gradients/{trend}", 0, first.label, message, fix, "activation_grad/distribution")]
+        action = Action("init", (), "kaiming", f"gradient std first/last {ratio:.2g}")
+        return [
+            Finding(
+                f"init/gradients/{trend}", 0, first.label, message, fix, "activation_grad/distribution", action=action
+            )
+        ]
 
     @staticmethod
     def _parameters(params: Any) -> list[Finding]:
@@ -203,8 +232,22 @@ class InitCheck(Judge):
                         " initialised too large."
                     )
                     severity = "problem"
+                action = (
+                    Action("init", (), "kaiming", f"grad:data {times:.0f}x off the median")
+                    if severity == "problem"
+                    else None
+                )
                 found.append(
-                    Finding(f"init/grad_to_data/{p.name}", 0, p.name, message, fix, "param_grad/distribution", severity)
+                    Finding(
+                        f"init/grad_to_data/{p.name}",
+                        0,
+                        p.name,
+                        message,
+                        fix,
+                        "param_grad/distribution",
+                        severity,
+                        action,
+                    )
                 )
         for bias, norm in getattr(params, "biases_before_norm", []):
             message = (

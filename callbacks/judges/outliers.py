@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.judges.base import Action, Finding, Judge, Readouts
 
 
 class OutlierActivations(Judge):
@@ -49,5 +49,7 @@ class OutlierActivations(Judge):
                 "Find the features (its histogram's far tail) and what feeds them: check the normalisation before it"
                 " (its gain), add weight decay, or lower the learning rate."
             )
-            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution"))
+            # the layer feeding it, re-initialised at its activation's gain, removes what grew there
+            action = Action("init", (layer.name,), "kaiming", f"max/RMS {ratio:.0f}")
+            found.append(Finding(key, step, layer.label, message, fix, "activation/distribution", action=action))
         return found

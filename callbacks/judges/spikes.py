@@ -25,7 +25,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.judges.base import Action, Finding, Judge, Readouts
 
 #: what each trace column is, for the message, and whether it is compared on a log scale
 STATS = {"act": ("output RMS", True), "grad": ("gradient norm", True), "upd": ("update:data ratio", False)}
@@ -93,7 +93,8 @@ class LossSpikes(Judge):
         message = f"The loss spiked at step {step}: {loss[-1]:.3g} against a typical {typical:.3g} (robust z {z:.0f})."
         if first is None:
             fix = "No layer's statistics moved before it: look at the batch of that step (a corrupted or unusual one)."
-            return Finding(f"spike/{step}", step, "", message, fix, "loss")
+            action = Action("clip_gradients", (), 1.0, f"loss robust z {z:.0f}, nothing moved before")
+            return Finding(f"spike/{step}", step, "", message, fix, "loss", action=action)
         column, lag, zc, value, normal = first
         kind, name = column.split("/", 1)
         what, log = STATS[kind]
@@ -123,7 +124,14 @@ class LossSpikes(Judge):
                 "Its gradients grew before the loss: an instability building up in this layer; lower the learning"
                 " rate or clip the gradients."
             )
-        return Finding(f"spike/{step}", step, name, message, fix, "update_ratio/history" if kind == "upd" else "loss")
+        # a bad batch: clip so one batch cannot undo training; an instability building up: a lower learning rate
+        action = (
+            Action("clip_gradients", (), 1.0, f"loss robust z {z:.0f}, {what} moved with it")
+            if not lag
+            else Action("scale_lr", (), 0.3, f"loss robust z {z:.0f}, {what} of {name} {lag} steps before")
+        )
+        figure = "update_ratio/history" if kind == "upd" else "loss"
+        return Finding(f"spike/{step}", step, name, message, fix, figure, action=action)
 
     def _first_to_move(self) -> tuple[str, int, float, float, float] | None:
         """``(column, steps before the loss, z, value, typical)`` of the column that left its range first."""
