@@ -8,6 +8,7 @@ import pytest
 
 from callbacks._stats import Summary
 from callbacks._trace import TraceRows
+from callbacks.judges.base import Action
 from callbacks.judges.health import (
     DeadUnits,
     LearningRate,
@@ -257,11 +258,22 @@ def test_typical_ratio_under_warm_up_and_cosine_decay():
 
 
 def test_lr_advice_for_the_model():
-    (f,) = LearningRateAdvice().conclude(99, _ratios({"a": [-1.9] * 20, "b": [-2.0] * 20, "c": [-1.8] * 20}))
+    high = _ratios({"a": [-1.9] * 20, "b": [-2.0] * 20, "c": [-1.8] * 20})
+    (f,) = LearningRateAdvice().conclude(99, high)
     assert f.key == "lr/model" and "too high" in f.message and "10^-1.9" in f.message and "~13×" in f.message
-    assert "Divide the learning rate by about 13" in f.fix
+    # no loss to back the ratio: a note, no action (issue 24: the ratio alone is a hypothesis)
+    assert f.severity == "note" and f.action is None and "about 13× smaller" in f.fix
+    judge = LearningRateAdvice()
+    for loss in [3.0, 2.5, 2.3, 2.3, 2.4, 2.5, 2.6, 2.7, 2.8, 2.9]:  # the loss rose from its best 2.3 to 2.85
+        judge.observe(1, {"loss": Loss(1, loss, 27, "given")})
+    (f,) = judge.conclude(99, high)
+    assert f.severity == "problem" and "rising" in f.message
+    # one decade at most: 10, not the 13 the ratio says
+    assert "Divide the learning rate by about 10" in f.fix and f.action == Action(
+        "scale_lr", (), 0.1, f.action.evidence
+    )
     (f,) = LearningRateAdvice().conclude(99, _ratios({"a": [-5.1] * 20, "b": [-5.0] * 20}))
-    assert "too low" in f.message and "Multiply" in f.fix
+    assert "too low" in f.message and "Multiply" in f.fix and f.action.value == pytest.approx(100)  # 112 capped at 100
 
 
 def test_lr_advice_for_one_layer_and_the_output_layers_exception():

@@ -8,6 +8,14 @@ after the first tenth of the fit: a schedule's decay lowers every ratio on purpo
 or a warm-up-then-cosine schedule's first half are where the learning rate is judged. The output layer scaled
 down at init (the lecture's softmax fix) sits above the rest while its weights are small: a note, not a problem.
 It holds for any optimizer: the updates are measured, not computed from the gradient.
+
+The update:data factor is a hypothesis, judged against the loss's own evidence (issue 24): following "divide the
+learning rate by 58" on a net whose loss fell as far as the healthy nets' cost 0.14 nats. So a learning rate above
+the line is a **problem** only when the loss shows it (the training loss rose from its best, or went non-finite);
+otherwise it is a note, with no action. When it is a problem the advice moves the learning rate by one decade at
+most (:data:`MAX_STEP_DOWN`): the sweeps in ``benchmarks/results/lr_calibration.md`` show the loss flat over a
+decade below a too-high rate and worse two decades below. Too low (below -4) is a problem while the loss is still
+falling at the end of fit (it would go on improving with larger steps), moved by at most :data:`MAX_STEP_UP`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import math
 import statistics
 from typing import Any
 
-from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.judges.base import Action, Finding, Judge, Readouts
 
 #: the lecture's healthy log10 update:data ratio, and how far (in decades) a parameter may sit from it: above -2 the
 #: learning rate is too high, below -4 too low (the lecture's words). Measured in benchmarks/results/
@@ -32,6 +40,37 @@ MIN_POINTS = 5
 #: the points judged: those whose learning rate is at least the peak / PEAK_BAND (a cosine decay's first half; at
 #: most log10(2) = 0.3 decades brought back to the peak)
 PEAK_BAND = 2.0
+#: the most the advice moves the learning rate down / up in one go (calibrated: benchmarks/results/lr_calibration.md)
+MAX_STEP_DOWN, MAX_STEP_UP = 10.0, 100.0
+#: the training loss "rose" when the median of its last fifth of recorded points is this many nats above the
+#: lowest median of any earlier fifth (a per-batch loss of batch 32 has a spread of ~0.3 nats; a fifth's median
+#: over ~12 points varies by a few hundredths)
+RISE = 0.05
+#: the loss is "still falling" when its last fifth's median is this many nats below the fifth before it
+FALL = 0.02
+
+
+def loss_evidence(losses: list[float]) -> str:
+    """What the recorded training losses say about the learning rate: ``"diverged"`` (a non-finite loss),
+    ``"rising"`` (the last fifth's median above the best earlier fifth's by :data:`RISE`), ``"falling"`` (the last
+    fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or ``"unknown"`` (too few points).
+
+    Example::
+
+        >>> loss_evidence([3.0, 2.8, 2.6, 2.5, 2.4] * 1 + [2.4] * 5), loss_evidence([float("nan")] * 10)
+        ('plateaued', 'diverged')
+    """
+    if any(not math.isfinite(v) for v in losses):
+        return "diverged"
+    n = len(losses) // 5
+    if n < 1:
+        return "unknown"
+    fifths = [statistics.median(losses[i * n : (i + 1) * n]) for i in range(4)] + [statistics.median(losses[4 * n :])]
+    if fifths[-1] > min(fifths[:-1]) + RISE:
+        return "rising"
+    if fifths[-1] < fifths[-2] - FALL:
+        return "falling"
+    return "plateaued"
 
 
 def typical_ratio(history: list[float], lrs: list[float]) -> float | None:
@@ -63,6 +102,18 @@ class LearningRateAdvice(Judge):
 
     reads = ("update_ratio",)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []  # the training loss of each recorded step (the loss probe's)
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        if "loss" in readouts and step > 0:
+            self.losses.append(float(readouts["loss"].value))
+        return []
+
     def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
         ratios: Any = readouts["update_ratio"]
         typical = {
@@ -75,13 +126,7 @@ class LearningRateAdvice(Judge):
         found = []
         median = statistics.median(typical.values())
         if abs(median - TARGET) > TOLERANCE:
-            high = median > TARGET
-            message = (
-                f"The learning rate is too {'high' if high else 'low'} for most layers: the median parameter's updates"
-                f" are 10^{median:.1f} of its weights, {_times(median)} the lecture's 1e-3 (at the peak learning rate)."
-            )
-            fix = f"{'Divide' if high else 'Multiply'} the learning rate by about {10 ** abs(median - TARGET):.0f}."
-            found.append(Finding("lr/model", step, "", message, fix, "update_ratio/history"))
+            found.append(self._model_wide(step, median, loss_evidence(self.losses)))
         for name, r in typical.items():
             if abs(r - TARGET) <= TOLERANCE or abs(r - median) <= APART:
                 continue
@@ -106,5 +151,31 @@ class LearningRateAdvice(Judge):
                 f" {'smaller' if high else 'larger'}"
                 + (", or check its init (its weights may be too small)." if high else ", or check what starves it.")
             )
-            found.append(Finding(f"lr/{name}", step, name, message, fix, "update_ratio/history"))
+            factor = 10 ** (TARGET - r)
+            factor = max(factor, 1 / MAX_STEP_DOWN) if high else min(factor, MAX_STEP_UP)
+            action = Action("scale_lr", (name,), factor, f"update:data 10^{r:.1f}, median 10^{median:.1f}")
+            found.append(Finding(f"lr/{name}", step, name, message, fix, "update_ratio/history", action=action))
         return found
+
+    @staticmethod
+    def _model_wide(step: int, median: float, evidence: str) -> Finding:
+        """The model-wide advice: a problem (with an action) only when the loss agrees (see the module docstring)."""
+        high = median > TARGET
+        message = (
+            f"The learning rate is too {'high' if high else 'low'} for most layers: the median parameter's updates"
+            f" are 10^{median:.1f} of its weights, {_times(median)} the lecture's 1e-3 (at the peak learning rate);"
+            f" the training loss: {evidence}."
+        )
+        suggested = 10 ** abs(median - TARGET)
+        problem = evidence in ("rising", "diverged") if high else evidence in ("falling", "unknown")
+        if not problem:
+            fix = (
+                f"The loss shows no sign of it ({evidence}): nothing to change. The ratio alone suggests about"
+                f" {suggested:.0f}× {'smaller' if high else 'larger'}: the sweeps show that costs as often as it helps."
+            )
+            return Finding("lr/model", step, "", message, fix, "update_ratio/history", "note")
+        factor = min(suggested, MAX_STEP_DOWN if high else MAX_STEP_UP)
+        capped = f" (one step of the loop; the ratio alone says about {suggested:.0f})" if factor < suggested else ""
+        fix = f"{'Divide' if high else 'Multiply'} the learning rate by about {factor:.0f}{capped}."
+        action = Action("scale_lr", (), 1 / factor if high else factor, f"update:data 10^{median:.1f}, loss {evidence}")
+        return Finding("lr/model", step, "", message, fix, "update_ratio/history", action=action)
