@@ -31,7 +31,7 @@ import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -44,6 +44,7 @@ from lightning_makemore.data import DataError, NamesDataModule
 from lightning_makemore.fastpath import FastPath
 from lightning_makemore.model import net_settings
 from lightning_makemore.module import MakemoreModule, check_batch_size, split_loss
+from lightning_makemore.progress import StepProgressBar
 
 PROGRESS_BAR_REFRESH = 50  # steps between progress-bar refreshes (Lightning's default, 1, is a cost per step)
 
@@ -86,56 +87,6 @@ def make_monitors(spikes: bool = False) -> list[Callback]:
     from callbacks import HealthMonitor
 
     return [HealthMonitor(trace=spikes)]
-
-
-class StepProgressBar(TQDMProgressBar):
-    """The training bar counts optimizer steps of `max_steps` ("Training 1200/200000"), not epochs without an end.
-
-    One bar for the whole fit: it starts when training starts (or resumes) and is never reset at an epoch's end,
-    so its rate and time left are the steps since then over the time since then (validation included). It is
-    closed with the last epoch, before Lightning says why the fit stopped, so that line stands on its own.
-    Without `max_steps` (a fit of `max_epochs`) it is Lightning's bar, one per epoch.
-    """
-
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        if trainer.max_steps <= 0:
-            return
-        bar = self.train_progress_bar
-        bar.set_description("Training", refresh=False)
-        bar.reset(total=trainer.max_steps)  # starts the bar's clock
-        # a resumed fit counts from its checkpoint's step: the rate is over the steps of this run only
-        bar.initial = bar.n = bar.last_print_n = trainer.global_step
-        bar.refresh()
-
-    @override
-    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        if trainer.max_steps <= 0:
-            super().on_train_epoch_start(trainer)
-
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.max_steps <= 0:
-            super().on_train_batch_end(trainer, pl_module, *args)
-            return
-        step = trainer.global_step
-        if step % self.refresh_rate == 0 or step >= trainer.max_steps:
-            bar = self.train_progress_bar
-            bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            bar.refresh()
-
-    @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)  # the postfix gains the epoch's val/loss
-        last_step = 0 < trainer.max_steps <= trainer.global_step
-        # `current_epoch` counts completed epochs: this one is not counted yet
-        last_epoch = (trainer.max_epochs or -1) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
-        if last_step or last_epoch:
-            # ends the bar's line now: Lightning's "`Trainer.fit` stopped: ..." comes next, on a line of its own
-            # (closing again in `on_train_end` prints nothing)
-            self.train_progress_bar.close()
 
 
 class LayerSummary(ModelSummary):
