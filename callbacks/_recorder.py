@@ -35,7 +35,7 @@ from callbacks._trace import Trace
 from callbacks._warnings import health_warning
 from callbacks._writers import Writer, writers_for
 from callbacks.judges.base import Finding, Judge, Record
-from callbacks.probes.base import Probe, Recording, Scalar, first_tensor
+from callbacks.probes.base import Probe, Recording, Scalar, first_tensor, pack_states, unpack_states
 
 
 @dataclass(eq=False)
@@ -199,6 +199,8 @@ class Recorder(Callback):
         self._step = step
         self._plan = plan_fit(trainer, pl_module, self._first, step, self._rate)
         moments = {p: m for p in self.probes if (m := p.schedule.moment(step, self._plan)).active}
+        for p in moments:
+            p.start_states(trainer.strategy.root_device)
         tracing = self._trace is not None
         self._rec = Recording(step, trainer, pl_module, moments, tracing) if moments or tracing else None
         self._wake = -1 if self._rec is not None else self._next_step(step + 1)
@@ -264,15 +266,19 @@ class Recorder(Callback):
         reducer = None
         if trainer.world_size > 1:
             reducer = lambda t, op: trainer.strategy.reduce(t, reduce_op=op)  # noqa: E731
-        summaries = rec.pool.reduce(
+        device = trainer.strategy.root_device
+        packed, bad_state = pack_states(rec.moments, device)  # the probes' declared states, in the same collectives
+        summaries, (sums, maxes) = rec.pool.reduce_with(
             tags,
             histogram_tags,
-            trainer.strategy.root_device,
+            packed,
+            device,
             reducer,
-            error=rec.error or pending,
+            error=rec.error or pending or bad_state,
             who=f"{self.name} (step {rec.step}, rank {trainer.global_rank})",
             rank=trainer.global_rank,
         )
+        unpack_states(rec.moments, sums, maxes, trainer.world_size)
         readouts = {p.prefix: p.read(rec.step, m, summaries) for p, m in rec.moments.items()}
         self._last.update(readouts)
         self._write_guarded(trainer, lambda: self._write(trainer, rec, readouts))

@@ -170,6 +170,19 @@ class Partial:
     grids: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (exponent, k0, counts (GRID,))
 
 
+@dataclass
+class Packed:
+    """Vectors reduced with a step's tags, in the same two collectives: ``sums`` summed and ``maxes`` maxed over
+    ranks (float64, on the reduction's device; their sizes the same on every rank)."""
+
+    sums: Tensor
+    maxes: Tensor
+
+    @staticmethod
+    def empty(device: torch.device) -> "Packed":
+        return Packed(torch.zeros(0, dtype=_F64, device=device), torch.zeros(0, dtype=_F64, device=device))
+
+
 def summarise(
     x: Tensor,
     saturation: tuple[float, float] | None = None,
@@ -296,20 +309,44 @@ class Pool:
         Raises:
             MonitorRankError: when another rank reported an error.
         """
+        return self.reduce_with(tags, histograms, Packed.empty(device), device, reducer, error, who, rank)[0]
+
+    def reduce_with(
+        self,
+        tags: Sequence[str],
+        histograms: Mapping[str, int],
+        packed: "Packed",
+        device: torch.device,
+        reducer: Reducer | None,
+        error: BaseException | None = None,
+        who: str = "a monitor",
+        rank: int = 0,
+    ) -> tuple[dict[str, Summary], tuple[list[float], list[float]]]:
+        """:meth:`reduce`, with ``packed``'s vectors summed and maxed in the same collectives as the tags'.
+
+        Returns the summaries and the reduced ``(sums, maxes)`` of ``packed``, on the CPU. Every rank must pass
+        vectors of the same sizes (the probes' declared states: see ``callbacks.probes.base.Probe.add_state``).
+
+        Raises:
+            MonitorRankError: when another rank reported an error.
+        """
         order = {t: i for i, t in enumerate(self._entries)}
         hist = {t: max(histograms[t], 2) for t in tags if t in histograms}  # in `tags`' order: the same on every rank
+        n_sums, n_maxes = packed.sums.numel(), packed.maxes.numel()
         try:
-            if not tags:
+            if not tags and not n_sums and not n_maxes:
                 if error is not None:
                     raise error
-                return {}
-            host = self._reduce(tags, hist, device, reducer, error, who, rank)
+                return {}, ([], [])
+            host = self._reduce(tags, hist, packed, device, reducer, error, who, rank)
         finally:
             self.clear()
         k, h = len(tags), len(hist)
         at = k * N_SUM + 1
+        extra_sums, at = host[at : at + n_sums], at + n_sums
         maxes = [host[at + 4 * i : at + 4 * i + 4] for i in range(k)]
         at += 4 * k
+        extra_maxes, at = host[at : at + n_maxes], at + n_maxes
         sizes, at = host[at : at + h], at + h
         places, edges_at = {}, at
         counts_at = edges_at + sum(b + 1 for b in hist.values())
@@ -327,12 +364,13 @@ class Pool:
                 summary.edges, summary.counts = host[e : e + n + 1], host[c : c + n]
             summary.order = order.get(t, len(order) + i)
             out[t] = summary
-        return out
+        return out, (extra_sums, extra_maxes)
 
     def _reduce(
         self,
         tags: Sequence[str],
         histograms: Mapping[str, int],
+        packed: "Packed",
         device: torch.device,
         reducer: Reducer | None,
         error: BaseException | None,
@@ -360,12 +398,17 @@ class Pool:
             error = error or e
             sums.zero_()
             maxes.fill_(-math.inf)
+        extra_sums, extra_maxes = packed.sums, packed.maxes
+        if error is not None:  # this rank's zeros (the identities) instead of what it may have half-filled
+            extra_sums, extra_maxes = torch.zeros_like(extra_sums), torch.full_like(extra_maxes, -math.inf)
         flag = torch.full((1,), float(error is not None), dtype=_F64, device=device)
-        packed = torch.cat([sums.reshape(-1), flag])
+        all_sums = torch.cat([sums.reshape(-1), flag, extra_sums])
+        all_maxes = torch.cat([maxes.reshape(-1), extra_maxes])
         if reducer is not None:
-            packed = reducer(packed, "sum")
-            maxes = reducer(maxes, "max")
-        parts = [packed, maxes.reshape(-1)]
+            all_sums = reducer(all_sums, "sum")
+            all_maxes = reducer(all_maxes, "max")
+        maxes = all_maxes[: k * 4].reshape(k, 4)
+        parts = [all_sums, all_maxes]
         if histograms:
             sizes, edges, counts = [], [], []
             for t, bins in histograms.items():

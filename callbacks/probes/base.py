@@ -16,19 +16,35 @@ run needs. A probe never touches a logger, a hook handle or another probe.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
+import torch
 from torch import Tensor, nn
 
 from callbacks._cadence import Cadence, Moment, Schedule
-from callbacks._stats import Pool, Summary
+from callbacks._stats import Packed, Pool, Summary
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
     from torch.optim import Optimizer
+
+
+#: how a declared state is reduced over the calls of a step, its micro-batches and the ranks (see `Probe.add_state`)
+Reduce = Literal["sum", "max", "min", "mean"]
+#: each reduction's identity: a state's value at the start of every recorded step (what a rank that saw nothing adds)
+IDENTITY: dict[str, float] = {"sum": 0.0, "mean": 0.0, "max": -math.inf, "min": math.inf}
+
+
+@dataclass(frozen=True)
+class State:
+    """A declared state: its shape and how it reduces."""
+
+    shape: tuple[int, ...]
+    reduce: Reduce
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,43 @@ class Probe:
         self.cadence = cadence
         self.bins = bins
         self.schedule = Schedule(0, 0, 0)  # resolved by the recorder in `setup`
+        self._states: dict[str, State] = {}  # declared with `add_state`, in declaration order
+
+    # -- declared state
+    def add_state(self, name: str, reduce: Reduce, shape: int | tuple[int, ...] = ()) -> None:
+        """Declares a reducible state ``self.<name>``, as torchmetrics' ``Metric.add_state`` does.
+
+        On each step the probe records, ``self.<name>`` starts as a float64 tensor of ``shape`` on the model's
+        device, filled with the identity of ``reduce`` (0 for ``"sum"`` and ``"mean"``, -inf for ``"max"``, +inf
+        for ``"min"``); the step methods accumulate into it in place (``self.<name> += x``, ``self.<name>[i] = ...``,
+        ``torch.maximum(self.<name>, x, out=self.<name>)``). After the step the recorder reduces every probe's states
+        with one collective per kind (over module calls, micro-batches and ranks: ``"sum"`` adds, ``"max"``/``"min"``
+        keep the extreme, ``"mean"`` is the mean over ranks of each rank's value) and :meth:`read` finds the reduced
+        values in ``self.<name>``, a float64 tensor on the CPU. Declare in ``__init__``, or in :meth:`attach` when
+        the shape depends on the model (one entry per watched layer): the same shapes on every rank.
+
+        Args:
+            name: the attribute; declaring it again replaces it (a new fit, another model).
+            reduce: ``"sum"``, ``"max"``, ``"min"`` or ``"mean"``.
+            shape: the state's shape: ``()`` for one number, ``n`` or a tuple for one entry per layer.
+
+        Raises:
+            ValueError: for a name that is not an identifier or shadows a method, or an unknown ``reduce``.
+        """
+        if not name.isidentifier() or (name not in self._states and hasattr(self, name)):
+            raise ValueError(f"Expected `name` to be a new attribute name of {type(self).__name__}, but got {name!r}.")
+        if reduce not in get_args(Reduce):
+            raise ValueError(f"Expected `reduce` to be one of {list(get_args(Reduce))}, but got {reduce!r}.")
+        size = (shape,) if isinstance(shape, int) else tuple(shape)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in size):
+            raise ValueError(f"Expected `shape` to be an int >= 0 or a tuple of them, but got {shape!r}.")
+        self._states[name] = State(size, reduce)
+        setattr(self, name, torch.full(size, IDENTITY[reduce], dtype=torch.float64))
+
+    def start_states(self, device: torch.device) -> None:
+        """Every declared state at its identity on ``device``: the start of a step it records (the recorder's)."""
+        for name, state in self._states.items():
+            setattr(self, name, torch.full(state.shape, IDENTITY[state.reduce], dtype=torch.float64, device=device))
 
     # -- a fit
     def reset(self) -> None:
@@ -206,6 +259,51 @@ class Probe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def pack_states(probes: Iterable[Probe], device: torch.device) -> tuple[Packed, BaseException | None]:
+    """The declared states of ``probes`` in one vector per collective: sums (``"sum"``, ``"mean"``) and maxes
+    (``"max"``, and ``"min"`` negated), in probe and declaration order, their sizes those declared (the same on every
+    rank). A state that is no longer a tensor of its declared size takes part as its identity, and the error is
+    returned (raised on every rank after the collectives)."""
+    sums: list[Tensor] = []
+    maxes: list[Tensor] = []
+    error: BaseException | None = None
+    for p in probes:
+        for name, state in p._states.items():
+            value = getattr(p, name, None)
+            if not isinstance(value, Tensor) or value.numel() != math.prod(state.shape):
+                error = error or ValueError(
+                    f"Expected `{type(p).__name__}.{name}` to be a tensor of shape {state.shape} (its declared state),"
+                    f" but got {value!r}: accumulate into it in place (`self.{name} += x`)."
+                )
+                value = torch.full(state.shape, IDENTITY[state.reduce], dtype=torch.float64)
+            if value.device != device or value.dtype != torch.float64:
+                value = value.to(device=device, dtype=torch.float64)
+            value = value.detach().reshape(-1)
+            if state.reduce in ("sum", "mean"):
+                sums.append(value)
+            else:
+                maxes.append(value if state.reduce == "max" else -value)
+    empty = Packed.empty(device)
+    return Packed(torch.cat(sums) if sums else empty.sums, torch.cat(maxes) if maxes else empty.maxes), error
+
+
+def unpack_states(probes: Iterable[Probe], sums: list[float], maxes: list[float], world_size: int) -> None:
+    """Puts the reduced vectors of :func:`pack_states` back into each probe's states, by name, on the CPU."""
+    at_sum = at_max = 0
+    for p in probes:
+        for name, state in p._states.items():
+            n = math.prod(state.shape)
+            if state.reduce in ("sum", "mean"):
+                values, at_sum = sums[at_sum : at_sum + n], at_sum + n
+                if state.reduce == "mean":
+                    values = [v / world_size for v in values]
+            else:
+                values, at_max = maxes[at_max : at_max + n], at_max + n
+                if state.reduce == "min":
+                    values = [-v for v in values]
+            setattr(p, name, torch.tensor(values, dtype=torch.float64).reshape(state.shape))
 
 
 def draw_summaries(curves: Iterable[tuple[str, Summary, str]], title: str, xlabel: str = "value") -> Figure | None:

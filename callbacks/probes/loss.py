@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from callbacks._cadence import Cadence, Moment
@@ -65,6 +66,9 @@ class LossProbe(Probe):
         if num_classes is not None and num_classes < 0:
             raise ValueError(f"Expected `num_classes` to be None or an int >= 0, but got {num_classes!r}.")
         self.num_classes = num_classes
+        # the step's mean loss over micro-batches and ranks: a sum and a count, both summed (NaN/inf left out)
+        self.add_state("loss_sum", "sum")
+        self.add_state("loss_count", "sum")
         self.reset()
 
     def reset(self) -> None:
@@ -82,17 +86,19 @@ class LossProbe(Probe):
 
     def end_step(self, rec: Recording, outputs: Any) -> None:
         loss = loss_of(outputs)
-        if loss is not None and rec.moments.get(self, None) is not None:
-            rec.add("loss", loss.detach().reshape(1))
-        if loss is not None:
+        if loss is None:
+            return
+        if self in rec.moments:
+            value = loss.detach().to(torch.float64)
+            finite = torch.isfinite(value)
+            self.loss_sum += value.where(finite, 0.0).sum()
+            self.loss_count += finite.sum()
+        if rec.tracing:
             rec.trace("loss", loss.detach())
 
     def trace_columns(self) -> list[str]:
         return ["loss"]
 
-    def tags(self, moment: Moment) -> tuple[list[str], set[str]]:
-        return ["loss"], set()
-
     def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> Loss:
-        s = summaries.get("loss")
-        return Loss(step, s.mean if s is not None else math.nan, self.classes, self.source)
+        n = self.loss_count.item()
+        return Loss(step, self.loss_sum.item() / n if n > 0 else math.nan, self.classes, self.source)
