@@ -6,6 +6,8 @@ examples:
   python train.py fit --model.n_hidden 300 --trainer.max_steps 50000
   python train.py test --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
   python train.py predict --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --data.num_samples 50
+  python train.py heal --config configs/lecture/original.yaml --trainer.max_steps 3000  # fit, then refit with
+                                                                  # the health report's fixes (lightning_makemore/heal.py)
 
 `python train.py fit --help` lists every flag: the model's and the data's first, then Lightning's Trainer.
 Bad values fail before training with one line that says what is allowed (LIGHTNING_MAKEMORE_TRACEBACK=1
@@ -160,6 +162,15 @@ class MakemoreCLI(LightningCLI):
             "model down (benchmarks/results/monitors.md); free on a large one.",
         )
         parser.add_argument(
+            "--fix",
+            type=str | None,
+            default=None,
+            help="Fixes with no flag of their own, applied when training starts (callbacks/fixes.py): "
+            "KIND:TARGETS:VALUE, several separated by spaces, e.g. 'scale_lr:net.head.weight:0.1 "
+            "scale_layer:net.blocks.0.linear:0.5'; a health report's rerun command writes them "
+            "(lightning_makemore/heal.py).",
+        )
+        parser.add_argument(
             "--threads",
             type=int | None,
             default=None,
@@ -263,6 +274,13 @@ class MakemoreCLI(LightningCLI):
                 ]
             if config.get("monitors", True):
                 ours.extend(make_monitors(spikes=bool(config.get("spikes", False))))
+            if config.get("fix"):
+                from callbacks.fixes import ApplyFixes
+                from lightning_makemore.heal import parse_fix
+
+                ours.append(
+                    ApplyFixes([parse_fix(f) for f in config.fix.split()], seed=config.get("seed_everything") or 0)
+                )
         # the user's --trainer.callbacks are kept (passing `callbacks=` to super() replaces them)
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         given = _as_list(init.get("trainer", {}).get("callbacks"))
@@ -322,6 +340,10 @@ class MakemoreCLI(LightningCLI):
         seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
         # `trainer.log_dir` is a collective under DDP: read on every rank, printed on rank zero
         log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if self.trainer.is_global_zero:
+            from lightning_makemore.heal import append_rerun
+
+            append_rerun(self, log_dir)  # health.md ends with the command that reruns it with the fixes
         self._print_summary(seconds, log_dir)
 
     @rank_zero_only
@@ -378,7 +400,7 @@ def _known_flags() -> list[str]:
     flags = [f"--model.{n}" for n in [*params(MakemoreModule.__init__), *net_settings()]]
     flags += [f"--data.{n}" for n in params(NamesDataModule.__init__)]
     flags += [f"--trainer.{n}" for n in params(L.Trainer.__init__)]
-    flags += ["--monitors", "--spikes", "--threads", "--fast_path"]
+    flags += ["--monitors", "--spikes", "--fix", "--threads", "--fast_path"]
     return [*flags, "--config", "--seed_everything", "--ckpt_path"]
 
 
@@ -455,6 +477,12 @@ def _quiet_lightning() -> None:
 def main(args: list[str] | None = None) -> MakemoreCLI | None:
     """Entry point of `train.py`: runs the CLI and turns known user errors into one line on stderr."""
     _quiet_lightning()
+    given = args if args is not None else sys.argv[1:]
+    if given[:1] == ["heal"]:  # the repair loop: fits again with the report's fixes (lightning_makemore/heal.py)
+        from lightning_makemore.heal import main as heal_main
+
+        heal_main(given[1:])
+        return None
     try:
         return MakemoreCLI(
             MakemoreModule,
