@@ -6,8 +6,7 @@ examples:
   python train.py fit --model.n_hidden 300 --trainer.max_steps 50000
   python train.py test --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
   python train.py predict --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --data.num_samples 50
-  python train.py heal --config configs/lecture/original.yaml --trainer.max_steps 3000  # fit, then refit with
-                                                                  # the health report's fixes (lightning_makemore/heal.py)
+  python train.py heal --config configs/lecture/original.yaml --trainer.max_steps 3000  # refit with the fixes
 
 `python train.py fit --help` lists every flag: the model's and the data's first, then Lightning's Trainer.
 Bad values fail before training with one line that says what is allowed (LIGHTNING_MAKEMORE_TRACEBACK=1
