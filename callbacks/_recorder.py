@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from callbacks._background import worker
 from callbacks._cadence import Plan, logging_step, plan_fit, step_ends
 from callbacks._compile import EagerSteps
 from callbacks._internals import shadow_step_hooks
@@ -36,6 +37,9 @@ from callbacks._warnings import health_warning
 from callbacks._writers import Writer, writers_for
 from callbacks.judges.base import Finding, Judge, Record
 from callbacks.probes.base import Probe, Recording, Scalar, first_tensor, pack_states, unpack_states
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(eq=False)
@@ -101,6 +105,8 @@ class Recorder(Callback):
         self._eager = EagerSteps()  # compiled models run eagerly on recorded steps (see `callbacks._compile`)
         self._pending: BaseException | None = None  # a write that failed on this rank (see `_write_guarded`)
         self._figure_steps: dict[Probe, int] = {}  # the step of each probe's last figure
+        self._figure_errors: list[tuple[str, Exception]] = []  # figure jobs that raised (appended by the worker)
+        self._figure_warned = False  # the first figure error of a fit is reported, once
         self._data_steps: dict[Probe, int] = {}  # the step of each probe's last figure data (histograms, or scalars)
 
     @property
@@ -135,6 +141,7 @@ class Recorder(Callback):
             p.schedule = p.cadence.resolve(trainer.log_every_n_steps, p.has_histograms and shown, p.has_histograms)
         self._step, self._wake, self._first, self._origin, self._rate = -1, -1, None, None, None
         self._figure_steps, self._data_steps, self._last = {}, {}, {}
+        self._figure_errors, self._figure_warned = [], False
         if self.report is not None:
             self.report.reset()
 
@@ -313,18 +320,33 @@ class Recorder(Callback):
         self._report(findings, step)
 
     def _draw(self, writers: list[Writer], probe: Probe, step: int) -> None:
-        if probe.figure_tag is None or not any(w.figures for w in writers):
+        """Hands the probe's figure of ``step`` to the figure worker (``callbacks._background``): drawn, rendered and
+        written beside training, from a snapshot of the probe's plain data taken now."""
+        tag, shown = probe.figure_tag, [w for w in writers if w.figures]
+        if tag is None or not shown:
             return
-        fig = probe.draw()
-        if fig is None:
-            return
-        from callbacks.figures import figure_to_array
-
         self._figure_steps[probe] = step
-        image = figure_to_array(fig)  # (H, W, 3) uint8
-        for writer in writers:
-            if writer.figures:
-                writer.figure(probe.figure_tag, image, step)
+        draw = probe.drawing()
+        what = f"{tag} (step {step})"
+        worker().submit(
+            lambda: _draw_and_write(draw, shown, tag, step), lambda e: self._figure_errors.append((what, e))
+        )
+        self._warn_figure_errors()
+
+    def _flush_figures(self) -> None:
+        """Waits for the figure worker (every figure given so far written), then reports a figure that failed."""
+        worker().flush()
+        self._warn_figure_errors()
+
+    def _warn_figure_errors(self) -> None:
+        if not self._figure_errors or self._figure_warned:
+            return
+        what, error = self._figure_errors[0]
+        self._figure_warned = True
+        health_warning(
+            f"{self.name}: the figure {what} could not be drawn or written ({type(error).__name__}: {error});"
+            " training goes on, and this is reported once a fit."
+        )
 
     def _report(self, findings: list[tuple[Part, Finding]], step: int) -> None:
         """Warns each new finding once (its monitor's ``warn``), keeps it for the end-of-fit summaries, and hands the
@@ -388,6 +410,7 @@ class Recorder(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop()
+        self._flush_figures()  # before the writers close
         if stage == "fit" and trainer.is_global_zero:
             for writer in writers_for(trainer.loggers):
                 writer.close()  # flushes what the writers opened themselves (TensorBoard's layer runs)
@@ -401,6 +424,7 @@ class Recorder(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stop()
+        self._flush_figures()  # the figures of the steps before it, written before Lightning closes the loggers
 
     def _stop(self) -> None:
         self._sleep(False)
@@ -414,6 +438,19 @@ class Recorder(Callback):
             handle.remove()
         self._handles = []
         self._eager.exit()
+
+
+def _draw_and_write(draw: Callable[[], Figure | None], writers: list[Writer], tag: str, step: int) -> None:
+    """A figure job, on the figure worker's thread: draws, renders to RGB, writes and flushes each writer."""
+    fig = draw()
+    if fig is None:
+        return
+    from callbacks.figures import figure_to_array
+
+    image = figure_to_array(fig)  # (H, W, 3) uint8
+    for writer in writers:
+        writer.figure(tag, image, step)
+        writer.flush()  # on disk now: a run killed after this still has it
 
 
 def _write_histogram(writers: list[Writer], tag: str, s: Summary, step: int) -> None:

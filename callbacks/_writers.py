@@ -2,7 +2,8 @@
 
 The recorder hands every writer the same things: scalars (each with the dashboard chart and layer it belongs
 to), a histogram (bin counts already computed on the device), a figure (an RGB array), the end-of-fit summary (a
-table plus its markdown). Each writer shows what its logger can show and drops the rest:
+table plus its markdown). Figures arrive from the figure worker's thread (``callbacks._background``), everything
+else from the training thread. Each writer shows what its logger can show and drops the rest:
 
 ============================  =======  ==========  =======  =====================  ==========
 logger                        scalars  histograms  figures  summary                charts
@@ -79,6 +80,9 @@ class Writer:
 
     def report(self, text: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         """Writes the fit's health report: markdown ``text``, and its findings as a table (``columns``, ``rows``)."""
+
+    def flush(self) -> None:
+        """Puts what it wrote on disk now (called by the figure worker after each figure; any thread)."""
 
     def close(self) -> None:
         """Flushes what it opened of its own (the logger's files are the logger's)."""
@@ -157,6 +161,9 @@ class TensorBoardWriter(Writer):
 
     def report(self, text: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         self._writer.add_text(REPORT_TAG, text, global_step=step)
+
+    def flush(self) -> None:
+        self._writer.flush()  # (``SummaryWriter`` writes its events under a lock: safe from the figure worker)
 
     def close(self) -> None:
         for writer in self._runs.values():

@@ -16,6 +16,7 @@ run needs. A probe never touches a logger, a hook handle or another probe.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -232,6 +233,14 @@ class Probe:
     def draw(self) -> Figure | None:
         """Its figure from its last data (None: nothing to draw)."""
         return None
+
+    def drawing(self) -> Callable[[], Figure | None]:
+        """What draws its figure from its data as they are now, called later on the recorder's figure worker thread.
+
+        By default :meth:`draw` on a shallow copy of the probe, right for a probe whose steps replace what ``draw``
+        reads (``self.last = readout``); a probe that changes it in place (a growing history) copies it here.
+        """
+        return copy.copy(self).draw
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """The end-of-fit table of its last values: (column names, rows of formatted cells)."""

@@ -23,6 +23,8 @@ from callbacks.probes.loss import output_layer
 from callbacks.probes.parameter import DTensor, Parameters, local_part
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
     from torch.optim import Optimizer
@@ -166,6 +168,13 @@ class UpdateProbe(Probe):
         from callbacks.figures import plot_update_ratios
 
         return plot_update_ratios(self.history, self.steps, guide=GUIDE) if self.steps else None
+
+    def drawing(self) -> Callable[[], Figure | None]:
+        from callbacks.figures import plot_update_ratios
+
+        # the history grows in place at every recorded step: the figure worker draws a copy of it as it is now
+        history, steps = {n: list(v) for n, v in self.history.items()}, list(self.steps)
+        return lambda: plot_update_ratios(history, steps, guide=GUIDE) if steps else None
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         rows = [[n, f"{v[-1]:+.2f}"] for n, v in self.history.items() if v]

@@ -1,0 +1,218 @@
+"""The figure worker (``callbacks._background``): figures drawn and written beside training, never lost, never fatal.
+
+Each fit here is a real Lightning fit writing real TensorBoard events, read back with TensorBoard's
+``EventAccumulator``.
+"""
+
+import io
+import textwrap
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from callbacks import ActivationMonitor, GradientMonitor, HealthWarning, ParameterMonitor, UpdateRatioMonitor
+from callbacks._background import Worker, worker
+from tests.callbacks_helpers import (
+    TanhMLP,
+    fixed_loader,
+    read_events,
+    run_two_process_script,
+    saturating_batch,
+    trainer,
+)
+
+TAGS = ("activation/distribution", "activation_grad/distribution", "param_grad/distribution", "update_ratio/history")
+
+
+def four(every: int = 2) -> list:
+    return [
+        ActivationMonitor(every_n_steps=every, histogram_every_n_steps=every),
+        GradientMonitor(every_n_steps=every, histogram_every_n_steps=every),
+        ParameterMonitor(every_n_steps=every, histogram_every_n_steps=every),
+        UpdateRatioMonitor(every_n_steps=every),
+    ]
+
+
+def images(acc, tag: str) -> dict[int, np.ndarray]:
+    """The images of ``tag`` by step, decoded from the event file's PNGs."""
+    return {e.step: np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for e in acc.Images(tag)}
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+def test_worker_runs_jobs_in_order_on_its_own_thread_and_flush_waits_for_them():
+    w = Worker(max_jobs=2)
+    seen: list[tuple[int, str]] = []
+    for i in range(5):  # more jobs than the queue holds: submit blocks until the worker takes one, nothing dropped
+        w.submit(lambda i=i: (time.sleep(0.01), seen.append((i, threading.current_thread().name))), print)
+    w.flush()
+    assert seen == [(i, "callbacks-figures") for i in range(5)]
+
+
+def test_worker_hands_a_failing_job_to_its_on_error_and_goes_on():
+    w = Worker()
+    errors: list[Exception] = []
+    done: list[int] = []
+    w.submit(lambda: 1 / 0, errors.append)
+    w.submit(lambda: done.append(1), errors.append)
+    w.flush()
+    assert [type(e) for e in errors] == [ZeroDivisionError] and done == [1]
+
+
+def test_flush_without_a_job_returns_and_starts_no_thread():
+    w = Worker(name="never-started")
+    w.flush()
+    assert not w.running and "never-started" not in {t.name for t in threading.enumerate()}
+
+
+@pytest.mark.parametrize("max_jobs", [0, -1, 1.5, True])
+def test_worker_rejects_a_bad_queue_size(max_jobs):
+    with pytest.raises(ValueError, match="Expected `max_jobs` to be an int >= 1"):
+        Worker(max_jobs=max_jobs)
+
+
+# ---------------------------------------------------------------------------------------------- in a fit
+def test_figures_of_step_zero_and_end_of_fit_are_on_disk_after_the_fit(tmp_path):
+    monitors = four(every=2)
+    t = trainer(tmp_path, monitors, max_steps=5, log_every_n_steps=2)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 5))
+    acc = read_events(t.logger.log_dir)
+    # step 0 (the initialisation) and the end-of-fit figure, from the last data recorded: the last histograms
+    # (step 4, the fit's last step) for the distributions, the last update ratios (step 3) for their history
+    last_histogram = max(e.step for e in acc.Histograms("activation/act"))
+    last_ratio = max(e.step for e in acc.Scalars("update_ratio/hidden.weight"))
+    assert (last_histogram, last_ratio) == (4, 3)
+    for tag in TAGS:
+        shots = images(acc, tag)
+        last = last_ratio if tag.startswith("update_ratio") else last_histogram
+        assert 0 in shots and last in shots, (tag, sorted(shots))
+        assert all(img.shape[1] == 680 and img.shape[2] in (3, 4) for img in shots.values())
+    # drawn from the data of their own step: the activation figure of step 4 is the one the probe draws now
+    from callbacks.figures import figure_to_array
+
+    expected = figure_to_array(monitors[0].probe.draw())
+    assert np.array_equal(images(acc, "activation/distribution")[4][..., :3], expected)
+
+
+def test_a_figure_that_raises_is_reported_once_and_training_finishes(tmp_path):
+    monitors = four(every=1)
+    broken = monitors[0].probe
+
+    def draw():
+        raise RuntimeError("no font")
+
+    broken.draw = draw  # a probe whose figure crashes (e.g. a user's own probe, a broken matplotlib)
+    t = trainer(tmp_path, monitors, max_steps=6, log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(TanhMLP(), fixed_loader(saturating_batch(), 6))
+    assert t.global_step == 6
+    reports = [str(w.message) for w in caught if issubclass(w.category, HealthWarning) and "figure" in str(w.message)]
+    assert len(reports) == 1, reports
+    assert "activation/distribution" in reports[0] and "RuntimeError: no font" in reports[0]
+    acc = read_events(t.logger.log_dir)
+    assert "activation/distribution" not in acc.Tags()["images"]
+    assert 0 in images(acc, "activation_grad/distribution")  # the other figures are written as before
+
+
+class FailsAtStep(TanhMLP):
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.fail_at = step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.fail_at:
+            raise RuntimeError("out of memory, say")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_that_raises_after_a_figure_step_still_has_the_figure(tmp_path):
+    monitors = four(every=10)
+    probe = monitors[0].probe
+    draw = probe.draw
+
+    def slow_draw():
+        time.sleep(0.5)  # still drawing when the fit raises: the flush on the exception waits for it
+        return draw()
+
+    probe.draw = slow_draw
+    t = trainer(tmp_path, monitors, max_steps=5, log_every_n_steps=1)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        t.fit(FailsAtStep(1), fixed_loader(saturating_batch(), 5))
+    acc = read_events(t.logger.log_dir)
+    assert sorted(images(acc, "activation/distribution")) == [0]
+
+
+KILLED_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from callbacks import ActivationMonitor
+    from callbacks._background import worker
+    from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch
+
+    class Kill(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                worker().flush()  # the figure of step 0 has been written by the worker (and flushed by it)
+                os.kill(os.getpid(), signal.SIGKILL)  # no teardown, no logger finalize
+
+    t = L.Trainer(accelerator="cpu", max_steps=5, logger=TensorBoardLogger(sys.argv[1], name="run", version=0),
+                  callbacks=[ActivationMonitor(every_n_steps=10), Kill()], enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 5))
+    """
+)
+
+
+def test_a_run_killed_after_a_figure_step_still_has_the_figure(tmp_path):
+    proc = run_two_process_script(tmp_path, KILLED_SCRIPT)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    acc = read_events(str(tmp_path / "run" / "version_0"))
+    assert sorted(images(acc, "activation/distribution")) == [0]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from callbacks import ActivationMonitor, UpdateRatioMonitor
+    from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch
+
+    class Threads(Callback):  # which threads each rank runs at the end of fit
+        def on_train_end(self, trainer, pl_module):
+            names = sorted(t.name for t in threading.enumerate())
+            with open(f"{sys.argv[1]}/threads-{trainer.global_rank}.txt", "w") as f:
+                f.write("\\n".join(names))
+
+    if __name__ == "__main__":
+        t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, log_every_n_steps=1,
+                      logger=TensorBoardLogger(sys.argv[1], name="ddp", version=0),
+                      callbacks=[ActivationMonitor(every_n_steps=1), UpdateRatioMonitor(every_n_steps=1), Threads()],
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        t.fit(TanhMLP(), fixed_loader(saturating_batch(), 6))
+    """
+)
+
+
+@pytest.mark.slow
+def test_only_rank_zero_runs_a_figure_worker_under_ddp(tmp_path):
+    proc = run_two_process_script(tmp_path, DDP_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "callbacks-figures" in (tmp_path / "threads-0.txt").read_text().split("\n")
+    assert "callbacks-figures" not in (tmp_path / "threads-1.txt").read_text().split("\n")
+    acc = read_events(str(tmp_path / "ddp" / "version_0"))
+    assert 0 in images(acc, "activation/distribution") and 0 in images(acc, "update_ratio/history")
+
+
+def test_the_process_has_one_worker():
+    assert worker() is worker()
+    torch.manual_seed(0)  # (no state leaks from the fits above into other tests' seeds)
