@@ -1,0 +1,223 @@
+"""The attention probe: its numbers against logits computed here from q and k (by hand, and with plain torch from the
+modules' own weights), through nanoGPT-style SDPA blocks, ``nn.MultiheadAttention`` (with and without weights),
+``nn.TransformerEncoderLayer``, Hugging Face GPT-2 (eager and SDPA) and a Llama block with rotary embeddings; and
+that the interception of torch's functions is undone after every step, an exception included."""
+
+import math
+from typing import Any
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor, nn
+
+from callbacks._attention import attention_stats, quantile_from_hist
+from callbacks._cadence import Cadence
+from callbacks._recorder import Part, Recorder
+from callbacks.judges.base import Judge
+from callbacks.probes.attention import AttentionProbe
+from tests.callbacks_helpers import trainer
+
+SDPA = F.scaled_dot_product_attention
+MHA_FORWARD = F.multi_head_attention_forward
+
+
+class Keep(Judge):
+    reads = ("attention",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, Any] = {}
+
+    def observe(self, step: int, readouts: Any) -> list:
+        self.seen[step] = readouts["attention"]
+        return []
+
+
+def reference(q: Tensor, k: Tensor, allowed: Tensor, bias: Tensor | None = None, scale: float | None = None) -> dict:
+    """Per head: max |s|, the entropy sum and log(allowed) sum over rows, from s = scale q k^T, plainly."""
+    q, k = q.double(), k.double()
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale  # (B, H, L, S)
+    allowed = allowed.expand_as(s)
+    z = (s + bias.double() if bias is not None else s).masked_fill(~allowed, -math.inf)
+    p = torch.softmax(z, -1)
+    ent = -torch.where(allowed, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p)).sum(-1)
+    return {
+        "max": s.abs().masked_fill(~allowed, -1).amax((0, 2, 3)),
+        "entropy": ent.sum((0, 2)),
+        "uniform": allowed.sum(-1).double().log().sum((0, 2)),
+        "values": s.abs()[allowed],
+    }
+
+
+def test_stats_by_hand():
+    # one head, d = 4 (scale 1/2); q1 = (2,0,0,0), k1 = (1,0,0,0), k2 = (-3,0,0,0): s = [[1, -3]]
+    q = torch.tensor([[[[2.0, 0, 0, 0], [0, 0, 0, 0]]]])  # (1, 1, 2, 4)
+    k = torch.tensor([[[[1.0, 0, 0, 0], [-3.0, 0, 0, 0]]]])
+    st = attention_stats(q, k)
+    assert st.max_abs.tolist() == [3.0]  # |-3|
+    p = [1 / (1 + math.exp(-4)), math.exp(-4) / (1 + math.exp(-4))]  # softmax([1, -3]); the second row is uniform
+    assert st.entropy.item() == pytest.approx(-sum(x * math.log(x) for x in p) + math.log(2), rel=1e-6)
+    assert st.uniform.item() == pytest.approx(2 * math.log(2))
+    assert st.rows.item() == 2
+    # causal: the first row sees k1 only (entropy 0, |s| 1), the second sees both with s = 0
+    st = attention_stats(q, k, is_causal=True)
+    assert st.max_abs.tolist() == [1.0]
+    assert st.entropy.item() == pytest.approx(math.log(2))
+    assert st.uniform.item() == pytest.approx(math.log(2))
+    assert st.hist.sum().item() == 3  # three allowed entries: |s| = 1, 0, 0
+    # scale given; a boolean mask hiding k2 everywhere
+    st = attention_stats(q, k, attn_mask=torch.tensor([[True, False], [True, False]]), scale=1.0)
+    assert st.max_abs.tolist() == [2.0] and st.entropy.item() == 0.0
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "bool", "float", "gqa", "sampled"])
+def test_stats_against_plain_torch(case):
+    torch.manual_seed(0)
+    B, H, L, S, E = 2, 4, 12, 12, 8
+    q, k = torch.randn(B, H, L, E) * 3, torch.randn(B, H if case != "gqa" else 2, S, E) * 3
+    allowed, bias, kwargs = torch.ones(L, S, dtype=torch.bool), None, {}
+    if case == "causal":
+        allowed, kwargs = allowed.tril(), {"is_causal": True}
+    elif case == "bool":
+        allowed = torch.rand(B, 1, L, S) > 0.3
+        allowed[..., 0] = True
+        kwargs = {"attn_mask": allowed}
+    elif case == "float":
+        bias = torch.randn(B, H, L, S)
+        bias[..., 5] = -math.inf  # a float mask that hides key 5
+        allowed = torch.ones(B, H, L, S, dtype=torch.bool)
+        allowed[..., 5] = False
+        kwargs = {"attn_mask": bias}
+    elif case == "sampled":
+        kwargs = {"is_causal": True, "max_queries": 4}
+        allowed = allowed.tril()
+    st = attention_stats(q, k, **kwargs)
+    kk = k.repeat_interleave(2, dim=1) if case == "gqa" else k
+    if case == "sampled":  # positions 0, 4, 7, 11 (evenly spread, first and last)
+        rows = torch.tensor([0, 4, 7, 11])
+        assert st.sampled == 4 and st.queries == L
+        ref = reference(q[:, :, rows], kk, allowed[rows])
+    else:
+        ref = reference(q, kk, allowed, bias)
+    assert st.max_abs.tolist() == pytest.approx(ref["max"].tolist(), rel=1e-5)
+    assert st.entropy.tolist() == pytest.approx(ref["entropy"].tolist(), rel=1e-5)
+    assert st.uniform.tolist() == pytest.approx(ref["uniform"].tolist(), rel=1e-9)
+    # the quantile from the log bins: within one bin (a factor 2**(1/8)) of the exact one
+    exact = torch.quantile(ref["values"], 0.99).item()
+    assert quantile_from_hist(st.hist.tolist(), 0.99) == pytest.approx(exact, rel=2 ** (1 / 8) - 1)
+
+
+# ----------------------------------------------------------------------------------------- through a fit
+class SelfAttention(nn.Module):
+    """nanoGPT's attention: one Linear for q, k, v, then F.scaled_dot_product_attention (causal)."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(width, 3 * width)
+        self.c_proj = nn.Linear(width, width)
+
+    def qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, C = x.shape
+        q, k, _ = self.c_attn(x).split(C, dim=2)
+        return tuple(t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k))  # (B, nh, T, hs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
+
+
+class TinyGPT(L.LightningModule):
+    def __init__(self, kind: str = "sdpa", vocab: int = 11, width: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Embedding(vocab, width)
+        if kind == "sdpa":
+            self.blocks = nn.ModuleList(SelfAttention(width) for _ in range(layers))
+        elif kind == "encoder":
+            self.blocks = nn.ModuleList(
+                nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True) for _ in range(layers)
+            )
+        else:  # "mha" / "mha_weights": nn.MultiheadAttention, returning its weights or not
+            self.blocks = nn.ModuleList(nn.MultiheadAttention(width, 2, batch_first=True) for _ in range(layers))
+        self.head = nn.Linear(width, vocab)
+        self.inputs: list[list[Any]] = []  # each block's (q, k), per forward (the test's own record)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.emb(idx)
+        T = idx.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # True: left out (nn.MultiheadAttention's convention)
+        seen = []
+        for block in self.blocks:
+            with torch.no_grad():
+                seen.append(qk_of(block, x))  # q and k from the block's weights and input, the test's own way
+            if self.kind == "sdpa":
+                x = x + block(x)
+            elif self.kind == "encoder":
+                x = block(x, src_mask=causal)
+            else:
+                x = x + block(x, x, x, attn_mask=causal, need_weights=self.kind == "mha_weights")[0]
+        self.inputs.append(seen)
+        return self.head(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (idx,) = batch
+        logits = self(idx[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def qk_of(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The block's q and k for input ``x``, from its own weights (the test's reference)."""
+    if isinstance(block, SelfAttention):
+        return block.qk(x)
+    mha = block.self_attn if isinstance(block, nn.TransformerEncoderLayer) else block
+    E, H = mha.embed_dim, mha.num_heads
+    if isinstance(block, nn.TransformerEncoderLayer) and block.norm_first:
+        x = block.norm1(x)
+    w_q, w_k, _ = mha.in_proj_weight.chunk(3)
+    b_q, b_k, _ = mha.in_proj_bias.chunk(3)
+    B, T, _ = x.shape
+    q, k = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k)
+    return tuple(t.view(B, T, H, E // H).transpose(1, 2) for t in (q, k))
+
+
+def fit(tmp_path, model: L.LightningModule, probe: AttentionProbe, steps: int = 3, every: int = 2, **kw) -> Keep:
+    keep = Keep()
+    recorder = Recorder([Part("AttentionProbe", [probe], [keep])])
+    t = trainer(tmp_path, [recorder], logger=CSVLogger(str(tmp_path)), max_steps=steps, log_every_n_steps=every, **kw)
+    torch.manual_seed(0)
+    idx = torch.randint(0, 11, (4 * steps, 9))
+    t.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(idx), batch_size=4))
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "mha", "mha_weights", "encoder"])
+def test_probe_through_a_fit(tmp_path, kind):
+    torch.manual_seed(0)
+    model = TinyGPT(kind)
+    probe = AttentionProbe(cadence=Cadence(every_n_steps=2, histogram_every_n_steps=0))
+    keep = fit(tmp_path, model, probe)
+    assert sorted(keep.seen) == [0, 1]
+    assert SDPA is F.scaled_dot_product_attention and MHA_FORWARD is F.multi_head_attention_forward  # restored
+    for step, readout in keep.seen.items():
+        names = [layer.name for layer in readout.layers]
+        expected = [f"blocks.{i}" if kind != "encoder" else f"blocks.{i}.self_attn" for i in range(2)]
+        assert names == expected  # no "(outside)": every call was inside a watched module
+        # the weights of step `step` are those before its update: recompute from the recorded forward's inputs
+        for i, layer in enumerate(readout.layers):
+            assert layer.calls == 1 and layer.exact and layer.rows == 4 * 8 * 2
+            q, k = model.inputs[step][i]
+            ref = reference(q, k, torch.ones(8, 8, dtype=torch.bool).tril())
+            assert layer.head_logit_max == pytest.approx(ref["max"].tolist(), rel=1e-5)
+            assert layer.logit_max == pytest.approx(ref["max"].max().item(), rel=1e-5)
+            share = ref["entropy"].sum().item() / ref["uniform"].sum().item()
+            assert layer.entropy_share == pytest.approx(share, rel=1e-5)
+            assert layer.entropy == pytest.approx(ref["entropy"].sum().item() / (4 * 8 * 2), rel=1e-5)
