@@ -108,8 +108,40 @@ def flags_for(
     if lr != float(model.get("lr", 0.1)):
         flags += ["--model.lr", f"{lr:.4g}"]
     if fixes:
-        flags += ["--fix", " ".join([*(fix or "").split(), *fixes])]
+        flags += ["--fix", _merge_fixes([*(fix or "").split(), *fixes])]
     return _dedupe(flags), skipped
+
+
+def _merge_fixes(fixes: list[str]) -> str:
+    """One ``--fix`` value: the same scaling of the same targets given twice becomes one (the factors multiplied;
+    dropped when they cancel)."""
+    merged: dict[tuple[str, tuple[str, ...]], Action] = {}
+    for text in fixes:
+        a = parse_fix(text)
+        key = (a.kind, a.targets)
+        if key in merged and a.kind in ("scale_lr", "scale_layer"):
+            a = Action(a.kind, a.targets, float(merged[key].value) * float(a.value))  # type: ignore[arg-type]
+        merged[key] = a
+    kept = [a for a in merged.values() if not (a.kind.startswith("scale") and abs(float(a.value) - 1) < 0.05)]  # type: ignore[arg-type]
+    return " ".join(format_fix(a) for a in kept)
+
+
+def merge_flags(flags: list[str], more: list[str]) -> list[str]:
+    """``flags`` with ``more`` added; a flag given in both takes ``more``'s value (in ``flags``' place)."""
+    new = dict(zip(more[::2], more[1::2], strict=True))
+    out: list[str] = []
+    i = 0
+    while i < len(flags):
+        flag = flags[i]
+        if flag in new and i + 1 < len(flags):
+            out += [flag, new.pop(flag)]
+            i += 2
+        else:
+            out.append(flag)
+            i += 1
+    for flag, value in new.items():
+        out += [flag, value]
+    return out
 
 
 def _dedupe(flags: list[str]) -> list[str]:
@@ -294,8 +326,9 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
                 break
             what, flags = options[0]
             tried.add(shlex.join(flags))
-            r = _fit([*best.flags, *flags])
-            r.number, r.changed, r.flags = number, what, [*best.flags, *flags]
+            merged = merge_flags(best.flags, flags)
+            r = _fit(merged)
+            r.number, r.changed, r.flags = number, what, merged
             if r.val < best.val - 2 * noise:
                 r.outcome, best = "kept", r
             else:

@@ -1,0 +1,105 @@
+"""train.py heal and the rerun command: real fits on the small corpus, as a user runs them."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from callbacks.judges.base import Action
+from lightning_makemore.heal import flags_for, format_fix, parse_fix
+from tests.conftest import ROOT
+from tests.test_train_cli import QUIET, train
+
+ORIGINAL = ["--config", str(ROOT / "configs" / "lecture" / "original.yaml")]
+SHORT = ["--trainer.max_steps", "300", "--trainer.log_every_n_steps", "10", "--trainer.enable_checkpointing", "false"]
+
+
+@pytest.fixture(scope="module")
+def sick(tmp_path_factory, small_corpus):
+    """`train.py heal` on the lecture's naive init (over-confident output, saturated tanh), 300 steps."""
+    tmp = tmp_path_factory.mktemp("heal")
+    proc = train(["heal", *ORIGINAL, *SHORT, *QUIET], tmp, small_corpus)
+    return tmp, proc
+
+
+def _printed_vals(stdout: str) -> list[float]:
+    """The val loss each fit's own summary printed, in order."""
+    return [float(v) for v in re.findall(r"loss +train [\d.]+, val ([\d.]+)", stdout)]
+
+
+def test_heal_keeps_the_fixes_that_lower_the_val_loss(sick):
+    tmp, proc = sick
+    report = (tmp / "lightning_logs" / "version_0" / "heal.md").read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [r[0].strip("| ") for r in rows][:2] == ["0", "1"]
+    vals = [float(r[3]) for r in rows]
+    assert vals == pytest.approx(_printed_vals(proc.stdout), abs=1e-4)  # the table's vals are the fits' own
+    assert rows[0][4] == "start" and rows[1][4] == "kept" and vals[1] < vals[0] - 0.3  # 3.x -> 2.x
+    assert "init kaiming" in rows[1][1] and "scale net.head × 0.01" in rows[1][1]
+    kept = [r[5].strip(" |") for r in rows if r[4] in ("start", "kept")][-1]
+    assert f"kept run: {kept}" in proc.stdout and f"Kept run: `{kept}`" in report
+    assert "--model.init kaiming --model.last_layer_scale 0.01" in proc.stdout
+    assert all(r[4] != "kept" or float(r[3]) < vals[0] for r in rows)  # never kept worse than the start
+
+
+def test_heal_on_problems_without_an_applicable_fix_says_so_in_one_line(tmp_path, small_corpus):
+    # BatchNorm at SGD lr 3: the monitors' update ratio says too high (no action: the end-of-fit advice carries
+    # it), the calibrated advice finds the loss plateaued, not rising: nothing to apply
+    config = ["--config", str(ROOT / "configs" / "lecture" / "batchnorm.yaml"), "--model.lr", "3"]
+    proc = train(["heal", *config, *SHORT, *QUIET], tmp_path, small_corpus)
+    assert "The report names 1 problem(s), none with a fix train.py can apply: nothing to retrain." in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    assert "nothing to retrain" in (tmp_path / "lightning_logs" / "version_0" / "heal.md").read_text()
+
+
+def test_the_reports_rerun_command_parses_as_train_py_flags(sick, small_corpus):
+    tmp, _ = sick
+    health = (tmp / "lightning_logs" / "version_0" / "health.md").read_text()
+    (command,) = re.findall(r"```bash\n(python train\.py fit .*)\n```", health)
+    args = shlex.split(command)[2:]
+    assert args[:3] == ["fit", "--config", "lightning_logs/version_0/config.yaml"]
+    proc = train([*args, "--print_config"], tmp, small_corpus)  # jsonargparse parses every flag, then prints
+    assert "init: kaiming" in proc.stdout and "last_layer_scale: 0.01" in proc.stdout
+    assert "init: naive" not in proc.stdout
+
+
+def test_heal_on_a_healthy_run_says_so_and_fits_once(tmp_path, small_corpus):
+    config = ["--config", str(ROOT / "configs" / "lecture" / "batchnorm.yaml")]
+    proc = train(["heal", *config, *SHORT, *QUIET], tmp_path, small_corpus)
+    assert "The run is healthy: nothing to fix." in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    assert "nothing to fix" in (tmp_path / "lightning_logs" / "version_0" / "heal.md").read_text()
+
+
+def test_flags_for_each_action_and_fix_strings():
+    model = {"lr": 0.1, "init": "naive", "last_layer_scale": None, "batchnorm": False}
+    actions = [
+        Action("scale_lr", (), 0.1),
+        Action("scale_layer", ("net.head",), 0.01),
+        Action("init", ("net.blocks.0.act",), "kaiming"),
+        Action("normalise"),
+        Action("activation", (), "relu"),
+        Action("clip_gradients", (), 1.0),
+        Action("scale_lr", ("net.embedding.weight",), 0.5),
+    ]
+    flags, skipped = flags_for(actions, model, {}, fix="scale_layer:net.blocks.0.linear:0.5")
+    assert flags == [
+        *("--model.last_layer_scale", "0.01", "--model.init", "kaiming", "--model.batchnorm", "true"),
+        *("--model.activation", "relu", "--trainer.gradient_clip_val", "1", "--model.lr", "0.01"),
+        *("--fix", "scale_layer:net.blocks.0.linear:0.5 scale_lr:net.embedding.weight:0.5"),  # the run's own kept
+    ]
+    assert skipped == []
+    done = {"lr": 0.1, "init": "kaiming", "last_layer_scale": 0.01, "batchnorm": True}
+    assert flags_for(actions[1:4], done, {}) == ([], ["scale net.head × 0.01 (the output layer is already scaled)",
+                                                      "init kaiming before net.blocks.0.act (already kaiming)",
+                                                      "normalise (BatchNorm) (already on)"])  # fmt: skip
+    assert parse_fix(format_fix(actions[-1])) == actions[-1]
+    with pytest.raises(ValueError, match="Expected --fix KIND:TARGETS:VALUE"):
+        parse_fix("scale_lr:0.1")
+
+
+def test_a_bad_fix_flag_fails_in_one_line(tmp_path, small_corpus):
+    proc = train(["fit", "--fix", "shrink:net.head:2", *SHORT, *QUIET], tmp_path, small_corpus, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: Expected --fix KIND:TARGETS:VALUE")
