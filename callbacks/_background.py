@@ -1,36 +1,52 @@
-"""The figure worker: figures drawn, rendered and written beside training, on one thread per process.
+"""Figures drawn, rendered and written beside training: a worker thread per process, a figure process beside it.
 
-A monitor figure costs tenths of a second of matplotlib (building the artists, ``canvas.draw``, the PNG), which
-on a small model is many training steps. The recorder therefore hands each figure to this worker as a job: a
-callable over plain data (the probe's last summaries: Python numbers and short lists, never a live tensor) that
-draws, renders and writes it. Jobs run one at a time, in the order given, on a daemon thread started by the first
-job; only rank zero writes, so under DDP only rank zero ever starts one.
+A monitor figure costs about a tenth of a second of matplotlib (the artists, ``canvas.draw``, the PNG), which on
+a small model is a hundred training steps. The recorder therefore hands each figure to this module as a job: a
+drawing callable over plain data (the probe's last summaries: Python numbers and short lists, never a live
+tensor) and what writes the image. Jobs run one at a time, in the order given, on a daemon thread started by the
+first job; only rank zero writes, so under DDP only rank zero ever starts one.
 
+- **Off the interpreter lock**: drawing is Python code, and a thread that draws holds the GIL the training loop
+  needs (on a 2 ms step the loop is mostly Python). So the worker thread sends each drawing, pickled, to one
+  helper process (``python -m callbacks._background``, started with the first figure, at a lower CPU priority)
+  which draws and renders it and sends back the RGB array; the thread only waits on a pipe and writes the image
+  (the PNG is encoded by Pillow, outside the GIL). A drawing that does not pickle (a closure) is drawn on the
+  worker thread, and so is every drawing if the helper cannot start or dies.
 - **Thread safety**: matplotlib's ``pyplot`` is not thread-safe and is never used; every figure is a
   ``matplotlib.figure.Figure`` with its own Agg canvas, created and drawn inside the job. The writers a job
   calls are thread-safe where it matters (TensorBoard's ``SummaryWriter`` queues events under a lock).
 - **Bounded, nothing dropped**: at most ``MAX_JOBS`` jobs wait; a full queue blocks the training thread until
-  the worker has taken one (back-pressure, so memory stays bounded and no figure is lost). A fit makes about
-  ten figures, so in practice it never blocks.
-- **Flushed**: :meth:`Worker.flush` waits until every job given so far has finished; the recorder calls it at the
-  end of fit, on an exception and in ``teardown``, before the loggers close. Each figure job ends by flushing
-  its writers, so a run killed after a figure was written still has it on disk.
+  the worker has taken one (back-pressure, so memory stays bounded and no figure is lost). A fit makes a few
+  tens of figures at most, so in practice it never blocks.
+- **Flushed**: :meth:`Worker.flush` waits until every job given so far has finished; the recorder calls it on an
+  exception and in ``teardown``, before the loggers close. Each figure job ends by flushing its writers, so a run
+  killed after a figure was written still has it on disk.
 - **Errors**: a job that raises is handed to its ``on_error`` (on the worker's thread), never raised: training
   never stops for a figure. The recorder keeps them and reports the first of a fit, on its own thread, as one
   ``HealthWarning``.
 
-Left out on purpose: a process pool (no GIL contention, but every job would have to be picklable) and dropping
-jobs when the queue is full (a figure the user expects would silently be missing).
+Left out on purpose: dropping jobs when the queue is full (a figure the user expects would silently be missing),
+and a pool of figure processes (one keeps up with the few figures of a fit).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
 import queue
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any
 
-__all__ = ["MAX_JOBS", "Worker", "worker"]
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+__all__ = ["MAX_JOBS", "Worker", "render", "worker"]
 
 #: jobs waiting at most (a fit makes about ten figures; each job holds a few kB of summaries)
 MAX_JOBS = 32
@@ -102,3 +118,129 @@ def worker() -> Worker:
             if _WORKER is None:
                 _WORKER = Worker()
     return _WORKER
+
+
+# ---------------------------------------------------------------------------------------- the figure process
+Drawing = Callable[[], "Figure | None"]
+_HEADER = struct.Struct("<Q")  # each message: its length, then a pickle
+
+
+def _send(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError("the other end closed the pipe")
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the other end closed the pipe")
+    return pickle.loads(data)
+
+
+def _rendered(draw: Drawing) -> np.ndarray | None:
+    """``draw()`` rendered to an ``(H, W, 3)`` uint8 array (None: nothing to draw)."""
+    from callbacks.figures import figure_to_array
+
+    fig = draw()
+    return None if fig is None else figure_to_array(fig)
+
+
+class _FigureProcess:
+    """The helper process: receives pickled drawings on its stdin, answers rendered arrays on its stdout."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), MPLBACKEND="Agg")
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "callbacks._background"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def render(self, payload: bytes) -> np.ndarray | None:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(_HEADER.pack(len(payload)) + payload)
+        stdin.flush()
+        ok, value = _receive(stdout)
+        if not ok:
+            raise value
+        return value
+
+    def cpu_seconds(self) -> float:
+        """Its user + system CPU time so far (Linux; 0.0 elsewhere), for the benchmarks."""
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{self.process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.process.stdin is not None:
+                self.process.stdin.close()  # the helper exits at the end of its input
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+
+
+_PROCESS: _FigureProcess | None = None
+_PROCESS_FAILED = False  # the helper could not start or died: draw on the worker thread from then on
+
+
+def render(draw: Drawing) -> np.ndarray | None:
+    """``draw()`` rendered to an ``(H, W, 3)`` uint8 array, in the figure process when ``draw`` pickles.
+
+    Called on the worker thread. An error raised by ``draw`` itself is raised here (in the figure process or
+    not); a figure process that cannot start or dies is replaced by drawing here, for the rest of the process.
+    """
+    global _PROCESS, _PROCESS_FAILED
+    try:
+        payload = pickle.dumps(draw, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # a closure, a lambda, an object that holds a lock: drawn here
+        return _rendered(draw)
+    if _PROCESS_FAILED:
+        return _rendered(draw)
+    try:
+        if _PROCESS is None or _PROCESS.process.poll() is not None:
+            _PROCESS = _FigureProcess()
+        return _PROCESS.render(payload)
+    except (OSError, EOFError, pickle.UnpicklingError):  # the helper broke, not the drawing
+        _PROCESS_FAILED = True
+        return _rendered(draw)
+
+
+def figure_process_cpu() -> float:
+    """CPU seconds the figure process of this process has used so far (0.0 if none): benchmarks add it to theirs."""
+    return _PROCESS.cpu_seconds() if _PROCESS is not None else 0.0
+
+
+def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
+    """The figure process's loop: one pickled drawing in, ``(True, array or None)`` or ``(False, error)`` out."""
+    with contextlib.suppress(OSError):
+        os.nice(5)  # the training process comes first when the cores are busy
+    while True:
+        try:
+            draw = _receive(stdin)
+        except EOFError:
+            return  # the training process closed the pipe or exited
+        try:
+            answer: tuple[bool, Any] = (True, _rendered(draw))
+        except Exception as error:
+            answer = (False, error)
+        try:
+            _send(stdout, answer)
+        except (pickle.PicklingError, TypeError, AttributeError):  # an error that does not pickle
+            _send(stdout, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
+
+
+if __name__ == "__main__":
+    answers = os.fdopen(os.dup(1), "wb")  # the protocol's channel; anything printed goes to stderr (discarded)
+    os.dup2(2, 1)
+    _serve(sys.stdin.buffer, answers)

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from callbacks._background import worker
+from callbacks._background import render, worker
 from callbacks._cadence import Plan, logging_step, plan_fit, step_ends
 from callbacks._compile import EagerSteps
 from callbacks._internals import shadow_step_hooks
@@ -441,13 +441,11 @@ class Recorder(Callback):
 
 
 def _draw_and_write(draw: Callable[[], Figure | None], writers: list[Writer], tag: str, step: int) -> None:
-    """A figure job, on the figure worker's thread: draws, renders to RGB, writes and flushes each writer."""
-    fig = draw()
-    if fig is None:
+    """A figure job, on the figure worker's thread: draws and renders (in the figure process when ``draw`` pickles),
+    writes and flushes each writer."""
+    image = render(draw)  # (H, W, 3) uint8
+    if image is None:
         return
-    from callbacks.figures import figure_to_array
-
-    image = figure_to_array(fig)  # (H, W, 3) uint8
     for writer in writers:
         writer.figure(tag, image, step)
         writer.flush()  # on disk now: a run killed after this still has it

@@ -4,6 +4,7 @@ Each fit here is a real Lightning fit writing real TensorBoard events, read back
 ``EventAccumulator``.
 """
 
+import functools
 import io
 import textwrap
 import threading
@@ -12,11 +13,10 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from callbacks import ActivationMonitor, GradientMonitor, HealthWarning, ParameterMonitor, UpdateRatioMonitor
-from callbacks._background import Worker, worker
+from callbacks._background import Worker, figure_process_cpu, render, worker
 from tests.callbacks_helpers import (
     TanhMLP,
     fixed_loader,
@@ -98,14 +98,20 @@ def test_figures_of_step_zero_and_end_of_fit_are_on_disk_after_the_fit(tmp_path)
     assert np.array_equal(images(acc, "activation/distribution")[4][..., :3], expected)
 
 
-def test_a_figure_that_raises_is_reported_once_and_training_finishes(tmp_path):
+def no_font() -> None:
+    raise RuntimeError("no font")
+
+
+@pytest.mark.parametrize(
+    "drawing",
+    [
+        pytest.param(lambda: no_font, id="in-the-figure-process"),  # a module's function pickles
+        pytest.param(lambda: lambda: no_font(), id="on-the-worker-thread"),  # a closure does not
+    ],
+)
+def test_a_figure_that_raises_is_reported_once_and_training_finishes(tmp_path, drawing):
     monitors = four(every=1)
-    broken = monitors[0].probe
-
-    def draw():
-        raise RuntimeError("no font")
-
-    broken.draw = draw  # a probe whose figure crashes (e.g. a user's own probe, a broken matplotlib)
+    monitors[0].probe.drawing = drawing  # a probe whose figure crashes (e.g. a user's own probe, a broken matplotlib)
     t = trainer(tmp_path, monitors, max_steps=6, log_every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -130,16 +136,16 @@ class FailsAtStep(TanhMLP):
         return super().training_step(batch, batch_idx)
 
 
+def slowly(draw):
+    time.sleep(0.5)  # still drawing when the fit raises: the flush on the exception waits for it
+    return draw()
+
+
 def test_a_fit_that_raises_after_a_figure_step_still_has_the_figure(tmp_path):
     monitors = four(every=10)
     probe = monitors[0].probe
-    draw = probe.draw
-
-    def slow_draw():
-        time.sleep(0.5)  # still drawing when the fit raises: the flush on the exception waits for it
-        return draw()
-
-    probe.draw = slow_draw
+    drawing = probe.drawing
+    probe.drawing = lambda: functools.partial(slowly, drawing())
     t = trainer(tmp_path, monitors, max_steps=5, log_every_n_steps=1)
     with pytest.raises(RuntimeError, match="out of memory, say"):
         t.fit(FailsAtStep(1), fixed_loader(saturating_batch(), 5))
@@ -215,4 +221,14 @@ def test_only_rank_zero_runs_a_figure_worker_under_ddp(tmp_path):
 
 def test_the_process_has_one_worker():
     assert worker() is worker()
-    torch.manual_seed(0)  # (no state leaks from the fits above into other tests' seeds)
+
+
+def test_a_drawing_that_does_not_pickle_is_drawn_here_the_same():
+    from callbacks.figures import plot_update_ratios
+
+    history = {"w": [-3.0, -2.5, -2.8]}
+    in_process = render(functools.partial(plot_update_ratios, history, [0, 10, 20]))
+    here = render(lambda: plot_update_ratios(history, [0, 10, 20]))  # a closure: drawn on this thread
+    assert in_process.shape == here.shape and in_process.dtype == np.uint8
+    assert np.array_equal(in_process, here)
+    assert figure_process_cpu() > 0  # the first one was drawn in the figure process

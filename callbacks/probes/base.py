@@ -16,7 +16,6 @@ run needs. A probe never touches a logger, a hook handle or another probe.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -133,6 +132,8 @@ class Probe:
     prefix: ClassVar[str] = ""
     #: the tag of its figure (None: no figure)
     figure_tag: ClassVar[str | None] = None
+    #: the attributes :meth:`draw` reads (what :meth:`drawing` copies; plain data, replaced at each step)
+    drawn_from: ClassVar[tuple[str, ...]] = ("last",)
     #: whether it has histograms (its figure is drawn from them; without, on its scalar steps)
     has_histograms: ClassVar[bool] = True
 
@@ -235,12 +236,15 @@ class Probe:
         return None
 
     def drawing(self) -> Callable[[], Figure | None]:
-        """What draws its figure from its data as they are now, called later on the recorder's figure worker thread.
+        """What draws its figure from its data as they are now, called later beside training (`callbacks._background`).
 
-        By default :meth:`draw` on a shallow copy of the probe, right for a probe whose steps replace what ``draw``
+        By default :meth:`draw` of a bare copy of the probe that holds only the attributes in ``drawn_from`` (so it
+        pickles to the figure process without the model): right for a probe whose steps replace what ``draw``
         reads (``self.last = readout``); a probe that changes it in place (a growing history) copies it here.
         """
-        return copy.copy(self).draw
+        snapshot = object.__new__(type(self))
+        snapshot.__dict__.update({name: getattr(self, name) for name in self.drawn_from if hasattr(self, name)})
+        return snapshot.draw
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """The end-of-fit table of its last values: (column names, rows of formatted cells)."""

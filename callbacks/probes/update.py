@@ -8,6 +8,7 @@ checkpoint, so a resumed run continues its curves.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
     from torch.optim import Optimizer
+
+
+def _nothing() -> None:
+    """No figure (nothing recorded yet)."""
 
 
 @dataclass
@@ -172,9 +177,9 @@ class UpdateProbe(Probe):
     def drawing(self) -> Callable[[], Figure | None]:
         from callbacks.figures import plot_update_ratios
 
-        # the history grows in place at every recorded step: the figure worker draws a copy of it as it is now
+        # the history grows in place at every recorded step: the figure is drawn from a copy of it as it is now
         history, steps = {n: list(v) for n, v in self.history.items()}, list(self.steps)
-        return lambda: plot_update_ratios(history, steps, guide=GUIDE) if steps else None
+        return functools.partial(plot_update_ratios, history, steps, guide=GUIDE) if steps else _nothing
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         rows = [[n, f"{v[-1]:+.2f}"] for n, v in self.history.items() if v]
