@@ -11,7 +11,8 @@ It holds for any optimizer: the updates are measured, not computed from the grad
 
 The update:data factor is a hypothesis, judged against the loss's own evidence (issue 24): following "divide the
 learning rate by 58" on a net whose loss fell as far as the healthy nets' cost 0.14 nats. So a learning rate above
-the line is a **problem** only when the loss shows it (the training loss rose from its best, or went non-finite);
+the line is a **problem** only when the loss shows it at the peak learning rate (the training loss rose from its
+best, ended above where it started, or went non-finite);
 otherwise it is a note, with no action. When it is a problem the advice moves the learning rate by one decade at
 most (:data:`MAX_STEP_DOWN`): the sweeps in ``benchmarks/results/lr_calibration.md`` show the loss flat over a
 decade below a too-high rate and worse two decades below. Too low (below -4) is a problem while the loss is still
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
@@ -50,15 +52,19 @@ RISE = 0.05
 FALL = 0.02
 
 
-def loss_evidence(losses: list[float]) -> str:
+def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     """What the recorded training losses say about the learning rate: ``"diverged"`` (a non-finite loss),
-    ``"rising"`` (the last fifth's median above the best earlier fifth's by :data:`RISE`), ``"falling"`` (the last
-    fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or ``"unknown"`` (too few points).
+    ``"blown up"`` (the last fifth's median above ``start``, the loss the fit started from: training made it
+    worse), ``"rising"`` (the last fifth's median above the best earlier fifth's by :data:`RISE`), ``"falling"``
+    (the last fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or ``"unknown"`` (too
+    few points).
 
     Example::
 
-        >>> loss_evidence([3.0, 2.8, 2.6, 2.5, 2.4] * 1 + [2.4] * 5), loss_evidence([float("nan")] * 10)
+        >>> loss_evidence([3.0, 2.8, 2.6, 2.5, 2.4] + [2.4] * 5), loss_evidence([float("nan")] * 10)
         ('plateaued', 'diverged')
+        >>> loss_evidence([40.0, 31, 30, 31, 32], start=3.3)
+        'blown up'
     """
     if any(not math.isfinite(v) for v in losses):
         return "diverged"
@@ -66,6 +72,8 @@ def loss_evidence(losses: list[float]) -> str:
     if n < 1:
         return "unknown"
     fifths = [statistics.median(losses[i * n : (i + 1) * n]) for i in range(4)] + [statistics.median(losses[4 * n :])]
+    if fifths[-1] > start:
+        return "blown up"
     if fifths[-1] > min(fifths[:-1]) + RISE:
         return "rising"
     if fifths[-1] < fifths[-2] - FALL:
@@ -107,12 +115,40 @@ class LearningRateAdvice(Judge):
         self.reset()
 
     def reset(self) -> None:
-        self.losses: list[float] = []  # the training loss of each recorded step (the loss probe's)
+        self.losses: list[float] = []  # the training loss of each recorded step after the first (the loss probe's)
+        self.lrs: list[float] = []  # the highest learning rate of any parameter at each of those steps
+        self.start = math.nan  # where the loss started: the larger of step 0's loss and ln(C), when known
+
+    def state_dict(self) -> dict[str, Any]:
+        # a resumed fit judges the loss of the whole fit
+        return {"losses": list(self.losses), "lrs": list(self.lrs), "start": self.start}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.losses = [float(v) for v in state.get("losses", [])]
+        self.lrs = [float(v) for v in state.get("lrs", [math.nan] * len(self.losses))]
+        self.start = float(state.get("start", math.nan))
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        if "loss" in readouts and step > 0:
-            self.losses.append(float(readouts["loss"].value))
+        if "loss" not in readouts:
+            return []
+        loss = readouts["loss"]
+        if step == 0:
+            uniform = math.log(loss.classes) if loss.classes else math.nan
+            self.start = max((v for v in (loss.value, uniform) if math.isfinite(v)), default=math.nan)
+            return []
+        ratios = readouts.get("update_ratio")
+        lrs = [h[-1] for h in (ratios.lrs.values() if ratios else []) if h and math.isfinite(h[-1])]
+        self.losses.append(float(loss.value))
+        self.lrs.append(max(lrs) if lrs else math.nan)
         return []
+
+    def _peak_losses(self) -> list[float]:
+        """The losses recorded while the learning rate was near its peak (all of them when it is not known)."""
+        known = [lr for lr in self.lrs if math.isfinite(lr)]
+        if not known:
+            return self.losses
+        peak = max(known)
+        return [v for v, lr in zip(self.losses, self.lrs, strict=True) if not lr * PEAK_BAND < peak * (1 - 1e-9)]
 
     def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
         ratios: Any = readouts["update_ratio"]
@@ -126,7 +162,10 @@ class LearningRateAdvice(Judge):
         found = []
         median = statistics.median(typical.values())
         if abs(median - TARGET) > TOLERANCE:
-            found.append(self._model_wide(step, median, loss_evidence(self.losses)))
+            high = median > TARGET
+            # too high: how the loss fared at the peak learning rate; too low: whether it still falls at the end
+            evidence = loss_evidence(self._peak_losses(), self.start) if high else loss_evidence(self.losses)
+            found.append(self._model_wide(step, median, evidence))
         for name, r in typical.items():
             if abs(r - TARGET) <= TOLERANCE or abs(r - median) <= APART:
                 continue
@@ -167,7 +206,7 @@ class LearningRateAdvice(Judge):
             f" the training loss: {evidence}."
         )
         suggested = 10 ** abs(median - TARGET)
-        problem = evidence in ("rising", "diverged") if high else evidence in ("falling", "unknown")
+        problem = evidence in ("rising", "blown up", "diverged") if high else evidence in ("falling", "unknown")
         if not problem:
             fix = (
                 f"The loss shows no sign of it ({evidence}): nothing to change. The ratio alone suggests about"
