@@ -168,7 +168,7 @@ class AttentionProbe(Probe):
 
     def begin_step(self, rec: Recording | None) -> None:
         """The start of a step this probe records: the tap goes on."""
-        if self.tap is not None:
+        if self.tap is not None and self.layers:  # (a model without attention modules: nothing to intercept)
             self._rec = rec
             self.tap.start()
 

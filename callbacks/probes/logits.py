@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from callbacks._cadence import Cadence, Moment
 from callbacks._compile import tag_name
 from callbacks._stats import CHUNK, Summary
+from callbacks.probes.attention import is_attention
 from callbacks.probes.base import Chart, Probe, Recording, Scalar
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class OutputLogitsProbe(Probe):
     Args:
         layer: the qualified name of the output layer (default: the model's last ``nn.Linear``).
         cadence: when it records (default: the scalars of ``Trainer(log_every_n_steps)``).
+        require_attention: watch nothing in a model without attention modules (``HealthMonitor``'s default,
+            see :func:`callbacks.probes.attention.is_attention`).
 
     Raises:
         ValueError: for a ``layer`` that is not a string.
@@ -61,8 +64,11 @@ class OutputLogitsProbe(Probe):
     prefix = "logits"
     has_histograms = False
 
-    def __init__(self, layer: str | None = None, cadence: Cadence | None = None) -> None:
+    def __init__(
+        self, layer: str | None = None, cadence: Cadence | None = None, require_attention: bool = False
+    ) -> None:
         super().__init__(cadence or Cadence(histogram_every_n_steps=0))
+        self.require_attention = require_attention
         if layer is not None and not isinstance(layer, str):
             raise ValueError(f"Expected `layer` to be None or a module name (str), but got {layer!r}.")
         self.layer = layer
@@ -89,6 +95,9 @@ class OutputLogitsProbe(Probe):
                     " pick one of its `named_modules()`."
                 ) from None
             self.watched = [(tag_name(self.layer), module)]
+            return
+        if self.require_attention and not any(is_attention(m) for m in pl_module.modules()):
+            self.watched = []
             return
         last = None
         for name, module in pl_module.named_modules():
