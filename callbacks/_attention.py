@@ -1,12 +1,13 @@
 """Attention logits from q and k: the math, and the one labelled place that sees a model's attention calls.
 
 **The math** (:func:`attention_stats`): for one attention call, the scaled logits ``s = scale * q·k`` (``scale``
-defaults to ``1/sqrt(d)``), over the entries the mask lets through (boolean ``attn_mask`` True, a float mask above
-``-inf``, ``is_causal``'s top-left lower triangle, as ``F.scaled_dot_product_attention`` reads them), per head:
-the largest ``|s|``, the attention entropy ``-sum p log p`` of ``p = softmax(s + float mask)`` summed over query
-rows, ``log(allowed keys)`` summed likewise (the entropy of a uniform row: the ratio of the two sums is the
-entropy's share of uniform), and a histogram of ``|s|`` on fixed log-spaced bins (:data:`LOG_BINS`; the same on
-every call and rank, so the counts add up exactly and a quantile reads from them to within a bin).
+defaults to ``1/sqrt(d)``), over the entries the mask lets through (boolean ``attn_mask`` True; a float mask above
+``-inf`` and above half its dtype's lowest value, which Hugging Face's masks use; ``is_causal``'s top-left lower
+triangle: as ``F.scaled_dot_product_attention`` reads them), per head: the largest ``|s|``; the attention entropy
+``-sum p log p`` of ``p = softmax(s + float mask)`` summed over query rows; ``log(allowed keys)`` summed likewise
+(the entropy of a uniform row: the ratio of the two sums is the entropy's share of uniform); and a histogram of
+``|s|`` on fixed log-spaced bins (:data:`LOG_BINS`; the same on every call and rank, so the counts add up exactly
+and a quantile reads from them to within a bin).
 
 Exact or sampled: a call with at most ``max_queries`` query positions is measured on every row (exact);
 a longer one on ``max_queries`` positions spread evenly from the first to the last (sampled: the maxima are the
@@ -162,9 +163,9 @@ def attention_stats(
                     mb = mask[b0:b1, h0:h1].index_select(2, idx)  # (nb, nh, m, S)
                     if mb.dtype == torch.bool:
                         allowed &= mb
-                    else:
+                    else:  # -inf, or the dtype's lowest value (Hugging Face's masks), leaves a key out
+                        allowed &= mb > torch.finfo(mb.dtype).min / 2
                         bias = mb.float()
-                        allowed &= bias > -math.inf
                 if causal is not None:
                     allowed &= causal
                 _accumulate(s, bias, allowed, slice(h0, h1), max_abs, entropy, uniform, rows, hist)

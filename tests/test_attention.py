@@ -221,3 +221,75 @@ def test_probe_through_a_fit(tmp_path, kind):
             share = ref["entropy"].sum().item() / ref["uniform"].sum().item()
             assert layer.entropy_share == pytest.approx(share, rel=1e-5)
             assert layer.entropy == pytest.approx(ref["entropy"].sum().item() / (4 * 8 * 2), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- Hugging Face
+class HFLM(L.LightningModule):
+    """A Hugging Face causal LM in a LightningModule; the test's own pre-hooks keep each layer's q and k."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.qk: list[tuple[Tensor, Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (idx,) = batch
+        return self.model(input_ids=idx, labels=idx).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def hf_model(family: str, implementation: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=16, n_layer=2, n_head=2, n_positions=16, vocab_size=11, attn_pdrop=0.0, resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        )  # fmt: skip
+    else:  # Llama: rotary embeddings, grouped-query attention (4 query heads, 2 key/value heads)
+        config = transformers.LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=11, max_position_embeddings=16,
+        )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    return model.train()
+
+
+def reference_qk(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """q and k of a GPT-2 or Llama attention module for this call, from its weights (rotary applied for Llama)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    h = args[0] if args else kwargs["hidden_states"]
+    B, T, _ = h.shape
+    with torch.no_grad():
+        if hasattr(module, "c_attn"):  # GPT2Attention: one Conv1D for q, k, v
+            q, k, _ = module.c_attn(h).split(module.split_size, dim=2)
+            return tuple(t.view(B, T, -1, module.head_dim).transpose(1, 2) for t in (q, k))
+        q = module.q_proj(h).view(B, T, -1, module.head_dim).transpose(1, 2)
+        k = module.k_proj(h).view(B, T, -1, module.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, repeat_kv(k, module.num_key_value_groups)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_hugging_face_models(tmp_path, family, implementation):
+    model = HFLM(hf_model(family, implementation))
+    attention_type = "GPT2Attention" if family == "gpt2" else "LlamaAttention"
+    layers = [m for m in model.modules() if type(m).__name__ == attention_type]
+    for m in layers:
+        m.register_forward_pre_hook(lambda mod, a, kw: model.qk.append(reference_qk(mod, a, kw)), with_kwargs=True)
+    keep = fit(tmp_path, model, AttentionProbe(cadence=Cadence(every_n_steps=2, histogram_every_n_steps=0)), steps=2)
+    assert SDPA is F.scaled_dot_product_attention
+    readout = keep.seen[1]  # step 1: the second forward
+    stack, attn = ("transformer.h", "attn") if family == "gpt2" else ("model.layers", "self_attn")
+    assert [x.label for x in readout.layers] == [f"model.{stack}.{i}.{attn} ({attention_type})" for i in range(2)]
+    for i, layer in enumerate(readout.layers):
+        q, k = model.qk[2 + i]  # the second forward's calls
+        ref = reference(q, k, torch.ones(9, 9, dtype=torch.bool).tril())
+        assert layer.head_logit_max == pytest.approx(ref["max"].tolist(), rel=1e-4)
+        assert layer.entropy_share == pytest.approx(ref["entropy"].sum().item() / ref["uniform"].sum().item(), rel=1e-4)
+        assert layer.calls == 1 and layer.exact

@@ -71,7 +71,8 @@ def test_eps_dominated_updates():
     sick = EpsParam("h.0.fc.weight", 0.1, 0.97, 0.9, 2e-3, 0.02, 1000)
     fine = EpsParam("h.0.out.weight", 1e-8, 0.0, 1e-5, 2e-3, 0.4, 1000)
     embedding = EpsParam("wte.weight", 1e-8, 0.7, 0.6, 1e-3, 0.2, 1000)  # unused rows, but its RMS is far above ε
-    found = [judge.observe(s, {"adam_eps": AdamEps(s, [sick, fine, embedding])}) for s in (10, 20, 30)]
+    k_bias = EpsParam("h.0.k_norm.bias", 0.1, 1.0, 1.0, 1e-10, 1e-3, 16)  # a zero gradient but for rounding
+    found = [judge.observe(s, {"adam_eps": AdamEps(s, [sick, fine, embedding, k_bias])}) for s in (10, 20, 30)]
     assert found[:2] == [[], []]
     (f,) = found[2]
     assert f.where == "h.0.fc.weight" and "ε = 1e-01" in f.message and "97%" in f.message

@@ -116,22 +116,27 @@ class OutputLogitDivergence(Judge):
 
 
 class EpsDominatedUpdates(Judge):
-    """A parameter whose RMS of ``sqrt(v_hat)`` is below Adam's ε, ε dominating in more than ``share`` of it."""
+    """A parameter whose RMS of ``sqrt(v_hat)`` is below Adam's ε, ε dominating in more than ``share`` of it (not
+    one whose gradient is zero but for rounding: ``sqrt(v_hat)`` below ``floor`` times the parameters' median)."""
 
     reads = ("adam_eps",)
 
-    def __init__(self, share: float = 0.5, patience: int = 3) -> None:
+    def __init__(self, share: float = 0.5, patience: int = 3, floor: float = 1e-4) -> None:
         super().__init__()
-        self.share, self.patience = share, patience
+        self.share, self.patience, self.floor = share, patience, floor
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         adam: Any = readouts["adam_eps"]
-        if adam is None:
+        if adam is None or not adam.params:
             return []
+        # a parameter whose gradient is zero but for rounding (the bias of a LayerNorm on k: the softmax ignores
+        # what adds the same to every key) has nothing for ε to shrink: below `floor` x the median, it is skipped
+        scales = sorted(p.sqrt_v_rms for p in adam.params)
+        least = self.floor * scales[len(scales) // 2]
         found = []
         for p in adam.params:
             key = f"adam_eps/{p.name}"
-            holds = p.sqrt_v_rms < p.eps and p.dominated > self.share
+            holds = least < p.sqrt_v_rms < p.eps and p.dominated > self.share
             if self.record.streak(key, holds) != self.patience:
                 continue
             message = (
