@@ -28,6 +28,10 @@ from typing import Any
 from callbacks.judges.base import Action, Finding, Judge, Readouts
 
 #: what each trace column is, for the message, and whether it is compared on a log scale
+#: a spike must also lift the loss by this much (in the loss's units, nats for a cross-entropy): a loss near 0 (an
+#: easy problem learned: 0.04 on the fault zoo's blobs) has so small a spread that one harder batch (0.2) reaches
+#: z 100 and recovers at once. The gallery's GPT spikes rise by 1.0 (a learning rate x30) and 2.8 (a bad batch).
+MIN_RISE = 0.5
 STATS = {"act": ("output RMS", True), "grad": ("gradient norm", True), "upd": ("update:data ratio", False)}
 
 
@@ -44,10 +48,13 @@ class LossSpikes(Judge):
 
     reads = ("trace",)
 
-    def __init__(self, z: float = 10.0, window: int = 100, lookback: int = 10, cooldown: int = 50) -> None:
+    def __init__(
+        self, z: float = 10.0, window: int = 100, lookback: int = 10, cooldown: int = 50, min_rise: float = MIN_RISE
+    ) -> None:
         super().__init__()
         self.z, self.window, self.lookback, self.cooldown = z, window, lookback, cooldown
         self.reset()
+        self.min_rise = min_rise
 
     def reset(self) -> None:
         self.history: dict[str, deque[float]] = {}
@@ -86,7 +93,7 @@ class LossSpikes(Judge):
         if len(past) < self.window // 2 or not math.isfinite(loss[-1]):
             return None
         z, typical = robust_z(loss[-1], past)
-        if z < self.z:
+        if z < self.z or loss[-1] - typical < self.min_rise:
             return None
         self.quiet_until = step + self.cooldown
         first = self._first_to_move()
