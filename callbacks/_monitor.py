@@ -54,9 +54,9 @@ class Monitor(Recorder):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.part.record.state_dict(), **self.probe.state_dict()}
+        return {**self.part.state_dict(), **self.probe.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.part.record.load_state_dict(state_dict)
+        self.part.load_state_dict(state_dict)
         self.probe.load_state_dict(state_dict)

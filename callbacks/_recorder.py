@@ -64,6 +64,21 @@ class Part:
         for j in self.judges:
             j.reset()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Its record (findings included) and its judges' states (by position and class), for the checkpoint."""
+        state = self.record.state_dict()
+        judges = {f"{i}:{type(j).__name__}": s for i, j in enumerate(self.judges) if (s := j.state_dict())}
+        if judges:
+            state["judges"] = judges
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.record.load_state_dict(state)
+        judges = state.get("judges", {})
+        for i, j in enumerate(self.judges):
+            if (s := judges.get(f"{i}:{type(j).__name__}")) is not None:
+                j.load_state_dict(s)
+
     def summary_text(self, probe: Probe, step: int) -> str:
         """The end-of-fit summary of ``probe`` as markdown: the table of its last values, then the warnings."""
         columns, rows = probe.rows()

@@ -103,8 +103,8 @@ class HealthMonitor(CallbackGroup):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"diagnoses": self.diagnoses.record.state_dict()}
+        return {"diagnoses": self.diagnoses.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.diagnoses.record.load_state_dict(state_dict.get("diagnoses", {}))
+        self.diagnoses.load_state_dict(state_dict.get("diagnoses", {}))

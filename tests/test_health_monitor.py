@@ -120,8 +120,31 @@ def test_the_four_monitors_checkpoint_resumes_under_health_monitor(tmp_path):
     assert ratio.steps == [1, 3, 5, 7, 9, 11]
     # and HealthMonitor's own state (its diagnoses' record) is saved under its own key
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
-    assert state[monitor.state_key] == {"diagnoses": {"warned": {}, "streaks": {}}}  # nothing found by step 12
+    diagnoses = state[monitor.state_key]["diagnoses"]
+    assert {k: diagnoses[k] for k in ("warned", "streaks", "findings")} == {"warned": {}, "streaks": {}, "findings": []}
+    assert sorted(diagnoses["judges"]) == ["0:InitCheck", "1:LearningRateAdvice", "2:LossSpikes"]  # judges with a state
     assert "UpdateRatioMonitor{'params': [], 'min_ndim': 2}" in state
+
+
+def test_a_resumed_fit_ends_with_the_same_report_as_the_fit_run_straight_through(tmp_path):
+    """Two epochs of 6 steps at a high learning rate from an over-confident init, straight through (saving a
+    checkpoint after the first epoch), and again resumed from that checkpoint: the same findings, the check at
+    initialisation's included, and the same health.md."""
+
+    def fit(root: Path, ckpt_path: str | None) -> tuple[HealthMonitor, str]:
+        monitor = HealthMonitor(every_n_steps=1, warn=False)
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
+        t = trainer(root, [monitor, ckpt], max_epochs=2, log_every_n_steps=1, enable_checkpointing=True)
+        t.fit(Classifier(scale=40.0, lr=2.0), _data(6), ckpt_path=ckpt_path)
+        return monitor, (Path(t.logger.log_dir) / "health.md").read_text()
+
+    straight, report = fit(tmp_path / "straight", None)
+    (first_epoch,) = (tmp_path / "straight" / "ckpt").glob("epoch=0-*.ckpt")
+    resumed, resumed_report = fit(tmp_path / "resumed", str(first_epoch))
+    keys = [f.key for f in straight.findings]
+    assert "init/loss" in keys and any(f.step >= 6 for f in straight.findings)  # found before and after the resume
+    assert resumed.findings == straight.findings
+    assert resumed_report == report
 
 
 def test_invalid_arguments():

@@ -94,11 +94,30 @@ class Record:
         return self.streaks[key]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warned": dict(self.warned), "streaks": dict(self.streaks)}
+        """What a resumed fit needs to end with the same report: the warned keys, the streaks and the findings (plain
+        Python values: a checkpoint loads them with ``weights_only``)."""
+        findings = [_finding_state(f) for f in self.findings]
+        return {"warned": dict(self.warned), "streaks": dict(self.streaks), "findings": findings}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.warned = dict(state.get("warned", {}))
         self.streaks = dict(state.get("streaks", {}))
+        self.findings = [_finding_from_state(f) for f in state.get("findings", [])]  # (none before they were kept)
+
+
+def _finding_state(f: Finding) -> dict[str, Any]:
+    state = {k: getattr(f, k) for k in ("key", "step", "where", "message", "fix", "figure", "severity")}
+    if f.action is not None:
+        a = f.action
+        state["action"] = {"kind": a.kind, "targets": list(a.targets), "value": a.value, "evidence": a.evidence}
+    return state
+
+
+def _finding_from_state(state: Mapping[str, Any]) -> Finding:
+    action = state.get("action")
+    if action is not None:
+        action = Action(action["kind"], tuple(action["targets"]), action["value"], action["evidence"])
+    return Finding(**{k: v for k, v in state.items() if k != "action"}, action=action)
 
 
 class Judge:

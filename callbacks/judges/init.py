@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
@@ -69,6 +70,12 @@ class InitCheck(Judge):
 
     def reset(self) -> None:
         self.done = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.done = bool(state.get("done", False))
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         if step != 0 or self.done:

@@ -23,15 +23,16 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
 
-#: what each trace column is, for the message, and whether it is compared on a log scale
 #: a spike must also lift the loss by this much (in the loss's units, nats for a cross-entropy): a loss near 0 (an
 #: easy problem learned: 0.04 on the fault zoo's blobs) has so small a spread that one harder batch (0.2) reaches
 #: z 100 and recovers at once. The gallery's GPT spikes rise by 1.0 (a learning rate x30) and 2.8 (a bad batch).
 MIN_RISE = 0.5
+#: what each trace column is, for the message, and whether it is compared on a log scale
 STATS = {"act": ("output RMS", True), "grad": ("gradient norm", True), "upd": ("update:data ratio", False)}
 
 
@@ -53,13 +54,23 @@ class LossSpikes(Judge):
     ) -> None:
         super().__init__()
         self.z, self.window, self.lookback, self.cooldown = z, window, lookback, cooldown
-        self.reset()
         self.min_rise = min_rise
+        self.reset()
 
     def reset(self) -> None:
         self.history: dict[str, deque[float]] = {}
         self.steps: deque[int] = deque(maxlen=self.window + self.lookback + 1)
         self.quiet_until = -1  # after a spike, its aftermath is not another one
+
+    def state_dict(self) -> dict[str, Any]:
+        history = {c: list(v) for c, v in self.history.items()}
+        return {"history": history, "steps": list(self.steps), "quiet_until": self.quiet_until}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        keep = self.window + self.lookback + 1
+        self.history = {c: deque(v, maxlen=keep) for c, v in state.get("history", {}).items()}
+        self.steps = deque(state.get("steps", []), maxlen=keep)
+        self.quiet_until = int(state.get("quiet_until", -1))
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         trace: Any = readouts["trace"]
