@@ -444,6 +444,8 @@ class Recorder(Callback):
     def _stop(self) -> None:
         self._sleep(False)
         self._remove_handles()
+        for p in self.probes:
+            p.stop()  # (an exception in a recorded step: a probe's interception ends here)
         self._rec = None
         self._wake = -1
         self._in_backward = False

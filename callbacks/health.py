@@ -13,7 +13,16 @@ from callbacks.judges.init import InitCheck
 from callbacks.judges.lr import LearningRateAdvice
 from callbacks.judges.outliers import OutlierActivations
 from callbacks.judges.spikes import LossSpikes
+from callbacks.judges.transformer import (
+    AttentionEntropyCollapse,
+    AttentionLogitGrowth,
+    EpsDominatedUpdates,
+    OutputLogitDivergence,
+)
 from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
+from callbacks.probes.adam import AdamEpsProbe
+from callbacks.probes.attention import AttentionProbe
+from callbacks.probes.logits import OutputLogitsProbe
 from callbacks.probes.loss import LossProbe
 
 
@@ -31,7 +40,11 @@ class HealthMonitor(CallbackGroup):
     - **learning-rate advice per layer** at the end of fit, from the update:data history (about 1e-3 is healthy);
     - **loss spikes** with the layer that moved first, from a few cheap numbers recorded on *every* step
       (``trace``): each parameter's gradient norm and update:data ratio, each watched module's output RMS;
-    - **outlier activations**: a module whose largest output is orders of magnitude above its RMS.
+    - **outlier activations**: a module whose largest output is orders of magnitude above its RMS;
+    - **Transformer instabilities** (Wortsman et al. 2023), warned as they happen: attention logit growth and
+      attention entropy collapse per attention layer (-> qk-layernorm), output logit divergence (-> z-loss), and
+      Adam's ε dominating a parameter's updates (-> a smaller ε); only for a model with attention modules and an
+      Adam optimizer ([Training a Transformer](transformer.md)).
 
     At the end of fit, one report: ``health.md`` in the run's folder, the same in TensorBoard's Text tab
     (``health/report``), a W&B table or an MLflow artifact, and its verdict on the console.
@@ -87,6 +100,18 @@ class HealthMonitor(CallbackGroup):
         self.diagnoses = Part(type(self).__name__, [self.loss], judges, warn=False)
         assert self.recorder is not None
         self.recorder.parts.append(self.diagnoses)
+        #: the Transformer instabilities (a model with attention modules, an Adam optimizer; else they watch
+        #: nothing): warned as they happen, so that a run can be stopped before it diverges
+        scalars = Cadence(every_n_steps, 0, 0)
+        transformer = [AttentionProbe(cadence=scalars), OutputLogitsProbe(cadence=scalars, require_attention=True)]
+        transformer_judges = [AttentionLogitGrowth(), AttentionEntropyCollapse(), OutputLogitDivergence()]
+        self.transformer = Part(
+            type(self).__name__,
+            [*transformer, AdamEpsProbe(scalars)],
+            [*transformer_judges, EpsDominatedUpdates()],
+            warn=warn,
+        )
+        self.recorder.parts.append(self.transformer)
         self.recorder.trace = trace
         self.recorder.report = Report() if report else None
 

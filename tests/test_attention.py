@@ -293,3 +293,34 @@ def test_hugging_face_models(tmp_path, family, implementation):
         assert layer.head_logit_max == pytest.approx(ref["max"].tolist(), rel=1e-4)
         assert layer.entropy_share == pytest.approx(ref["entropy"].sum().item() / ref["uniform"].sum().item(), rel=1e-4)
         assert layer.calls == 1 and layer.exact
+
+
+class Breaks(TinyGPT):
+    """Raises in its recorded step 3, after the attention ran (inside the tap)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        tapped = F.scaled_dot_product_attention is not SDPA
+        assert tapped == (batch_idx != 2)  # on during the recorded steps 0, 1 and 3 only
+        if batch_idx == 3:
+            raise RuntimeError("boom")
+        return loss
+
+
+def test_interception_undone_on_every_exit(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, Breaks(), AttentionProbe(cadence=Cadence(every_n_steps=2, histogram_every_n_steps=0)), steps=5)
+    assert F.scaled_dot_product_attention is SDPA and F.multi_head_attention_forward is MHA_FORWARD
+    # a model without attention modules: nothing intercepted, nothing recorded
+    keep = fit(tmp_path, TinyGPT("sdpa", layers=0), AttentionProbe(cadence=Cadence(every_n_steps=1)), steps=2)
+    assert all(not r.layers for r in keep.seen.values())
+
+
+def test_bad_arguments():
+    for kwargs, message in [
+        ({"quantile": 1.0}, "Expected `quantile` to be a number in \\(0, 1\\), but got 1.0."),
+        ({"max_queries": 0}, "Expected `max_queries` to be an int >= 1, but got 0."),
+        ({"modules": [3]}, "Expected `modules` to hold `nn.Module` subclasses or name patterns"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            AttentionProbe(**kwargs)

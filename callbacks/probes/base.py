@@ -194,6 +194,11 @@ class Probe:
     def detach(self) -> None:
         """Lets go of the model, at the end of fit."""
 
+    def stop(self) -> None:
+        """Undoes what a step did to the model (a probe that intercepts a function restores it): called when the
+        recorder stops, at the end of fit and on an exception, which a step cut short never reaches ``end_step`` from.
+        Safe to call at any time, and again."""
+
     def watched_modules(self) -> Sequence[tuple[str, nn.Module]]:
         """``(name, module)`` whose forward outputs go to :meth:`on_output` on recorded steps."""
         return ()
