@@ -44,7 +44,7 @@ class HealthMonitor(CallbackGroup):
     - **Transformer instabilities** (Wortsman et al. 2023), warned as they happen: attention logit growth and
       attention entropy collapse per attention layer (-> qk-layernorm), output logit divergence (-> z-loss), and
       Adam's ε dominating a parameter's updates (-> a smaller ε); only for a model with attention modules and an
-      Adam optimizer ([Training a Transformer](transformer.md)).
+      Adam optimizer.
 
     At the end of fit, one report: ``health.md`` in the run's folder, the same in TensorBoard's Text tab
     (``health/report``), a W&B table or an MLflow artifact, and its verdict on the console.
