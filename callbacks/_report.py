@@ -62,6 +62,13 @@ class Report:
         self.path: Path | None = None
         self.verdict = ""
 
+    def _repr_markdown_(self) -> str:
+        """The report as a notebook shows it (Jupyter, Colab, VS Code): its markdown, the headings two levels down
+        so that it sits under the notebook's own."""
+        if not self.text:
+            return "*No health report yet: it is written at the end of `trainer.fit`.*"
+        return "\n".join(f"##{line}" if line.startswith("#") else line for line in self.text.splitlines())
+
     def observe(self, step: int, findings: Sequence[Finding]) -> None:
         """The new findings of a recorded step; step 0's are the check at initialisation, printed as one block."""
         if step != 0 or self.init_said:
