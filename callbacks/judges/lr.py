@@ -44,9 +44,8 @@ MIN_POINTS = 5
 PEAK_BAND = 2.0
 #: the most the advice moves the learning rate down / up in one go (calibrated: benchmarks/results/lr_calibration.md)
 MAX_STEP_DOWN, MAX_STEP_UP = 10.0, 100.0
-#: the training loss "rose" when the median of its last fifth of recorded points is this many nats above the
-#: lowest median of any earlier fifth (a per-batch loss of batch 32 has a spread of ~0.3 nats; a fifth's median
-#: over ~12 points varies by a few hundredths)
+#: the training loss "rose" when the median of its last fifth of recorded points is above the lowest median of any
+#: earlier fifth by at least this many nats and by 3 standard errors of the difference (see loss_evidence)
 RISE = 0.05
 #: the loss is "still falling" when its last fifth's median is this many nats below the fifth before it
 FALL = 0.02
@@ -55,7 +54,7 @@ FALL = 0.02
 def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     """What the recorded training losses say about the learning rate: ``"diverged"`` (a non-finite loss),
     ``"blown up"`` (the last fifth's median above ``start``, the loss the fit started from: training made it
-    worse), ``"rising"`` (the last fifth's median above the best earlier fifth's by :data:`RISE`), ``"falling"``
+    worse), ``"rising"`` (the last fifth's median above the best earlier fifth's beyond their noise), ``"falling"``
     (the last fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or ``"unknown"`` (too
     few points).
 
@@ -74,7 +73,13 @@ def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     fifths = [statistics.median(losses[i * n : (i + 1) * n]) for i in range(4)] + [statistics.median(losses[4 * n :])]
     if fifths[-1] > start:
         return "blown up"
-    if fifths[-1] > min(fifths[:-1]) + RISE:
+    # a fifth's median has a standard error of about 1.25 sigma / sqrt(points); a rise must clear 3 of the
+    # difference's (sqrt(2) of that): per-batch losses of batch 32 spread by ~0.2 nats, so fifths of 12 points
+    # differ by up to ~0.2 by chance (the lecture's nets at SGD lr 0.1-3: +0.07 to +0.2, all as healthy)
+    # sigma from successive differences: a trend does not count as noise
+    sigma = 1.4826 * statistics.median(abs(b - a) for a, b in zip(losses[n:], losses[n + 1 :])) / math.sqrt(2)
+    rise = max(RISE, 3 * math.sqrt(2) * 1.2533 * sigma / math.sqrt(n))
+    if fifths[-1] > min(fifths[:-1]) + rise:
         return "rising"
     if fifths[-1] < fifths[-2] - FALL:
         return "falling"
