@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 if name == "names-gpt" and op in ("no norm", "sigmoid"):
                     continue  # its LayerNorms and GELUs are built in (bench_monitors' GPT)
-                r = Run(name, 0, op, base.hidden if op in LAYER_OPS else "")
+                # named as the findings name it: inside the LightningModule, whose network is `net`
+                r = Run(name, 0, op, f"net.{base.hidden}" if op in LAYER_OPS else "")
                 r.val, found, r.seconds = fit(base, 0, op, [], root)
                 r.problems = [{"key": f.key, "where": f.where} for f in _problems(found)]
                 r.actions = [a.describe() for a in actions_of(found)]
