@@ -13,6 +13,7 @@ the bar's last state (the docs site and GitHub show it as it ended), and it need
 from __future__ import annotations
 
 import html
+import inspect
 import io
 import sys
 import time
@@ -162,7 +163,9 @@ class StepProgressBar(TQDMProgressBar):
             raise ValueError(f"Expected `notebook` to be a bool or None (detect), but got {notebook!r}.")
         if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or min_interval < 0:
             raise ValueError(f"Expected `min_interval` to be a number of seconds >= 0, but got {min_interval!r}.")
-        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        # `leave` came with Lightning 2.3; on older releases an epoch's bar is never kept, whatever is asked
+        extra = {"leave": leave} if "leave" in inspect.signature(TQDMProgressBar.__init__).parameters else {}
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, **extra)
         self.notebook = in_notebook() if notebook is None else notebook
         self.min_interval = float(min_interval)
 

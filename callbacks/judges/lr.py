@@ -21,6 +21,7 @@ falling at the end of fit (it would go on improving with larger steps), moved by
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Mapping
@@ -77,7 +78,7 @@ def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     # difference's (sqrt(2) of that): per-batch losses of batch 32 spread by ~0.2 nats, so fifths of 12 points
     # differ by up to ~0.2 by chance (the lecture's nets at SGD lr 0.1-3: +0.07 to +0.2, all as healthy)
     # sigma from successive differences: a trend does not count as noise
-    sigma = 1.4826 * statistics.median(abs(b - a) for a, b in zip(losses[n:], losses[n + 1 :])) / math.sqrt(2)
+    sigma = 1.4826 * statistics.median(abs(b - a) for a, b in itertools.pairwise(losses[n:])) / math.sqrt(2)
     rise = max(RISE, 3 * math.sqrt(2) * 1.2533 * sigma / math.sqrt(n))
     if fifths[-1] > min(fifths[:-1]) + rise:
         return "rising"
