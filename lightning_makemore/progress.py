@@ -61,7 +61,9 @@ class BarView:
 
     def _repr_html_(self) -> str:
         bar = f'<progress value="{self.n}" max="{self.total}" style="width:24ch"></progress> ' if self.total else ""
-        return f'<div style="font-family:monospace;white-space:pre">{bar}{html.escape(self.text)}</div>'
+        # no `white-space:pre`: the line wraps where the output is narrower than it (a docs page, a phone), not
+        # clipped at the output's edge
+        return f'<div style="font-family:monospace">{bar}{html.escape(self.text)}</div>'
 
     def __repr__(self) -> str:
         return self.line
@@ -71,11 +73,12 @@ class NotebookTqdm(std_tqdm):
     """A tqdm bar drawn as one IPython display output, updated in place and at most every ``min_interval`` s.
 
     It keeps tqdm's arithmetic (the counts, the rate, the time left, the postfix); only where the line goes
-    changes. Nothing is written to a stream. The last state is always drawn when the bar closes.
+    changes. Nothing is written to a stream. The first state, the state after a ``reset``, the first at 100 %
+    and the last one (at close) are always drawn; any other waits until ``min_interval`` has passed.
 
     Args:
         *args: tqdm's.
-        min_interval: seconds between two redraws (the last one, at 100 % or at close, is never skipped).
+        min_interval: seconds between two redraws (the forced ones above excepted).
         **kwargs: tqdm's (``file`` and ``position`` are ignored: there is no stream, and one bar).
     """
 
@@ -87,6 +90,8 @@ class NotebookTqdm(std_tqdm):
         self.min_interval = min_interval
         self._handle: Any = None
         self._shown_at = -float("inf")
+        self._force = True  # the next refresh draws whatever the time: the first, after a reset, at close
+        self._done_shown = False
         super().__init__(*args, **kwargs)
 
     def view(self) -> BarView:
@@ -94,7 +99,10 @@ class NotebookTqdm(std_tqdm):
         d = self.format_dict
         total = d["total"]
         line = self.format_meter(**{**d, "ncols": NOTEBOOK_COLUMNS})
-        text = self.format_meter(**{**d, "ncols": None, "bar_format": TEXT_FORMAT if total else TEXT_FORMAT_NO_TOTAL})
+        # `set_description` ends the name with ": " (tqdm's "Training: 100%|"): beside the HTML bar, no colon
+        desc = (d.get("prefix") or "").rstrip().rstrip(":")
+        fmt = TEXT_FORMAT if total else TEXT_FORMAT_NO_TOTAL
+        text = self.format_meter(**{**d, "prefix": desc, "ncols": None, "bar_format": fmt})
         return BarView(int(self.n), int(total) if total else None, text.strip(), line)
 
     @override
@@ -104,9 +112,9 @@ class NotebookTqdm(std_tqdm):
             return True
         now = time.monotonic()
         done = self.total is not None and self.n >= self.total
-        if now - self._shown_at < self.min_interval and not done and not self.disable:
-            return True  # too soon: the next refresh, 100 % or the close draws it
-        self._shown_at = now
+        if not (self._force or (done and not self._done_shown)) and now - self._shown_at < self.min_interval:
+            return True  # too soon: a later refresh, 100 % or the close draws it
+        self._shown_at, self._force, self._done_shown = now, False, done
         from IPython.display import display
 
         view = self.view()
@@ -119,6 +127,18 @@ class NotebookTqdm(std_tqdm):
     @override
     def clear(self, nolock: bool = False) -> None:
         """Nothing to clear: the output is replaced in place, never written over."""
+
+    @override
+    def reset(self, total: float | None = None) -> None:
+        """Starts over (tqdm's), and the next refresh draws at once: a new total is news, not a redraw to skip."""
+        super().reset(total=total)
+        self._force = True
+
+    @override
+    def close(self) -> None:
+        """Draws the last state (tqdm's close redraws a bar it leaves) and closes the bar."""
+        self._force = True
+        super().close()
 
 
 class StepProgressBar(TQDMProgressBar):
