@@ -221,7 +221,8 @@ class Readings(Callback):
 def train(run: Run, log_dir: Path) -> Run:
     """Fits ``run`` with ``HealthMonitor(every_n_steps=10)`` and fills its results."""
     torch.manual_seed(run.seed)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic on any machine; restored below
     cfg = Config(qk_layernorm=run.qk_layernorm)
     module = SweepModule(cfg, run.lr, run.z_loss, run.eps, run.steps)
     data = markov_data()
@@ -239,9 +240,12 @@ def train(run: Run, log_dir: Path) -> Run:
         log_every_n_steps=10,
     )
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t.fit(module, loader)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t.fit(module, loader)
+    finally:
+        torch.set_num_threads(threads)
     run.seconds = time.perf_counter() - start
     run.losses = module.losses
     run.final = sum(module.losses[-20:]) / 20
@@ -635,14 +639,15 @@ def _rounded(run: Run) -> dict[str, Any]:
     return d
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); ``argv``: its arguments (default: ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 runs of 200 steps (the CI check, ~1 min)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the repo's files)")
     parser.add_argument(
         "--rescore", type=Path, default=None, help="score the runs of this transformer_sweep.json without training"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import tempfile
 
     if args.rescore is not None:
