@@ -449,15 +449,17 @@ def figures(runs: list[Run], img: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     seed0 = [r for r in runs if r.seed == 0 and r.z_loss == 0.0 and r.eps == 1e-8]
+    lrs = sorted({r.lr for r in seed0})
     for r in seed0:
         if r.logit_max:
             steps, values = zip(*r.logit_max, strict=True)
-            ax.plot(steps, values, ls="-" if not r.qk_layernorm else "--", label=r.name.replace(" seed=0", ""))
+            style = {"ls": "-" if not r.qk_layernorm else "--", "color": f"C{lrs.index(r.lr)}"}
+            ax.plot(steps, values, **style, label=r.name.replace(" seed=0", ""))
     ax.set_yscale("log")
     ax.axhline(50, color="red", lw=0.8, ls=":")
     ax.set_xlabel("step")
     ax.set_ylabel("max |q·k|/√d over layers")
-    ax.set_title("attention logits over training (dashed: qk-layernorm; red: the judge's 50)")
+    ax.set_title("attention logits, seed 0 (dashed: qk-layernorm; red: the judge's 50)", fontsize=10)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     out.append(img / "transformer_attention_logits.png")
