@@ -66,12 +66,13 @@ def test_notebook_runs_with_figures_and_reports_inline(tmp_path, names_path, mon
 
 
 def test_colab_links_and_install_cell_name_one_repository():
-    """The README's and the notebook's "Open in Colab" links open this notebook of the repository that the first
-    cell installs from."""
+    """The "Open in Colab" links (README, the docs' home, the notebook's top) open this notebook of the repository
+    that the first cell installs from."""
     text = NOTEBOOK.read_text(encoding="utf-8")
     (repo,) = set(REPO.findall(code_cells()[0]))
     assert COLAB.findall(text) == [repo]  # the badge at the top of the notebook (and of its docs page)
-    assert COLAB.findall((ROOT / "README.md").read_text(encoding="utf-8")) == [repo]
+    for page in ("README.md", "docs/index.md"):
+        assert COLAB.findall((ROOT / page).read_text(encoding="utf-8")) == [repo], page
 
 
 def test_first_cell_installs_the_package_where_it_is_missing(tmp_path):
