@@ -6,6 +6,8 @@
 - :class:`UpdateRatioMonitor`: log10 of the update:data ratio per parameter, over time.
 - :class:`HealthMonitor`: all of them, the lecture's diagnoses (what is wrong, where, what to change) and one
   health report per fit (``health.md``).
+- the Transformer instabilities (attention logits and entropy, output log Z, Adam's ε) are probes and judges of
+  :class:`HealthMonitor`: ``callbacks.probes.attention``, ``.logits``, ``.adam``, ``callbacks.judges.transformer``.
 - :class:`CallbackGroup`: several callbacks dispatched as one (its monitors record as one).
 - :func:`register_activation`: teach the default selection a module class of your own (bounded, ReLU-like, other).
 - :class:`HealthWarning`: the category of the monitors' warnings (filter it like any warning).
