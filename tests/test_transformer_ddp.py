@@ -1,0 +1,113 @@
+"""DDP on 2 CPU processes (gloo): the attention, output-logit and Adam-ε probes' numbers are those of one process on
+the global batch (their maxima are maxima over the ranks, their histogram counts and entropy sums add up)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from tests.callbacks_helpers import read_events, run_two_process_script, scalars, trainer
+
+MODEL = textwrap.dedent(
+    """
+    import lightning.pytorch as L
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class CausalSelfAttention(nn.Module):
+        def __init__(self, width=16, heads=2):
+            super().__init__()
+            # no bias: a k bias's gradient is rounding noise (the softmax ignores it), which Adam would blow up into
+            # updates of +-lr that differ between the runs and move |q·k| (not the attention)
+            self.heads, self.qkv = heads, nn.Linear(width, 3 * width, bias=False)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.attn, self.head = nn.Embedding(16, 16), CausalSelfAttention(), nn.Linear(16, 16)
+
+        def training_step(self, batch, batch_idx):
+            (idx,) = batch
+            logits = self.head(self.attn(self.wte(idx[:, :-1])))
+            return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+
+    def data():
+        torch.manual_seed(0)
+        return torch.randint(0, 16, (64, 9))
+    """
+)
+
+SCRIPT = MODEL + textwrap.dedent(
+    """
+    if __name__ == "__main__":
+        import sys
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from torch.utils.data import DataLoader, TensorDataset
+        from callbacks import HealthMonitor
+
+        idx = data()
+        torch.manual_seed(1)
+        net = Tiny()
+        monitor = HealthMonitor(every_n_steps=1, histogram_every_n_steps=0, figure_every_n_steps=0, report=False)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, log_every_n_steps=1,
+                            logger=TensorBoardLogger(sys.argv[1], name="ddp", version=0), callbacks=[monitor],
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(net, DataLoader(TensorDataset(idx), batch_size=8))  # per rank; DistributedSampler splits
+    """
+)
+
+TAGS = (
+    "attention/attn/logit_max",
+    "attention/attn/logit_quantile",
+    "attention/attn/entropy",
+    "attention/attn/entropy_share",
+    "logits/log_z",
+    "logits/log_z_max",
+    "logits/max",
+    "logits/min",
+    "adam_eps/attn.qkv.weight/sqrt_v_rms",  # Adam's state: the same on every rank, that of the global batch
+    "adam_eps/head.weight/update_rms",
+)
+
+
+@pytest.mark.slow
+def test_ddp_attention_and_logits_are_those_of_one_process_on_the_global_batch(tmp_path):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks import HealthMonitor
+
+    proc = run_two_process_script(tmp_path, SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = read_events(str(tmp_path / "ddp" / "version_0"))
+
+    namespace: dict = {}
+    exec(MODEL, namespace)  # the same model and data, in this process
+    idx = namespace["data"]()
+    torch.manual_seed(1)
+    net = namespace["Tiny"]()
+    monitor = HealthMonitor(every_n_steps=1, histogram_every_n_steps=0, figure_every_n_steps=0, report=False)
+    t = trainer(tmp_path / "single", [monitor], max_steps=3, log_every_n_steps=1)
+    # Lightning's DistributedSampler shuffles (seed 0) and gives rank r rows r, r + 2, ... of the permutation: the
+    # global batch of step s is rows 16 s .. 16 s + 15 of it, and DDP's mean gradient is that batch's
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    t.fit(net, DataLoader(TensorDataset(idx[perm]), batch_size=16))
+    single = read_events(t.logger.log_dir)
+    for tag in TAGS:
+        one, two = scalars(single, tag), scalars(ddp, tag)
+        assert sorted(one) == sorted(two) == [0, 1, 2], tag
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-6), (tag, step)
