@@ -94,6 +94,12 @@ def fit(max_steps: int, validate: bool = True, model: dict[str, Any] | None = No
     print(RESULT + json.dumps({"notebook": progress.notebook, "at": clock.at}))
 
 
+def validate(**bar: Any) -> None:
+    """`trainer.validate` of `Tiny` (4 batches) with a StepProgressBar (`bar`: its arguments)."""
+    trainer = L.Trainer(callbacks=[StepProgressBar(refresh_rate=1, **bar)], logger=False, enable_model_summary=False)
+    trainer.validate(Tiny(), verbose=False)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # a real kernel, and what it sends
 
@@ -106,7 +112,7 @@ def kernel(tmp_path_factory):
 
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path_factory.mktemp("kernel")))
     try:
-        run(kc, f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom tests.test_progress import fit")
+        run(kc, f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom tests.test_progress import fit, validate")
         yield kc
     finally:
         kc.stop_channels()
@@ -205,6 +211,15 @@ def test_rate_is_the_steps_over_the_time_since_the_start(kernel):
     meter = re.search(r" 30/60 \[(\d+):(\d+)<(\d+):(\d+), *([\d.]+)it/s", half["content"]["data"]["text/plain"])
     assert meter, half["content"]["data"]["text/plain"]
     assert float(meter.group(5)) == pytest.approx(30 / at[30], rel=0.1)
+
+
+def test_validate_alone_has_a_bar_of_its_own(kernel):
+    """Outside fit, `trainer.validate` shows its own bar: one output, ending at its 4 batches."""
+    shown = bar_messages(run(kernel, "validate(min_interval=0)"))
+    assert [m["msg_type"] for m in shown[:1]] == ["display_data"]
+    assert len({m["content"]["transient"]["display_id"] for m in shown}) == 1
+    last = shown[-1]["content"]["data"]
+    assert "Validation" in last["text/html"] and " 4/4 [" in last["text/plain"], last
 
 
 def test_console_bar_in_a_kernel_writes_lines_and_no_display(kernel):
