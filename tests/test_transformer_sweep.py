@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.transformer_sweep import QUICK_STEPS, Run, load, main, report, score
+from benchmarks.transformer_sweep import QUICK_STEPS, Run, _case, load, main, report, score
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +75,10 @@ def test_score_against_the_best_lr_of_the_same_variant_by_hand():
     # the mean curve at lr 1e-2 is 2.1: the first run at lr 1e-1 leaves it by more than the margin at step 50
     assert s[2].degraded_at == 50 and s[2].lead == 50 - 29
     assert s[3].degraded_at == 0 and s[3].lead is None
+    # what the fault zoo gets
+    case = _case(s[3])
+    assert case["expected"] == {"attention_logits"} and case["fired"] == set() and case["ok"] is False
+    assert case["verdict"] == "degrades" and case["degraded_at"] == 0 and case["final_loss"] == pytest.approx(2.5)
     page = report(runs, 60.0)
     assert "**1 of 2**" in page  # plain runs that degrade, flagged
     assert "**1 of 4**" in page  # false alarms on the runs that do not degrade
