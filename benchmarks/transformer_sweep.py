@@ -56,6 +56,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from callbacks import HealthMonitor
 
@@ -70,6 +71,8 @@ TRANSFORMER_KEYS = ("attention_logits/", "attention_entropy/", "output_logits", 
 # ---------------------------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class Config:
+    """The GPT's shape, and whether it has qk-layernorm."""
+
     vocab: int = VOCAB
     context: int = CONTEXT
     width: int = 64
@@ -79,6 +82,8 @@ class Config:
 
 
 class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention through ``F.scaled_dot_product_attention``, with an optional LayerNorm on q and k."""
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.heads = cfg.heads
@@ -97,6 +102,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-LayerNorm Transformer block without biases: attention, then a GELU MLP, each on the residual."""
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
@@ -111,6 +118,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token and position embeddings, the blocks, a final LayerNorm and the output layer (N(0, 0.02) init)."""
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab, cfg.width)
@@ -137,6 +146,7 @@ class SweepModule(L.LightningModule):
         self.model, self.lr, self.z_loss, self.eps, self.steps = GPT(cfg), lr, z_loss, eps, steps
         self.losses: list[float] = []
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (idx,) = batch
         logits = self.model(idx[:, :-1])  # (B, T, vocab)
@@ -146,6 +156,7 @@ class SweepModule(L.LightningModule):
             loss = loss + self.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
         return loss
 
+    @override
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.95), eps=self.eps, weight_decay=0.0)
         warm = 30
@@ -172,6 +183,8 @@ def markov_data(n: int = 4096, seed: int = 0) -> Tensor:
 # ---------------------------------------------------------------------------------------------- runs
 @dataclass
 class Run:
+    """One run of the sweep: its settings, then what it measured (filled by :func:`train`)."""
+
     lr: float
     qk_layernorm: bool
     z_loss: float
@@ -208,6 +221,7 @@ class Readings(Callback):
         self.monitor, self.run = monitor, run
         self.seen: set[int] = set()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         attention, logits = (p.latest for p in self.monitor.transformer.probes[:2])
         if attention is not None and attention.step not in self.seen:
@@ -320,6 +334,7 @@ class Score:
 
     @property
     def ok(self) -> bool | None:
+        """Right: the expected finding fired, or none fired on a run that does not degrade (None: not scored)."""
         if self.verdict != "degrades":
             return not self.fired
         return None if self.expected is None else self.expected in self.fired
@@ -420,6 +435,7 @@ def _case(s: Score) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- report
 def figures(runs: list[Run], img: Path) -> list[Path]:
+    """The learning-rate sensitivity and the attention logits over training, as PNGs under ``img``."""
     import matplotlib
 
     matplotlib.use("Agg")
