@@ -193,9 +193,9 @@ def test_redrawn_at_most_every_min_interval(kernel):
 
 
 def test_rate_is_the_steps_over_the_time_since_the_start(kernel):
-    """The last 30 of 60 steps are five times slower: the bar's rate is the 60 steps over the whole time, not
+    """The last 30 of 60 steps are ten times slower: the bar's rate is the 60 steps over the whole time, not
     the recent speed a moving average would show."""
-    model = {"sleep": 0.01, "slow_from": 30, "slow_sleep": 0.05}
+    model = {"sleep": 0.01, "slow_from": 30, "slow_sleep": 0.1}
     messages, result = kernel_fit(kernel, max_steps=60, validate=False, model=model, min_interval=0)
     at = result["at"]
     true_rate = 60 / at[60]  # by the fit's own clock
