@@ -8,6 +8,7 @@
   health report per fit (``health.md``).
 - the Transformer instabilities (attention logits and entropy, output log Z, Adam's ε) are probes and judges of
   :class:`HealthMonitor`: ``callbacks.probes.attention``, ``.logits``, ``.adam``, ``callbacks.judges.transformer``.
+- :class:`Monitor`: a monitor of your own: one probe and its judges (see the docs' "Write your own probe").
 - :class:`CallbackGroup`: several callbacks dispatched as one (its monitors record as one).
 - :func:`register_activation`: teach the default selection a module class of your own (bounded, ReLU-like, other).
 - :class:`HealthWarning`: the category of the monitors' warnings (filter it like any warning).
@@ -21,6 +22,7 @@ This package depends on Lightning and PyTorch only; it never imports ``lightning
 """
 
 from callbacks._selection import register_activation
+from callbacks._monitor import Monitor
 from callbacks._warnings import HealthWarning
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
@@ -33,6 +35,7 @@ __all__ = [
     "GradientMonitor",
     "HealthMonitor",
     "HealthWarning",
+    "Monitor",
     "ParameterMonitor",
     "UpdateRatioMonitor",
     "register_activation",

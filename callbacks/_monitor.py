@@ -24,7 +24,20 @@ def check_flag(value: bool, arg: str) -> bool:
 
 
 class Monitor(Recorder):
-    """A recorder of one probe and its judges (one part); the probe's cadence and bins are the monitor's."""
+    """A callback of one probe and its judges: how a monitor of your own is made (the four monitors are ones).
+
+    Pass it to the Trainer as any callback. The probe records on the steps its cadence says (by default every
+    ``Trainer(log_every_n_steps)``), its scalars go to every logger the Trainer has, the judges read its readouts
+    and their findings are warned once (``warn``), listed at the end of fit and kept in checkpoints.
+
+    Args:
+        probe: what is watched (a :class:`callbacks.probes.base.Probe`).
+        judges: what is concluded from its readouts (:class:`callbacks.judges.base.Judge`); may be empty.
+        warn: warn each finding as it happens (``HealthWarning``); the findings are kept either way
+            (``monitor.part.record.findings``).
+
+    Example: the docs' "Write your own probe" page.
+    """
 
     def __init__(self, probe: Probe, judges: list[Judge], warn: bool) -> None:
         self.warn = warn
