@@ -234,12 +234,12 @@ def _hf_namespace(module: nn.Module) -> Any:
     namespace = sys.modules.get(name)
     if namespace is None or not callable(getattr(namespace, "eager_attention_forward", None)):
         return None
-    try:
-        import transformers
-    except ImportError:  # pragma: no cover - a transformers class without transformers
+    # the class is transformers', so transformers is imported already: read it, never import it (not a dependency)
+    version = getattr(sys.modules.get("transformers"), "__version__", None)
+    if version is None:
         return None
     lo, hi = TRANSFORMERS_TESTED
-    return namespace if lo <= _minor(transformers.__version__) <= hi else None
+    return namespace if lo <= _minor(version) <= hi else None
 
 
 class AttentionTap:

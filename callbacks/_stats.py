@@ -31,6 +31,7 @@ CUDA bins with ``scatter_add_``, the CPU with ``bincount``.
 """
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -251,6 +252,15 @@ class Summary:
         )
 
 
+#: seconds a rank waits before raising the error of another rank, so that rank's own error is printed first
+RANK_ERROR_GRACE_S = 3.0
+
+
+def _global_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class MonitorRankError(RuntimeError):
     """A monitor failed on another rank: raised on this one so that the whole run stops instead of hanging."""
 
@@ -431,6 +441,12 @@ class Pool:
             parts += [torch.stack(sizes), *edges, all_counts]
         # the one device->host copy of this recorded step
         host = torch.cat(parts).tolist()
+        failed = error is not None or host[k * N_SUM] > 0
+        if failed and _global_rank() > 0:
+            # rank 0 raises first, the others a moment later: Lightning's launcher kills every rank as soon as a child
+            # process (rank > 0) exits with an error, which could take rank 0 down before its traceback is out, while
+            # the children outlive rank 0's error long enough to print theirs
+            time.sleep(RANK_ERROR_GRACE_S)
         if error is not None:
             raise error
         if host[k * N_SUM] > 0:
