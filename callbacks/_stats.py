@@ -253,7 +253,7 @@ class Summary:
 
 
 #: seconds a rank waits before raising the error of another rank, so that rank's own error is printed first
-RANK_ERROR_GRACE_S = 3.0
+RANK_ERROR_GRACE_S = 10.0
 
 
 def _global_rank() -> int:
