@@ -53,6 +53,7 @@ MODEL = textwrap.dedent(
     """
 )
 
+# `run.py DIR ddp`: 2 processes, 8 rows each a step; `run.py DIR single`: one process on the same global batches
 SCRIPT = MODEL + textwrap.dedent(
     """
     if __name__ == "__main__":
@@ -60,36 +61,22 @@ SCRIPT = MODEL + textwrap.dedent(
         from lightning.pytorch.loggers import TensorBoardLogger
         from torch.utils.data import DataLoader, TensorDataset
         from callbacks import HealthMonitor
-
+        name = sys.argv[2]
         idx = data()
         torch.manual_seed(1)
         net = Tiny()
         monitor = HealthMonitor(every_n_steps=1, histogram_every_n_steps=0, figure_every_n_steps=0, report=False)
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, log_every_n_steps=1,
-                            logger=TensorBoardLogger(sys.argv[1], name="ddp", version=0), callbacks=[monitor],
+        devices = {"devices": 2, "strategy": "ddp"} if name == "ddp" else {"devices": 1}
+        trainer = L.Trainer(accelerator="cpu", **devices, max_steps=3, log_every_n_steps=1,
+                            logger=TensorBoardLogger(sys.argv[1], name=name, version=0), callbacks=[monitor],
                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-        trainer.fit(net, DataLoader(TensorDataset(idx), batch_size=8))  # per rank; DistributedSampler splits
-    """
-)
-
-SINGLE = MODEL + textwrap.dedent(
-    """
-    if __name__ == "__main__":
-        import sys
-        from lightning.pytorch.loggers import TensorBoardLogger
-        from torch.utils.data import DataLoader, TensorDataset
-        from callbacks import HealthMonitor
-        idx = data()
-        torch.manual_seed(1)
-        net = Tiny()
-        monitor = HealthMonitor(every_n_steps=1, histogram_every_n_steps=0, figure_every_n_steps=0, report=False)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, log_every_n_steps=1,
-                            logger=TensorBoardLogger(sys.argv[1], name="single", version=0), callbacks=[monitor],
-                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-        # Lightning's DistributedSampler shuffles (seed 0) and gives rank r rows r, r + 2, ... of the permutation:
-        # the global batch of step s is rows 16 s .. 16 s + 15 of it, and DDP's mean gradient is that batch's
-        perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
-        trainer.fit(net, DataLoader(TensorDataset(idx[perm]), batch_size=16))
+        if name == "ddp":
+            trainer.fit(net, DataLoader(TensorDataset(idx), batch_size=8))  # per rank; DistributedSampler splits
+        else:
+            # Lightning's DistributedSampler shuffles (seed 0) and gives rank r rows r, r + 2, ... of the permutation:
+            # the global batch of step s is rows 16 s .. 16 s + 15 of it, and DDP's mean gradient is that batch's
+            perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+            trainer.fit(net, DataLoader(TensorDataset(idx[perm]), batch_size=16))
     """
 )
 TAGS = (
@@ -108,14 +95,14 @@ TAGS = (
 
 @pytest.mark.slow
 def test_ddp_attention_and_logits_are_those_of_one_process_on_the_global_batch(tmp_path):
-    proc = run_two_process_script(tmp_path, SCRIPT)
+    proc = run_two_process_script(tmp_path, SCRIPT, "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = read_events(str(tmp_path / "ddp" / "version_0"))
 
     # the twin: one process on the global batches, in a fresh process of its own (as the DDP ranks are: inside the
     # suite, what earlier tests left in this process moved step 1 by a few % in CI)
     (tmp_path / "one").mkdir()
-    proc = run_two_process_script(tmp_path / "one", SINGLE)
+    proc = run_two_process_script(tmp_path / "one", SCRIPT, "single")
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = read_events(str(tmp_path / "one" / "single" / "version_0"))
     for tag in TAGS:
