@@ -161,6 +161,19 @@ def get_json(url: str) -> Any:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# what Lightning and torch.distributed put into os.environ of the process that launched ranks
+LIGHTNING_PROCESS_STATE = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GLOBAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
 def run_two_process_script(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess:
     """Runs ``source`` (a script that launches its own 2 CPU processes) in ``tmp_path`` with ``args``.
 
@@ -168,7 +181,10 @@ def run_two_process_script(tmp_path: Path, source: str, *args: str) -> subproces
     """
     script = tmp_path / "run.py"
     script.write_text(source)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    # a fresh process: no Lightning state an earlier test left in os.environ (``seed_everything`` sets PL_GLOBAL_SEED,
+    # which seeds the DistributedSampler's shuffle: CI saw the ranks' batches differ from the twin's)
+    env = {k: v for k, v in os.environ.items() if k not in LIGHTNING_PROCESS_STATE and not k.startswith("PL_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PL_DISABLE_FORK="1")
     return subprocess.run(
         [sys.executable, str(script), str(tmp_path), *args],
         cwd=tmp_path,

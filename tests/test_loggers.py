@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,8 @@ def _wandb_records(path: Path):
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # still being written
+            return
         chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: a record is complete
@@ -63,9 +66,18 @@ def _wandb_records(path: Path):
             chunk = b""
 
 
-def _wandb_history(run_dir: Path) -> list[dict]:
+def _wandb_history(run_dir: Path, timeout: float = 60.0) -> list[dict]:
+    """The history rows of a finished offline run.
+
+    ``wandb.finish()`` can return before wandb-core has closed the run's file (under load in CI a test read it with
+    no history yet), so this waits for the file's last record, ``exit``.
+    """
+    path, deadline = next(run_dir.glob("run-*.wandb")), time.monotonic() + timeout
+    while not (records := list(_wandb_records(path))) or records[-1].WhichOneof("record_type") != "exit":
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.2)
     rows = []
-    for record in _wandb_records(next(run_dir.glob("run-*.wandb"))):
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
     return rows
