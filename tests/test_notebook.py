@@ -16,6 +16,7 @@ import sysconfig
 import venv
 
 import pytest
+import tomllib
 
 from tests.conftest import ROOT
 
@@ -67,9 +68,11 @@ def test_notebook_runs_with_figures_and_reports_inline(tmp_path, names_path, mon
 
 def test_colab_links_and_install_cell_name_one_repository():
     """The "Open in Colab" links (README, the docs' home, the notebook's top) open this notebook of the repository
-    that the first cell installs from."""
+    that the first cell installs from, the one ``pyproject.toml`` declares."""
     text = NOTEBOOK.read_text(encoding="utf-8")
     (repo,) = set(REPO.findall(code_cells()[0]))
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["urls"]["Repository"]
+    assert declared == f"https://github.com/{repo}"  # the repository pyproject.toml declares, no placeholder
     assert COLAB.findall(text) == [repo]  # the badge at the top of the notebook (and of its docs page)
     for page in ("README.md", "docs/index.md"):
         assert COLAB.findall((ROOT / page).read_text(encoding="utf-8")) == [repo], page
