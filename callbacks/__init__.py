@@ -21,8 +21,8 @@ recorder (``callbacks._recorder``: the step, the hooks, one reduction, the state
 This package depends on Lightning and PyTorch only; it never imports ``lightning_makemore``.
 """
 
+from callbacks._activation_kinds import register_activation
 from callbacks._monitor import Monitor
-from callbacks._selection import register_activation
 from callbacks._warnings import HealthWarning
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup

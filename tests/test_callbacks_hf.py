@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import ActivationMonitor, GradientMonitor, _selection
+from callbacks import ActivationMonitor, GradientMonitor, _activation_kinds, _selection
 from tests.callbacks_helpers import histograms, read_events, scalars, trainer
 
 LR = 0.1
@@ -185,8 +185,8 @@ def feature_loader() -> DataLoader:
 
 
 def test_user_swish_and_registered_class_match_a_plain_twin(tmp_path, monkeypatch):
-    monkeypatch.setattr(_selection, "_REGISTRY", {})
-    _selection.register_activation(Squash, kind="bounded", range=(-1.0, 1.0))
+    monkeypatch.setattr(_activation_kinds, "_REGISTRY", {})
+    _activation_kinds.register_activation(Squash, kind="bounded", range=(-1.0, 1.0))
     acc = fit_and_read(tmp_path, Wrapper(swish_mlp(), class_loss), feature_loader())
     ref = reference_stats(swish_mlp(), class_loss, feature_loader(), ["1", "3"], STEPS)
     tags = acc.Tags()["scalars"]

@@ -11,7 +11,7 @@ import pkgutil
 import pytest
 
 import callbacks
-from callbacks import _selection
+from callbacks import _activation_kinds
 
 MODULES = sorted(f"callbacks.{m.name}" for m in pkgutil.iter_modules(callbacks.__path__))
 
@@ -19,11 +19,12 @@ MODULES = sorted(f"callbacks.{m.name}" for m in pkgutil.iter_modules(callbacks._
 @pytest.fixture(autouse=True)
 def _restore_registry(monkeypatch):
     """`register_activation`'s example registers a class: keep it out of the other tests."""
-    monkeypatch.setattr(_selection, "_REGISTRY", dict(_selection._REGISTRY))
+    monkeypatch.setattr(_activation_kinds, "_REGISTRY", dict(_activation_kinds._REGISTRY))
 
 
 def test_modules_are_listed():
-    assert {"callbacks._selection", "callbacks.activation", "callbacks.parameter"} <= set(MODULES)
+    listed = {"callbacks._activation_kinds", "callbacks._layer_order", "callbacks._selection", "callbacks.activation"}
+    assert listed <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,5 @@
-"""Unit tests of callbacks/_selection.py: which modules the monitors watch by default, and what each one means.
+"""Unit tests of callbacks/_activation_kinds.py and callbacks/_selection.py: which modules the monitors watch by
+default, and what each one means.
 
 Expected kinds and ranges are written out by hand from each activation's formula; saturation specs are checked
 against hand-computed ``(center, limit)`` values and against the definition applied to real outputs.
@@ -14,18 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks import _selection
-from callbacks._selection import (
+from callbacks import _activation_kinds
+from callbacks._activation_kinds import (
     ACTIVATIONS,
     ActivationInfo,
     activation_info,
-    check_patterns,
-    check_specs,
-    empty_selection_message,
     is_relu_like,
     output_range,
     register_activation,
     saturation_spec,
+)
+from callbacks._selection import (
+    check_patterns,
+    check_specs,
+    empty_selection_message,
     select_modules,
     select_parameters,
 )
@@ -36,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _empty_registry(monkeypatch):
     """Every test starts with no registered class and leaves none behind."""
-    monkeypatch.setattr(_selection, "_REGISTRY", {})
+    monkeypatch.setattr(_activation_kinds, "_REGISTRY", {})
 
 
 # ---------------------------------------------------------------------------------------------- torch.nn
@@ -176,8 +179,8 @@ def test_every_transformers_activation_is_decided():
         for name, obj in vars(acts).items()
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == acts.__name__
     }
-    undecided = classes - set(_selection._LIBRARIES["transformers.activations"])
-    assert not undecided, f"give {sorted(undecided)} a kind in callbacks/_selection.py `_LIBRARIES`"
+    undecided = classes - set(_activation_kinds._LIBRARIES["transformers.activations"])
+    assert not undecided, f"give {sorted(undecided)} a kind in callbacks/_activation_kinds.py `_LIBRARIES`"
 
 
 def test_relu_like_transformers_activations_are_zero_or_negative_below_zero():
@@ -316,7 +319,7 @@ def test_register_clipped_relu_keeps_its_range_without_saturation():
 def test_register_activation_bad_input(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         register_activation(*args, **kwargs)
-    assert not _selection._REGISTRY  # nothing half-registered
+    assert not _activation_kinds._REGISTRY  # nothing half-registered
 
 
 # ---------------------------------------------------------------------------------------------- specs and patterns

@@ -10,17 +10,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from callbacks._activation_kinds import Kind, activation_info, gradient_below_zero, saturation_spec
 from callbacks._cadence import Cadence, Moment
-from callbacks._selection import (
-    Kind,
-    ModuleSpec,
-    Watched,
-    activation_info,
-    gradient_below_zero,
-    norm_before,
-    saturation_spec,
-    watch_modules,
-)
+from callbacks._layer_order import norm_before
+from callbacks._selection import ModuleSpec, Watched, watch_modules
 from callbacks._stats import Summary
 from callbacks.probes.base import Chart, Probe, Recording, Scalar, draw_summaries
 
@@ -57,7 +50,7 @@ CHARTS = {
 
 
 class ActivationProbe(Probe):
-    """Watches the forward outputs of ``modules`` (default: every activation module; see ``callbacks._selection``).
+    """Watches the forward outputs of ``modules`` (default: every activation module; see ``callbacks._activation_kinds``).
 
     Tags: histogram ``activation/{name}``; scalars ``activation/{name}/mean``, ``/std``, ``/saturation`` (bounded
     outputs), ``/dead`` (ReLU-like outputs) and ``/nonfinite`` (from the first step with NaN/inf). A module called

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from callbacks._cadence import Cadence, Moment
 from callbacks._compile import tag_name
-from callbacks._selection import biases_before_batchnorm, select_parameters
+from callbacks._layer_order import biases_before_batchnorm
+from callbacks._selection import select_parameters
 from callbacks._stats import Summary
 from callbacks.probes.base import Chart, Probe, Recording, Scalar, draw_summaries
 
