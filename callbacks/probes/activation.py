@@ -50,7 +50,7 @@ CHARTS = {
 
 
 class ActivationProbe(Probe):
-    """Watches the forward outputs of ``modules`` (default: every activation module; see ``callbacks._activation_kinds``).
+    """Watches the forward outputs of ``modules`` (default: activation modules, see ``callbacks._activation_kinds``).
 
     Tags: histogram ``activation/{name}``; scalars ``activation/{name}/mean``, ``/std``, ``/saturation`` (bounded
     outputs), ``/dead`` (ReLU-like outputs) and ``/nonfinite`` (from the first step with NaN/inf). A module called
