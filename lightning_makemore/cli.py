@@ -15,11 +15,8 @@ shows the full traceback).
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import os
-import re
 import sys
 import time
 import warnings
@@ -36,46 +33,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary,
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.nn.parameter import UninitializedParameter
-from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_makemore.cli_errors import NothingToTrain, UsageError, check_something_to_train, explain_argument_error
 from lightning_makemore.data import DataError, NamesDataModule
 from lightning_makemore.fastpath import FastPath
-from lightning_makemore.model import net_settings
-from lightning_makemore.module import MakemoreModule, check_batch_size, split_loss
+from lightning_makemore.module import MakemoreModule, check_batch_size
 from lightning_makemore.progress import StepProgressBar
+from lightning_makemore.summary import LayerSummary, print_fit_summary
 
 PROGRESS_BAR_REFRESH = 50  # steps between progress-bar refreshes (Lightning's default, 1, is a cost per step)
-
-
-class UsageError(ValueError):
-    """A command-line mistake; the message is one line naming the flag, the allowed values and the fix."""
-
-
-class NothingToTrain(Exception):
-    """`fit --ckpt_path` from a checkpoint that already reached `max_steps`: nothing is wrong, and nothing to do.
-    The message is one line with the numbers and what to run instead."""
-
-
-def _check_something_to_train(ckpt_path: str, max_steps: int | None) -> None:
-    """Raises `NothingToTrain` when the checkpoint's step is already `max_steps` or more (Lightning would open a
-    new run folder and stop at once, with a train loss and no validation)."""
-    if not max_steps or max_steps <= 0:
-        return
-    try:
-        step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step")
-    except Exception:  # not a checkpoint: Lightning says why when it loads it
-        return
-    if not isinstance(step, int) or step < max_steps:
-        return
-    where = "already at" if step == max_steps else "past"
-    raise NothingToTrain(
-        f"Nothing to train: {ckpt_path} is at step {step:,}, {where} --trainer.max_steps {max_steps:,}. "
-        f"Pass a larger --trainer.max_steps to train on, `python train.py test --ckpt_path {ckpt_path}` to "
-        f"evaluate it, or `python train.py predict --ckpt_path {ckpt_path}` to sample names."
-    )
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -88,52 +55,6 @@ def make_monitors(spikes: bool = False) -> list[Callback]:
     from callbacks import HealthMonitor
 
     return [HealthMonitor(trace=spikes)]
-
-
-class LayerSummary(ModelSummary):
-    """The model summary printed when fit starts: the network's layers, their parameters, the total.
-
-    One row per layer (a module without submodules, or one holding parameters of its own), named as the monitors'
-    charts name it, e.g. ``net.blocks.0.linear``. Lightning's own summary also lists the metric objects
-    (``val_loss``, ``test_loss``: no parameters, nothing to learn) and, without an example input, a
-    ``Total FLOPs: 0`` line; both are left out here. Printed on rank zero, through Lightning's logger.
-    """
-
-    @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            rank_zero_info(self.table(pl_module))
-
-    @staticmethod
-    def table(pl_module: torch.nn.Module) -> str:
-        """The summary as text: `Layer  Type  Params` rows, then the total (trainable count and size in MB)."""
-        rows = [("Layer", "Type", "Params")]
-        for name, module in pl_module.named_modules():
-            if not name or any(isinstance(m, Metric) for m in _ancestors(pl_module, name)):
-                continue
-            own = list(module.parameters(recurse=False))
-            if own or not any(True for _ in module.children()):
-                rows.append((name, type(module).__name__, f"{sum(_numel(p) for p in own):,}"))
-        params = list(pl_module.parameters())
-        total = sum(_numel(p) for p in params)
-        trainable = sum(_numel(p) for p in params if p.requires_grad)
-        megabytes = sum(_numel(p) * p.element_size() for p in params) / 1e6
-        which = "all trainable" if trainable == total else f"{trainable:,} trainable"
-        rows.append(("Total", "", f"{total:,}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        lines = [f"{n:<{widths[0]}}  {t:<{widths[1]}}  {p:>{widths[2]}}" for n, t, p in rows]
-        lines[-1] += f"  ({which}, {megabytes:.2f} MB)"
-        return "\n".join(lines)
-
-
-def _ancestors(root: torch.nn.Module, name: str) -> list[torch.nn.Module]:
-    """The modules on the path from `root` (excluded) to its submodule `name` (included)."""
-    parts = name.split(".")
-    return [root.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts))]
-
-
-def _numel(p: torch.Tensor) -> int:
-    return 0 if isinstance(p, UninitializedParameter) else p.numel()  # a lazy module's weights have no size yet
 
 
 class MakemoreCLI(LightningCLI):
@@ -198,7 +119,7 @@ class MakemoreCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise UsageError(_explain(str(err))) from None
+            raise UsageError(explain_argument_error(str(err))) from None
 
     def _data_vocab(self, data: NamesDataModule) -> list[str] | None:
         # sampling needs no data file: the model's vocabulary then comes from the checkpoint
@@ -243,7 +164,7 @@ class MakemoreCLI(LightningCLI):
                 "e.g. lightning_logs/version_0/checkpoints/last.ckpt."
             )
         if self.subcommand == "fit" and ckpt_path and os.path.isfile(ckpt_path):
-            _check_something_to_train(ckpt_path, trainer.get("max_steps"))
+            check_something_to_train(ckpt_path, trainer.get("max_steps"))
         if self.subcommand == "predict" and not ckpt_path:
             raise ValueError(
                 "predict samples from a trained model: pass --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt."
@@ -343,98 +264,12 @@ class MakemoreCLI(LightningCLI):
             from lightning_makemore.heal import append_rerun
 
             append_rerun(self, log_dir)  # health.md ends with the command that reruns it with the fixes
-        self._print_summary(seconds, log_dir)
-
-    @rank_zero_only
-    def _print_summary(self, seconds: float, log_dir: str | None) -> None:
-        trainer, dm, model = self.trainer, self.datamodule, self.model
-        lines = ["", "Done."]
-        losses = []
-        if dm.splits.get("train"):
-            losses.append(f"train {split_loss(model.net, *dm.splits['train']):.4f}")
-        if "val/loss" in trainer.callback_metrics:
-            losses.append(f"val {float(trainer.callback_metrics['val/loss']):.4f}")
-        if losses:
-            lines.append(f"  loss        {', '.join(losses)} (whole splits, eval mode)")
-        of = f" of {trainer.max_steps:,}" if trainer.max_steps > 0 else ""
-        lines.append(f"  steps       {trainer.global_step:,}{of} in {seconds:.1f} s")
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            lines.append(f"  checkpoints {_rel(trainer.checkpoint_callback.dirpath)}")
-        if log_dir:
-            lines.append(f"  logs        {_rel(log_dir)}")
-            if isinstance(trainer.logger, TensorBoardLogger):
-                tensorboard = Path(sys.executable).parent / "tensorboard"
-                command = _rel(tensorboard) if tensorboard.is_file() else "tensorboard"
-                lines.append(f"  TensorBoard {command} --logdir {_rel(trainer.logger.root_dir)}")
-        names = model.sample(dm.num_samples, seed=dm.sample_seed)
-        lines.append(f"\n{len(names)} names sampled from the trained model:")
-        print("\n".join([*lines, *names]))
+        print_fit_summary(self.trainer, self.datamodule, self.model, seconds, log_dir)
 
 
 @rank_zero_only
 def _print_rank_zero(text: str) -> None:
     print(text)
-
-
-def _rel(path: str | os.PathLike) -> str:
-    """`path` relative to the working directory when it is inside it (shorter to read and to copy)."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# one-line argument errors
-
-
-def _known_flags() -> list[str]:
-    """Every flag of the CLI (the Trainer's included), for "did you mean"."""
-
-    def params(fn: Any) -> list[str]:
-        skip = {"self", "vocab", "block_size", "net", "args", "kwargs"}
-        return [name for name in inspect.signature(fn).parameters if name not in skip]
-
-    flags = [f"--model.{n}" for n in [*params(MakemoreModule.__init__), *net_settings()]]
-    flags += [f"--data.{n}" for n in params(NamesDataModule.__init__)]
-    flags += [f"--trainer.{n}" for n in params(L.Trainer.__init__)]
-    flags += ["--monitors", "--spikes", "--fix", "--threads", "--fast_path"]
-    return [*flags, "--config", "--seed_everything", "--ckpt_path"]
-
-
-#: Lightning's generic flags that this model replaces with its own
-_NOT_OURS = {
-    "--optimizer": "--model.optimizer adamw (or sgd) with --model.lr",
-    "--lr_scheduler": "--model.schedule step|constant|cosine|onecycle",
-}
-
-
-def _explain(message: str) -> str:
-    """jsonargparse's error (often many lines) as one line with what is allowed and the closest flag."""
-    unknown = re.search(r"unrecognized arguments: (\S+)", message, re.IGNORECASE)
-    if unknown:
-        flag = unknown.group(1).split("=")[0]
-        if flag in _NOT_OURS:
-            return f"{flag} is Lightning's generic flag, which this model does not use: pass {_NOT_OURS[flag]}."
-        close = difflib.get_close_matches(flag, _known_flags(), n=1, cutoff=0.6)
-        hint = f": did you mean `{close[0]}`?" if close else "."
-        return f"unknown flag {flag}{hint}"
-    key = re.search(r'Parser key "([^"]+)"', message)
-    got = re.search(r"Got value: (.*)", message)
-    literal = re.search(r"Literal\[(.*?)\]", message)
-    if key and literal:
-        allowed = [v.strip().strip("'\"") for v in literal.group(1).split(",")]
-        value = got.group(1).strip() if got else "?"
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f" (did you mean `{close[0]}`?)" if close else ""
-        return f"--{key.group(1)} {value} is not allowed{hint}: expected one of {', '.join(allowed)}."
-    if key:
-        expected = re.search(r"Expected a (.*?)\. Got", message)
-        kind = re.sub(r"<class '(\w+)'>", r"\1", expected.group(1)) if expected else "another value"
-        value = got.group(1).strip() if got else "?"
-        return f"--{key.group(1)} {value} is not allowed: expected {kind}."
-    return " ".join(message.split())
 
 
 # ---------------------------------------------------------------------------------------------------------
