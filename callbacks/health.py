@@ -10,6 +10,7 @@ from callbacks._report import Report
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
 from callbacks.judges.init import InitCheck
+from callbacks.judges.loss_input import LossInputCheck
 from callbacks.judges.lr import LearningRateAdvice
 from callbacks.judges.outliers import OutlierActivations
 from callbacks.judges.spikes import LossSpikes
@@ -24,6 +25,10 @@ from callbacks.probes.adam import AdamEpsProbe
 from callbacks.probes.attention import AttentionProbe
 from callbacks.probes.logits import OutputLogitsProbe
 from callbacks.probes.loss import LossProbe
+from callbacks.probes.loss_input import LossInputProbe
+
+#: HealthMonitor's own parts (beside the four monitors'), by attribute and checkpoint key
+PARTS = ("diagnoses", "transformer", "loss_input")
 
 
 class HealthMonitor(CallbackGroup):
@@ -41,6 +46,8 @@ class HealthMonitor(CallbackGroup):
     - **loss spikes** with the layer that moved first, from a few cheap numbers recorded on *every* step
       (``trace``): each parameter's gradient norm and update:data ratio, each watched module's output RMS;
     - **outlier activations**: a module whose largest output is orders of magnitude above its RMS;
+    - **the loss's input**, on the first recorded steps: probabilities given to ``cross_entropy`` (a softmax before
+      it), anything but log-probabilities given to ``nll_loss``;
     - **Transformer instabilities** (Wortsman et al. 2023), warned as they happen: attention logit growth and
       attention entropy collapse per attention layer (-> qk-layernorm), output logit divergence (-> z-loss), and
       Adam's ε dominating a parameter's updates (-> a smaller ε); only for a model with attention modules and an
@@ -112,6 +119,9 @@ class HealthMonitor(CallbackGroup):
             warn=warn,
         )
         self.recorder.parts.append(self.transformer)
+        #: what the loss is given (probabilities to `cross_entropy`...): a bug in the code, warned at once
+        self.loss_input = Part(type(self).__name__, [LossInputProbe(scalars)], [LossInputCheck()], warn=warn)
+        self.recorder.parts.append(self.loss_input)
         self.recorder.trace = trace
         self.recorder.report = Report() if report else None
 
@@ -128,8 +138,11 @@ class HealthMonitor(CallbackGroup):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"diagnoses": self.diagnoses.state_dict()}
+        # the parts the four monitors do not save themselves (their findings and judges' states); a checkpoint
+        # written before a part existed resumes it empty
+        return {name: getattr(self, name).state_dict() for name in PARTS}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.diagnoses.load_state_dict(state_dict.get("diagnoses", {}))
+        for name in PARTS:
+            getattr(self, name).load_state_dict(state_dict.get(name, {}))
