@@ -270,10 +270,23 @@ def _data(base: Base) -> Data:
     return _DATA[base.name]
 
 
-def build(base: Base, seed: int, operator: str) -> tuple[Module, Data, int]:
-    """The (mutated) model, its data and batch size."""
+#: the action kinds the zoo applies by rebuilding the model (as `train.py heal` does with its `--model.*` flags): a
+#: generic callback cannot swap a model's activations, the model's own settings can
+REBUILT = ("activation",)
+
+
+def usable(actions: list[Action]) -> list[Action]:
+    """The actions the zoo can apply: the generic ones (``callbacks.fixes``) and the :data:`REBUILT` ones."""
+    return [a for a in actions if a in applicable(actions) or a.kind in REBUILT]
+
+
+def build(base: Base, seed: int, operator: str, rebuilt: list[Action] | None = None) -> tuple[Module, Data, int]:
+    """The (mutated) model, its data and batch size; ``rebuilt``: :data:`REBUILT` actions, applied here."""
     torch.manual_seed(seed)
     act = "sigmoid" if operator == "sigmoid" else base.act
+    for a in rebuilt or []:
+        if a.kind == "activation":
+            act = str(a.value)  # every hidden activation, as the model's one setting (train.py --model.activation)
     net = base.build(base.norm and operator != "no norm", act)
     xt, yt, xv, yv = _data(base)
     lr = base.lr * {"lr x10": 10, "lr x100": 100, "lr /100": 0.01}.get(operator, 1)
@@ -305,7 +318,8 @@ def build(base: Base, seed: int, operator: str) -> tuple[Module, Data, int]:
 
 def fit(base: Base, seed: int, operator: str, actions: list[Action], root: str) -> tuple[float, list[Finding], float]:
     """``(val loss, findings, seconds)`` of one run (with ``actions`` applied when training starts)."""
-    model, (xt, yt, xv, yv), batch = build(base, seed, operator)
+    model, (xt, yt, xv, yv), batch = build(base, seed, operator, [a for a in actions if a.kind in REBUILT])
+    actions = applicable(actions)
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(xt, yt), batch_size=batch, shuffle=True, generator=g, drop_last=True)
     monitor = HealthMonitor(every_n_steps=max(base.steps // 60, 1), report=False, warn=False)
@@ -351,7 +365,7 @@ def heal(base: Base, run: Run, findings: list[Finding], noise: float, root: str,
     best_val, kept, tried = run.val, [], set()
     current = findings
     for number in range(1, rounds + 1):
-        new = [a for a in applicable(actions_of(current)) if (a.kind, a.targets) not in tried]
+        new = [a for a in usable(actions_of(current)) if (a.kind, a.targets) not in tried]
         if not new:
             break
         tried.update((a.kind, a.targets) for a in new)

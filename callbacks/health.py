@@ -9,6 +9,7 @@ from callbacks._recorder import Part
 from callbacks._report import Report
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
+from callbacks.judges.centring import NotZeroCentred
 from callbacks.judges.init import InitCheck
 from callbacks.judges.loss_input import LossInputCheck
 from callbacks.judges.lr import LearningRateAdvice
@@ -46,6 +47,7 @@ class HealthMonitor(CallbackGroup):
     - **loss spikes** with the layer that moved first, from a few cheap numbers recorded on *every* step
       (``trace``): each parameter's gradient norm and update:data ratio, each watched module's output RMS;
     - **outlier activations**: a module whose largest output is orders of magnitude above its RMS;
+    - **a hidden activation that is not zero-centred** (a sigmoid between layers): -> tanh;
     - **the loss's input**, on the first recorded steps: probabilities given to ``cross_entropy`` (a softmax before
       it), anything but log-probabilities given to ``nll_loss``;
     - **Transformer instabilities** (Wortsman et al. 2023), warned as they happen: attention logit growth and
@@ -102,7 +104,7 @@ class HealthMonitor(CallbackGroup):
             ]
         )
         self.loss = LossProbe(Cadence(every_n_steps, 0, 0), num_classes)
-        judges = [InitCheck(), LearningRateAdvice(), LossSpikes(), OutlierActivations()]
+        judges = [InitCheck(), LearningRateAdvice(), LossSpikes(), OutlierActivations(), NotZeroCentred()]
         #: the diagnoses: the loss probe and the judges that read every probe; reported, not warned one by one
         self.diagnoses = Part(type(self).__name__, [self.loss], judges, warn=False)
         assert self.recorder is not None
