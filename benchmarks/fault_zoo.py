@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -388,7 +389,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bases", nargs="*", default=None, help=f"bases to run (default: all): {', '.join(BASES)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per base (noise); mutants use the first")
     parser.add_argument("--out", default=str(RESULTS / "fault_zoo"), help="results path without suffix")
+    parser.add_argument(
+        "--transformer",
+        default=str(SWEEP),
+        help="the Transformer sweep's runs to fold in: a transformer_sweep.json (default: the committed one), 'run'"
+        " to run the sweep (6-9 min), 'none' to leave it out",
+    )
     args = parser.parse_args(argv)
+    if args.transformer not in ("run", "none") and not Path(args.transformer).is_file():
+        parser.error(f"--transformer {args.transformer}: no such file; give a transformer_sweep.json, 'run' or 'none'")
     torch.set_num_threads(1)
     for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run from here, not Lightning's banners
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -447,21 +456,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     flush=True,
                 )
             summary = _save(Path(args.out), runs, noise, started, args.quick)  # after each base: partial results
+    cases = sweep_cases(args.transformer)
+    if cases:
+        summary = _save(Path(args.out), runs, noise, started, args.quick, cases)
     print(f"fault zoo: {summary['minutes']} min; {json.dumps({k: v for k, v in summary.items() if k != 'noise'})}")
     return {"summary": summary, "runs": runs}
 
 
-def _save(out: Path, runs: list[Run], noise: dict[str, Any], started: float, quick: bool) -> dict[str, Any]:
-    summary = score(runs)
+#: the Transformer sweep's runs (benchmarks/transformer_sweep.py), folded in by default from its committed results
+SWEEP = RESULTS / "transformer_sweep.json"
+
+
+def sweep_cases(source: str) -> list[dict[str, Any]]:
+    """The Transformer sweep's runs as cases (``transformer_sweep.zoo_cases``): from a ``transformer_sweep.json``,
+    scored again, or from a fresh sweep (``"run"``); none for ``"none"``.
+
+    A case is sick when its verdict is not "trains well" (its final loss is worse than its variant's best learning
+    rate's by more than twice the seed noise), flagged when any problem finding fired. The zoo does not try to heal
+    them: the sweep's own page says what qk-layernorm does to them.
+    """
+    if source == "none":
+        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import transformer_sweep
+
+    if source == "run":
+        return transformer_sweep.zoo_cases()
+    return [transformer_sweep.case(s) for s in transformer_sweep.score(transformer_sweep.load(Path(source)))]
+
+
+def _save(
+    out: Path, runs: list[Run], noise: dict[str, Any], started: float, quick: bool, cases: list | None = None
+) -> dict[str, Any]:
+    summary = score(runs, cases or [])
     summary["minutes"] = round((time.perf_counter() - started) / 60, 1)
     summary["noise"] = noise
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"summary": summary, "runs": [asdict(r) for r in runs]}, indent=1))
-    out.with_suffix(".md").write_text(render(summary, runs, quick))
+    sweep = [{k: c[k] for k in ("name", "verdict", "findings")} for c in cases or []]
+    data = {"summary": summary, "runs": [asdict(r) for r in runs], "transformer_sweep": sweep}
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text(render(summary, runs, quick, cases or []))
     return summary
 
 
-def score(runs: list[Run]) -> dict[str, Any]:
+def score(runs: list[Run], cases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The zoo's scores; with the Transformer sweep's ``cases``, detection precision and recall over both too."""
     bases = [r for r in runs if not r.operator]
     mutants = [r for r in runs if r.operator]
     sick = [r for r in mutants if r.sick]
@@ -490,10 +529,30 @@ def score(runs: list[Run]) -> dict[str, Any]:
         "rejected_worse": sum(r.rejected_worse for r in mutants),
         "fixes_on_healthy_bases": sum(bool(r.actions) for r in bases),
         "compute": round(statistics.mean(compute), 2) if compute else None,
+        **_with_sweep(len(flagged_sick), len(flagged_healthy), len(sick), cases or [], pct),
     }
 
 
-def render(s: dict[str, Any], runs: list[Run], quick: bool) -> str:
+def _with_sweep(
+    flagged_sick: int, flagged_healthy: int, sick: int, cases: list[dict[str, Any]], pct: Callable[..., Any]
+) -> dict[str, Any]:
+    """Precision and recall over the zoo and the sweep's cases (a healthy case: one that trains well)."""
+    if not cases:
+        return {}
+    sick_cases = [c for c in cases if c["verdict"] != "trains well"]
+    caught = sum(bool(c["findings"]) for c in sick_cases)
+    false = sum(bool(c["findings"]) for c in cases if c["verdict"] == "trains well")
+    return {
+        "sweep_runs": len(cases),
+        "sweep_sick": len(sick_cases),
+        "sweep_flagged_sick": caught,
+        "sweep_flagged_healthy": false,
+        "precision_all": pct(flagged_sick + caught, flagged_sick + caught + flagged_healthy + false),
+        "recall_all": pct(flagged_sick + caught, sick + len(sick_cases)),
+    }
+
+
+def render(s: dict[str, Any], runs: list[Run], quick: bool, cases: list[dict[str, Any]] | None = None) -> str:
     lines = [
         "# The fault zoo: detection, the right layer, and whether the report's fixes heal",
         "",
@@ -532,6 +591,28 @@ def render(s: dict[str, Any], runs: list[Run], quick: bool) -> str:
             f" | {'' if r.layer_right is None else r.layer_right} | {rounds or '-'} |"
             f" {'' if r.healed is None else r.healed} |"
         )
+    if cases:
+        lines += [
+            "",
+            "## The Transformer sweep's runs, folded in",
+            "",
+            f"{s['sweep_runs']} runs of `benchmarks/transformer_sweep.py` (docs/results/transformer_sweep.md), scored"
+            " against the best learning rate of their own variant: sick when the final loss is worse by more than"
+            " twice the seed noise. The zoo does not heal them (qk-layernorm's effect is on the sweep's page).",
+            "",
+            "| | zoo | sweep | both | target |",
+            "|---|---|---|---|---|",
+            f"| detection precision | {s['precision']} % | {s['sweep_flagged_sick']} flagged sick,"
+            f" {s['sweep_flagged_healthy']} flagged healthy | {s['precision_all']} % | >= 95 % |",
+            f"| detection recall | {s['recall']} % of {s['sick']} | {s['sweep_flagged_sick']} of {s['sweep_sick']}"
+            f" | {s['recall_all']} % of {s['sick'] + s['sweep_sick']} | >= 90 % |",
+            "",
+            "| run | verdict | problems |",
+            "|---|---|---|",
+        ]
+        for c in cases:
+            keys = sorted({f["key"].split("/")[0] for f in c["findings"]})
+            lines.append(f"| {c['name']} | {c['verdict']} | {', '.join(keys) or '-'} |")
     return "\n".join(lines) + "\n"
 
 

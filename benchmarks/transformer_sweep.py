@@ -263,10 +263,12 @@ def train(run: Run, log_dir: Path) -> Run:
     run.seconds = time.perf_counter() - start
     run.losses = module.losses
     run.final = sum(module.losses[-20:]) / 20
+    # every problem finding (the fault zoo counts them all: benchmarks/fault_zoo.py); the sweep's own score reads
+    # the Transformer ones (`TRANSFORMER_KEYS`)
     run.findings = [
         {"key": f.key, "step": f.step, "where": f.where, "text": f.text}
         for f in monitor.findings
-        if f.key.startswith(TRANSFORMER_KEYS)
+        if f.severity == "problem" or f.key.startswith(TRANSFORMER_KEYS)
     ]
     return run
 
@@ -381,7 +383,7 @@ def score(runs: list[Run], noise_factor: float = 2.0) -> list[Score]:
         expected = None
         if verdict == "degrades":
             expected = "adam_eps" if r.eps != 1e-8 else None if r.qk_layernorm else "attention_logits"
-        fired = {f["key"].split("/")[0] for f in r.findings}
+        fired = {f["key"].split("/")[0] for f in r.findings if f["key"].startswith(TRANSFORMER_KEYS)}
         scores.append(Score(r, verdict, best_lr, best_final, margin, degraded, expected, fired))
     return scores
 
@@ -417,10 +419,10 @@ def zoo_cases(quick: bool = False, log_dir: Path | None = None) -> list[dict[str
     import tempfile
 
     runs = sweep(quick, Path(log_dir or tempfile.mkdtemp()), progress=lambda _: None)
-    return [_case(s) for s in score(runs)]
+    return [case(s) for s in score(runs)]
 
 
-def _case(s: Score) -> dict[str, Any]:
+def case(s: Score) -> dict[str, Any]:
     return {
         "name": s.run.name,
         "verdict": s.verdict,

@@ -38,3 +38,29 @@ def test_quick_zoo_scores_what_its_runs_show(tmp_path):
     assert s["harmful_kept"] == 0
     report = (tmp_path / "zoo.md").read_text()
     assert "AutoTrainer" in report and "| blobs-mlp seed 0 | lr /100 |" in report
+    # a softmax before the cross-entropy: found by the loss-input check, at step 0
+    softmax = mutants["softmax"]
+    assert ("loss_input/cross_entropy", "cross_entropy") in [(p["key"], p["where"]) for p in softmax["problems"]]
+    # the Transformer sweep's committed runs, folded in: its sick and flagged cases, recounted from the cases
+    cases = data["transformer_sweep"]
+    assert len(cases) == s["sweep_runs"] == 50
+    sick_cases = [c for c in cases if c["verdict"] != "trains well"]
+    caught = sum(bool(c["findings"]) for c in sick_cases)
+    false = sum(bool(c["findings"]) for c in cases if c["verdict"] == "trains well")
+    assert (s["sweep_sick"], s["sweep_flagged_sick"], s["sweep_flagged_healthy"]) == (len(sick_cases), caught, false)
+    flagged_healthy = sum(r["flagged"] for r in bases)
+    both = 100 * (len(flagged) + caught) / (len(flagged) + caught + flagged_healthy + false)
+    assert s["precision_all"] == pytest.approx(both, abs=0.1)
+    assert s["recall_all"] == pytest.approx(100 * (len(flagged) + caught) / (len(sick) + len(sick_cases)), abs=0.1)
+    assert "## The Transformer sweep's runs, folded in" in report
+
+
+def test_a_missing_sweep_file_is_one_line_naming_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quick", "--transformer", str(tmp_path / "nope.json"), "--out", str(tmp_path / "zoo")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(
+        f"--transformer {tmp_path / 'nope.json'}: no such file; give a transformer_sweep.json, 'run' or 'none'"
+    )
+    assert not (tmp_path / "zoo.json").exists()  # nothing written

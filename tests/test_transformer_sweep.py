@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.transformer_sweep import QUICK_STEPS, Run, _case, load, main, report, score
+from benchmarks.transformer_sweep import QUICK_STEPS, Run, case, load, main, report, score
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,9 +76,9 @@ def test_score_against_the_best_lr_of_the_same_variant_by_hand():
     assert s[2].degraded_at == 50 and s[2].lead == 50 - 29
     assert s[3].degraded_at == 0 and s[3].lead is None
     # what the fault zoo gets
-    case = _case(s[3])
-    assert case["expected"] == {"attention_logits"} and case["fired"] == set() and case["ok"] is False
-    assert case["verdict"] == "degrades" and case["degraded_at"] == 0 and case["final_loss"] == pytest.approx(2.5)
+    case_ = case(s[3])
+    assert case_["expected"] == {"attention_logits"} and case_["fired"] == set() and case_["ok"] is False
+    assert case_["verdict"] == "degrades" and case_["degraded_at"] == 0 and case_["final_loss"] == pytest.approx(2.5)
     page = report(runs, 60.0)
     assert "**1 of 2**" in page  # plain runs that degrade, flagged
     assert "**1 of 4**" in page  # false alarms on the runs that do not degrade
