@@ -9,6 +9,7 @@ moved first before a loss spike. Each rank traces its own steps (its share of th
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -20,6 +21,8 @@ SIZE = 1024
 @dataclass
 class TraceRows:
     """The trace rows written since the last read: ``rows[i][j]`` is column ``j`` at ``steps[i]`` (NaN: not seen)."""
+
+    prefix: ClassVar[str] = "trace"  # what the recorder gives it under: a judge reads it as `readouts[TraceRows]`
 
     columns: list[str]
     steps: list[int]

@@ -4,16 +4,103 @@ A judge never touches a tensor, a hook, a logger or the trainer, so it is tested
 microseconds. The recorder gives every judge the readouts of each recorded step (``observe``) and, at the end of
 fit, the last ones (``conclude``); a finding is warned about once (``HealthWarning``), listed in the monitor's
 end-of-fit summary and, with a ``HealthMonitor``, in the health report.
+
+A judge names what it reads by the readouts' classes (``reads = (Activations,)``) and gets each typed:
+``readouts[Activations]`` is an ``Activations`` (a type checker knows it), ``readouts.get(OutputLogits)`` one or None.
+A readout class names its probe with ``prefix: ClassVar[str]``, the probe's own ``prefix``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal, TypeVar, overload
 
-#: readouts of one recorded step by probe prefix, e.g. ``readouts["activation"]`` (an ``Activations``)
-Readouts = Mapping[str, Any]
+R = TypeVar("R")
+
+#: what a judge reads: a readout class (``Activations``: typed) or its probe's prefix (``"activation"``: untyped)
+Read = type | str
+
+
+def prefix_of(read: Read) -> str:
+    """The probe prefix ``read`` stands for: a readout class's ``prefix`` class attribute, or the string itself.
+
+    Raises:
+        TypeError: a class without a ``prefix`` (it cannot be told which probe's readout it is).
+    """
+    if isinstance(read, str):
+        return read
+    prefix = getattr(read, "prefix", None)
+    if not isinstance(prefix, str) or not prefix:
+        raise TypeError(
+            f"Expected a readout class with its probe's prefix, but `{read.__qualname__}` has no `prefix`: declare"
+            " `prefix: ClassVar[str]` in it, equal to its probe's `prefix`."
+        )
+    return prefix
+
+
+class Readouts(Mapping[str, Any]):
+    """The readouts of one recorded step: each probe's, by its class (typed) or by its probe's prefix.
+
+    ``readouts[Activations]`` is the activation probe's readout, an ``Activations`` to a type checker and at run
+    time (anything else raises); ``readouts.get(OutputLogits)`` is the logits probe's or None (absent, or a probe
+    that had nothing to read). It is still a ``Mapping[str, Any]`` by prefix (``readouts["activation"]``).
+
+    Example::
+
+        readouts = Readouts.of(Loss(step=0, value=3.3, classes=27, source="given"))
+        readouts[Loss].value  # 3.3, typed
+    """
+
+    def __init__(self, by_prefix: Mapping[str, Any] | None = None) -> None:
+        self._by_prefix = dict(by_prefix or {})
+
+    @classmethod
+    def of(cls, *readouts: object) -> Readouts:
+        """Readouts made by hand (a judge's test): each keyed by its class's ``prefix``."""
+        return cls({prefix_of(type(r)): r for r in readouts})
+
+    @overload
+    def __getitem__(self, key: type[R]) -> R: ...
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+    def __getitem__(self, key: type[R] | str) -> Any:
+        prefix = prefix_of(key)
+        if prefix not in self._by_prefix:
+            raise KeyError(f"no `{prefix}` readout on this step: name it in the judge's `reads` (asked only with it)")
+        value = self._by_prefix[prefix]
+        if not isinstance(key, str) and not isinstance(value, key):
+            raise TypeError(
+                f"Expected the `{prefix}` readout to be a {key.__qualname__}, but got {type(value).__qualname__}: "
+                + (
+                    f"its probe had nothing to read; use `readouts.get({key.__qualname__})`."
+                    if value is None
+                    else f"`{key.__qualname__}.prefix` must be the prefix of the probe whose `read` returns it."
+                )
+            )
+        return value
+
+    @overload  # type: ignore[override]
+    def get(self, key: type[R], default: None = None) -> R | None: ...
+    @overload
+    def get(self, key: str, default: Any = None) -> Any: ...
+    def get(self, key: type[R] | str, default: Any = None) -> Any:
+        """The readout of ``key`` (a class: typed), or ``default`` when there is none (or its probe read nothing)."""
+        if key not in self or self._by_prefix[prefix_of(key)] is None:
+            return default
+        return self[key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, (str, type)) and prefix_of(key) in self._by_prefix
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_prefix)
+
+    def __len__(self) -> int:
+        return len(self._by_prefix)
+
+    def __repr__(self) -> str:
+        return f"Readouts({self._by_prefix!r})"
 
 
 #: what an :class:`Action` can change: the learning rate (of the model or named parameters) by ``value``, a named
@@ -123,11 +210,17 @@ def _finding_from_state(state: Mapping[str, Any]) -> Finding:
 class Judge:
     """Base class: reads readouts, returns findings. ``record`` is its monitor's (streaks live there)."""
 
-    #: the probe prefixes whose readouts it needs (it is asked only when all of them are there)
-    reads: ClassVar[tuple[str, ...]] = ()
+    #: the readouts it needs, by class (``(Activations, Gradients)``) or by probe prefix (``("activation",)``): it is
+    #: asked only when all of them are there
+    reads: tuple[Read, ...] = ()
 
     def __init__(self) -> None:
         self.record = Record()
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The probe prefixes of :attr:`reads` (what the recorder looks for)."""
+        return tuple(prefix_of(r) for r in self.reads)
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         """Findings on a recorded step (``readouts`` of the probes that recorded it)."""

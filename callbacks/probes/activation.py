@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ class Layer:
 
 @dataclass
 class Activations:
+    prefix: ClassVar[str] = "activation"  # its probe's: a judge reads it as `readouts[Activations]`
     step: int
     layers: list[Layer]  # in the order the modules were selected (``named_modules``)
 

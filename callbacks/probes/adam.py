@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -49,6 +49,7 @@ class EpsParam:
 
 @dataclass
 class AdamEps:
+    prefix: ClassVar[str] = "adam_eps"  # its probe's: a judge reads it as `readouts[AdamEps]`
     step: int
     params: list[EpsParam]  # in the model's named_parameters() order
 

@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,7 @@ class AttentionLayer:
 
 @dataclass
 class Attention:
+    prefix: ClassVar[str] = "attention"  # its probe's: a judge reads it as `readouts[Attention]`
     step: int
     quantile: float
     layers: list[AttentionLayer]  # in the order the modules were selected, "(outside)" last

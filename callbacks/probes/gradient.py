@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -34,6 +34,7 @@ class LayerGradient:
 
 @dataclass
 class Gradients:
+    prefix: ClassVar[str] = "activation_grad"  # its probe's: a judge reads it as `readouts[Gradients]`
     step: int
     layers: list[LayerGradient]  # in the order the modules were selected
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,7 @@ class LayerMoments:
 
 @dataclass
 class Kurtosis:
+    prefix: ClassVar[str] = "activation_kurtosis"  # its probe's: a judge reads it as `readouts[Kurtosis]`
     step: int
     layers: list[LayerMoments]  # in the order the modules were selected
 

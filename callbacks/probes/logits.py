@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class OutputLogits:
+    prefix: ClassVar[str] = "logits"  # its probe's: a judge reads it as `readouts[OutputLogits]`
     step: int
     layer: str  # "lm_head (Linear)"
     rows: int  # positions (rows of the last dim) measured

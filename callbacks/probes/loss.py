@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Loss:
+    prefix: ClassVar[str] = "loss"  # its probe's: a judge reads it as `readouts[Loss]`
     step: int
     value: float  # the mean training loss of the step (NaN when training_step returned no loss)
     classes: int | None  # C of the uniform guess ln(C); None: unknown (no output layer, or switched off)

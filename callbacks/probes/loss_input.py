@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ TOLERANCE = 2e-2
 
 @dataclass
 class LossInputs:
+    prefix: ClassVar[str] = "loss_input"  # its probe's: a judge reads it as `readouts[LossInputs]`
     step: int
     checked: bool  # whether the calls were watched on this step
     cross_entropy_rows: int  # input rows (samples x positions) given to cross_entropy

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -95,6 +95,7 @@ class ParameterGradient:
 
 @dataclass
 class ParameterGradients:
+    prefix: ClassVar[str] = "param_grad"  # its probe's: a judge reads it as `readouts[ParameterGradients]`
     step: int
     params: list[ParameterGradient]
     biases_before_norm: list[tuple[str, str]]  # (bias, "norm (BatchNorm1d)"): biases a batch norm subtracts

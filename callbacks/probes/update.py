@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ def _nothing() -> None:
 
 @dataclass
 class UpdateRatios:
+    prefix: ClassVar[str] = "update_ratio"  # its probe's: a judge reads it as `readouts[UpdateRatios]`
     step: int
     ratios: dict[str, float]  # parameter -> log10(update std / data std) this step (finite or not)
     steps: list[int]  # every recorded step so far (the history's x axis)
