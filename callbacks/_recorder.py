@@ -35,7 +35,7 @@ from callbacks._stats import Summary
 from callbacks._trace import Trace
 from callbacks._warnings import health_warning
 from callbacks._writers import Writer, writers_for
-from callbacks.judges.base import Finding, Judge, Record
+from callbacks.judges.base import Finding, Judge, Readouts, Record
 from callbacks.probes.base import Probe, Recording, Scalar, first_tensor, pack_states, unpack_states
 
 if TYPE_CHECKING:
@@ -315,8 +315,8 @@ class Recorder(Callback):
             observed.add("trace")
         findings = []
         for part, judge in self._judges():
-            if all(r in observed for r in judge.reads):
-                findings += [(part, f) for f in judge.observe(step, readouts)]
+            if all(r in observed for r in judge.prefixes):
+                findings += [(part, f) for f in judge.observe(step, Readouts(readouts))]
         writers = writers_for(trainer.loggers)
         scalars: list[Scalar] = []
         for p, moment in rec.moments.items():
@@ -402,8 +402,8 @@ class Recorder(Callback):
             readouts["trace"] = self._trace.read()
         findings = []
         for part, judge in self._judges():
-            if all(r in readouts for r in judge.reads):
-                findings += [(part, f) for f in judge.conclude(step, readouts)]
+            if all(r in readouts for r in judge.prefixes):
+                findings += [(part, f) for f in judge.conclude(step, Readouts(readouts))]
         self._report(findings, step)
         writers = writers_for(trainer.loggers)
         if self.report is not None:
