@@ -13,8 +13,8 @@ from callbacks._cadence import Cadence
 from callbacks._monitor import Monitor, check_flag, check_positive
 from callbacks._selection import ModuleSpec, check_specs
 from callbacks.judges.health import DeadUnits, NonFinite, Saturation, VanishingGradients
-from callbacks.probes.activation import ActivationProbe
-from callbacks.probes.gradient import GradientProbe
+from callbacks.probes.activation import ActivationProbe, Activations
+from callbacks.probes.gradient import GradientProbe, Gradients
 
 
 class ActivationMonitor(Monitor):
@@ -94,7 +94,7 @@ class ActivationMonitor(Monitor):
         judges = [
             Saturation(self.saturation_warning, self.saturation_threshold),
             DeadUnits(self.dead_warning),
-            NonFinite("activation"),
+            NonFinite(Activations),
         ]
         super().__init__(probe, judges, check_flag(warn, "warn"))
 
@@ -153,7 +153,7 @@ class GradientMonitor(Monitor):
         self.modules = check_specs(modules, "modules")
         self.vanishing_ratio = check_positive(vanishing_ratio, "vanishing_ratio", upper=1.0)
         probe = GradientProbe(self.modules, cadence, bins)
-        judges = [VanishingGradients(self.vanishing_ratio), NonFinite("activation_grad")]
+        judges = [VanishingGradients(self.vanishing_ratio), NonFinite(Gradients)]
         super().__init__(probe, judges, check_flag(warn, "warn"))
 
     def _state_key_args(self) -> dict:

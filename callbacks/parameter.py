@@ -14,7 +14,7 @@ from callbacks._cadence import Cadence
 from callbacks._monitor import Monitor, check_flag
 from callbacks._selection import check_patterns
 from callbacks.judges.health import LearningRate, NonFinite, VanishingParameterGradients
-from callbacks.probes.parameter import ParameterProbe
+from callbacks.probes.parameter import ParameterGradients, ParameterProbe
 from callbacks.probes.update import UpdateProbe
 
 
@@ -81,7 +81,7 @@ class ParameterMonitor(Monitor):
             raise ValueError(f"Expected `vanishing_grad_to_data` to be a number, but got {vanishing_grad_to_data!r}.")
         self.vanishing_grad_to_data = float(vanishing_grad_to_data)
         probe = ParameterProbe(self.params, self.min_ndim, cadence, bins)
-        judges = [VanishingParameterGradients(self.vanishing_grad_to_data), NonFinite("param_grad")]
+        judges = [VanishingParameterGradients(self.vanishing_grad_to_data), NonFinite(ParameterGradients)]
         super().__init__(probe, judges, check_flag(warn, "warn"))
 
     def _state_key_args(self) -> dict[str, Any]:

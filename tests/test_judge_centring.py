@@ -12,7 +12,7 @@ from torch import nn
 
 from callbacks import HealthMonitor
 from callbacks._stats import Summary
-from callbacks.judges.base import Action
+from callbacks.judges.base import Action, Readouts
 from callbacks.judges.centring import NotZeroCentred
 from callbacks.probes.activation import Activations, Layer
 
@@ -24,8 +24,8 @@ def layer(name: str, kind: str, lo: float, mean: float) -> Layer:
 
 def test_a_bounded_activation_all_positive_around_half_on_three_steps_is_found_once():
     judge = NotZeroCentred(patience=3)
-    readouts = {
-        "activation": Activations(
+    readouts = Readouts.of(
+        Activations(
             0,
             [
                 layer("sig", "bounded", 0.01, 0.5),  # a sigmoid
@@ -34,7 +34,7 @@ def test_a_bounded_activation_all_positive_around_half_on_three_steps_is_found_o
                 layer("relu", "relu_like", 0.0, 0.5),  # ReLU's positive mean is not this judge's business
             ],
         )
-    }
+    )
     assert judge.observe(0, readouts) == [] and judge.observe(1, readouts) == []
     (finding,) = judge.observe(2, readouts)
     assert (finding.key, finding.where, finding.step) == ("centring/sig", "sig (X)", 2)

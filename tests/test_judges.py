@@ -8,7 +8,7 @@ import pytest
 
 from callbacks._stats import Summary
 from callbacks._trace import TraceRows
-from callbacks.judges.base import Action
+from callbacks.judges.base import Action, Readouts
 from callbacks.judges.health import (
     DeadUnits,
     LearningRate,
@@ -42,8 +42,8 @@ def relu(name, dead, below="none", kind="ReLU") -> Layer:
     return Layer(name, f"{name} ({kind})", "relu_like", summary(), None, dead, below, None)
 
 
-def acts(*layers, step=0) -> dict:
-    return {"activation": Activations(step, list(layers))}
+def acts(*layers, step=0) -> Readouts:
+    return Readouts.of(Activations(step, list(layers)))
 
 
 # ---------------------------------------------------------------------------------------- the health warnings
@@ -95,23 +95,23 @@ def test_vanishing_gradients_against_the_largest_layer():
     grads = Gradients(
         0, [LayerGradient("a", "a (Tanh)", summary(std=1e-5)), LayerGradient("b", "b (Tanh)", summary(std=1e-2))]
     )
-    (f,) = judge.observe(0, {"activation_grad": grads})
+    (f,) = judge.observe(0, Readouts.of(grads))
     assert f.where == "a (Tanh)" and "1.00e-05" in f.message and "1.00e-02" in f.message
 
 
 def test_vanishing_parameter_gradients():
     judge = VanishingParameterGradients(limit=1e-5, patience=2)
     p = ParameterGradient("w", (4, 4), summary(std=1.0), summary(std=1e-7), 1e-7)
-    readout = {"param_grad": ParameterGradients(0, [p], [])}
+    readout = Readouts.of(ParameterGradients(0, [p], []))
     assert judge.observe(0, readout) == [] and len(judge.observe(1, readout)) == 1
 
 
 def test_learning_rate_reads_the_median_parameter():
     judge = LearningRate(low=-4.0, high=-2.0, patience=2)
     # one parameter far above (an output layer scaled down at init): the median is fine, nothing to say
-    fine = {"update_ratio": UpdateRatios(0, {"a": -3.0, "b": -3.1, "head": -0.5}, [], {}, {})}
+    fine = Readouts.of(UpdateRatios(0, {"a": -3.0, "b": -3.1, "head": -0.5}, [], {}, {}))
     assert judge.observe(0, fine) == [] and judge.observe(1, fine) == []
-    high = {"update_ratio": UpdateRatios(0, {"a": -1.5, "b": -1.6, "head": -0.5}, [], {}, {})}
+    high = Readouts.of(UpdateRatios(0, {"a": -1.5, "b": -1.6, "head": -0.5}, [], {}, {}))
     assert judge.observe(2, high) == []
     (f,) = judge.observe(3, high)
     assert f.key == "lr/high" and "is -1.50 > -2.0" in f.message and "`head` -0.50" in f.message
@@ -121,17 +121,17 @@ def test_learning_rate_takes_each_ratio_at_the_peak_learning_rate():
     # a step schedule dropped the lr 10x (1e-3 -> 1e-4): every ratio one decade lower on purpose, not "too low"
     judge = LearningRate(low=-4.0, high=-2.0, patience=2)
     lrs = {n: [1e-3, 1e-3, 1e-4] for n in ("a", "b", "c")}
-    dropped = {"update_ratio": UpdateRatios(0, {"a": -4.1, "b": -4.2, "c": -4.3}, [], {}, lrs)}
+    dropped = Readouts.of(UpdateRatios(0, {"a": -4.1, "b": -4.2, "c": -4.3}, [], {}, lrs))
     assert judge.observe(0, dropped) == [] and judge.observe(1, dropped) == []  # -3.2 at the peak lr
     # two decades below at the peak lr is too low, and the message says at which lr it was judged
-    low = {"update_ratio": UpdateRatios(0, {"a": -5.1, "b": -5.2, "c": -5.3}, [], {}, lrs)}
+    low = Readouts.of(UpdateRatios(0, {"a": -5.1, "b": -5.2, "c": -5.3}, [], {}, lrs))
     assert judge.observe(2, low) == []
     (f,) = judge.observe(3, low)
     assert f.key == "lr/low" and "at the peak learning rate so far is -4.20 < -4.0" in f.message
 
 
 def test_nonfinite_names_the_first_module_in_forward_order():
-    judge = NonFinite("activation")
+    judge = NonFinite(Activations)
     late = tanh("late")
     late.summary = summary(order=2, nonfinite=3, rank=1)
     early = tanh("early")
@@ -142,15 +142,15 @@ def test_nonfinite_names_the_first_module_in_forward_order():
 
 
 # ---------------------------------------------------------------------------------------- the init check
-def _init(loss=3.3, classes=27, layers=(), grads=(), params=(), biases=()) -> dict:
-    out = {"loss": Loss(0, loss, classes, "`head` (Linear, out_features=27)")}
+def _init(loss=3.3, classes=27, layers=(), grads=(), params=(), biases=()) -> Readouts:
+    out: list[object] = [Loss(0, loss, classes, "`head` (Linear, out_features=27)")]
     if layers:
-        out["activation"] = Activations(0, list(layers))
+        out.append(Activations(0, list(layers)))
     if grads:
-        out["activation_grad"] = Gradients(0, list(grads))
+        out.append(Gradients(0, list(grads)))
     if params or biases:
-        out["param_grad"] = ParameterGradients(0, list(params), list(biases))
-    return out
+        out.append(ParameterGradients(0, list(params), list(biases)))
+    return Readouts.of(*out)
 
 
 def test_init_loss_against_the_uniform_guess():
@@ -233,10 +233,10 @@ def test_init_bias_before_batchnorm_is_a_note():
 
 
 # ---------------------------------------------------------------------------------------- learning-rate advice
-def _ratios(history: dict, lrs: dict | None = None, output: str | None = None) -> dict:
+def _ratios(history: dict, lrs: dict | None = None, output: str | None = None) -> Readouts:
     steps = list(range(len(next(iter(history.values())))))
     lrs = lrs or {n: [0.1] * len(v) for n, v in history.items()}
-    return {"update_ratio": UpdateRatios(steps[-1], {}, steps, history, lrs, output)}
+    return Readouts.of(UpdateRatios(steps[-1], {}, steps, history, lrs, output))
 
 
 def test_typical_ratio_is_the_peak_lr_phase_after_the_first_tenth():
@@ -265,7 +265,7 @@ def test_lr_advice_for_the_model():
     assert f.severity == "note" and f.action is None and "about 13× smaller" in f.fix
     judge = LearningRateAdvice()
     for loss in [3.0, 2.5, 2.3, 2.3, 2.4, 2.5, 2.6, 2.7, 2.8, 2.9]:  # the loss rose from its best 2.3 to 2.85
-        judge.observe(1, {"loss": Loss(1, loss, 27, "given")})
+        judge.observe(1, Readouts.of(Loss(1, loss, 27, "given")))
     (f,) = judge.conclude(99, high)
     assert f.severity == "problem" and "rising" in f.message
     # one decade at most: 10, not the 13 the ratio says
@@ -311,13 +311,13 @@ def test_robust_z_by_hand():
 
 def test_a_loss_spike_names_the_layer_that_moved_first_and_how_early():
     judge = LossSpikes()
-    (f,) = judge.observe(299, {"trace": _trace(300, spike_at=200, mover="upd/l1", lead=3)})
+    (f,) = judge.observe(299, Readouts.of(_trace(300, spike_at=200, mover="upd/l1", lead=3)))
     assert f.step == 200 and f.where == "l1"
     assert "update:data ratio of `l1`, 3 steps before the loss" in f.message and "learning rate" in f.fix
 
 
 def test_a_corrupted_batch_moves_the_gradients_with_the_loss():
-    (f,) = LossSpikes().observe(299, {"trace": _trace(300, spike_at=200, mover="grad/l2", lead=0)})
+    (f,) = LossSpikes().observe(299, Readouts.of(_trace(300, spike_at=200, mover="grad/l2", lead=0)))
     assert "gradient norm of `l2`, at the same step as the loss" in f.message and "bad batch" in f.fix
 
 
@@ -326,7 +326,7 @@ def test_an_update_at_the_spikes_own_step_comes_after_its_loss():
     trace = _trace(300, spike_at=200, mover="upd/l0", lead=0, seed=1)
     for row in trace.rows[200:201]:
         row[trace.columns.index("grad/l1")] = 3.0  # the gradients move with the loss, less than the update
-    (f,) = LossSpikes().observe(299, {"trace": trace})
+    (f,) = LossSpikes().observe(299, Readouts.of(trace))
     assert f.where == "l1" and "gradient norm of `l1`, at the same step" in f.message and "bad batch" in f.fix
 
 
@@ -336,12 +336,12 @@ def test_a_loss_bump_of_robust_z_7_is_noise_not_a_spike():
     median = statistics.median(row[0] for row in trace.rows[100:200])
     mad = statistics.median(abs(row[0] - median) for row in trace.rows[100:200]) * 1.4826
     trace.rows[200][0] = median + 7 * mad
-    assert LossSpikes(min_rise=0).observe(299, {"trace": trace}) == []
+    assert LossSpikes(min_rise=0).observe(299, Readouts.of(trace)) == []
     trace.rows[200][0] = median + 12 * mad
-    (f,) = LossSpikes(min_rise=0).observe(299, {"trace": trace})
+    (f,) = LossSpikes(min_rise=0).observe(299, Readouts.of(trace))
     assert f.step == 200
     # the same z with a rise of 12 x 0.03 nats < 0.5: a spike too small to matter (a loss near 0 on an easy task)
-    assert 12 * mad < 0.5 and LossSpikes().observe(299, {"trace": trace}) == []
+    assert 12 * mad < 0.5 and LossSpikes().observe(299, Readouts.of(trace)) == []
 
 
 def test_no_spike_in_noise_and_the_trace_read_in_pieces():
@@ -349,7 +349,7 @@ def test_no_spike_in_noise_and_the_trace_read_in_pieces():
     whole = _trace(600, seed=3)
     for start in range(0, 600, 50):  # as the recorder reads it: the rows since the last read
         piece = TraceRows(whole.columns, whole.steps[start : start + 50], whole.rows[start : start + 50])
-        assert judge.observe(start + 49, {"trace": piece}) == []
+        assert judge.observe(start + 49, Readouts.of(piece)) == []
 
 
 # ---------------------------------------------------------------------------------------- outlier activations

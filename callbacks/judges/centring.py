@@ -15,6 +15,7 @@ instead of feeding a layer, is fine; the activation probe cannot tell the two ap
 from __future__ import annotations
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.probes.activation import Activations
 
 #: the least mean output that is "not zero-centred" for a bounded activation in [0, 1] (a sigmoid's is about 0.5)
 MIN_MEAN = 0.25
@@ -23,7 +24,7 @@ MIN_MEAN = 0.25
 class NotZeroCentred(Judge):
     """A bounded activation whose outputs are all >= 0 with a mean >= :data:`MIN_MEAN` (a sigmoid between layers)."""
 
-    reads = ("activation",)
+    reads = (Activations,)
 
     def __init__(self, patience: int = 3) -> None:
         super().__init__()
@@ -31,7 +32,7 @@ class NotZeroCentred(Judge):
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         found = []
-        for layer in readouts["activation"].layers:
+        for layer in readouts[Activations].layers:
             s = layer.summary
             key = f"centring/{layer.name}"
             holds = layer.kind == "bounded" and s.count > 0 and s.min >= 0 and s.mean >= MIN_MEAN

@@ -12,12 +12,16 @@ from typing import ClassVar
 
 from callbacks._stats import Summary
 from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.probes.activation import Activations
+from callbacks.probes.gradient import Gradients
+from callbacks.probes.parameter import ParameterGradients
+from callbacks.probes.update import UpdateRatios
 
 
 class Saturation(Judge):
     """A bounded activation (tanh, sigmoid, ...) with more than ``limit`` of its outputs near the bounds."""
 
-    reads = ("activation",)
+    reads = (Activations,)
 
     def __init__(self, limit: float, threshold: float, patience: int = 3) -> None:
         super().__init__()
@@ -25,7 +29,7 @@ class Saturation(Judge):
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         found = []
-        for layer in readouts["activation"].layers:
+        for layer in readouts[Activations].layers:
             if layer.saturation is None:
                 continue
             key = f"saturation/{layer.name}"
@@ -61,7 +65,7 @@ class DeadUnits(Judge):
     """A ReLU-like activation with more than ``limit`` of its units never positive in a batch (GELU-like ones: more
     than :data:`SOFT_DEAD` of them, if that is higher)."""
 
-    reads = ("activation",)
+    reads = (Activations,)
 
     def __init__(self, limit: float, patience: int = 3) -> None:
         super().__init__()
@@ -69,7 +73,7 @@ class DeadUnits(Judge):
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         found = []
-        for layer in readouts["activation"].layers:
+        for layer in readouts[Activations].layers:
             if layer.dead is None:
                 continue
             key = f"dead/{layer.name}"
@@ -92,16 +96,14 @@ class DeadUnits(Judge):
 class VanishingGradients(Judge):
     """A layer whose activation-gradient std is below ``ratio`` of the largest layer's."""
 
-    reads = ("activation_grad",)
+    reads = (Gradients,)
 
     def __init__(self, ratio: float, patience: int = 3) -> None:
         super().__init__()
         self.ratio, self.patience = ratio, patience
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        layers = [
-            g for g in readouts["activation_grad"].layers if g.summary.count > 0 and not math.isnan(g.summary.std)
-        ]
+        layers = [g for g in readouts[Gradients].layers if g.summary.count > 0 and not math.isnan(g.summary.std)]
         if not layers:
             return []
         top = max(g.summary.std for g in layers)
@@ -122,7 +124,7 @@ class VanishingGradients(Judge):
 class VanishingParameterGradients(Judge):
     """A parameter whose grad:data ratio stays below ``limit``."""
 
-    reads = ("param_grad",)
+    reads = (ParameterGradients,)
 
     def __init__(self, limit: float, patience: int = 3) -> None:
         super().__init__()
@@ -130,7 +132,7 @@ class VanishingParameterGradients(Judge):
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         found = []
-        for p in readouts["param_grad"].params:
+        for p in readouts[ParameterGradients].params:
             key = f"vanishing/{p.name}"
             if self.record.streak(key, p.grad_to_data < self.limit or p.grad.std == 0.0) == self.patience:
                 message = (
@@ -154,14 +156,14 @@ class LearningRate(Judge):
     at lr 1e-3 sits at -3.1 at its peak and at -4.2 after its step schedule's drop.
     """
 
-    reads = ("update_ratio",)
+    reads = (UpdateRatios,)
 
     def __init__(self, low: float, high: float, patience: int) -> None:
         super().__init__()
         self.low, self.high, self.patience = low, high, patience
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        ratios = readouts["update_ratio"]
+        ratios = readouts[UpdateRatios]
         shifts = {n: _below_peak(ratios.lrs.get(n, [])) for n in ratios.ratios}
         finite = sorted((v + shifts[n], n) for n, v in ratios.ratios.items() if math.isfinite(v))
         if not finite:
@@ -198,34 +200,43 @@ def _below_peak(lrs: list[float]) -> float:
 
 
 class NonFinite(Judge):
-    """NaN/inf in a probe's tensors: once, naming where they appeared first."""
+    """NaN/inf in a probe's tensors (``watched``: the activations, their gradients or the parameters' gradients):
+    once, naming where they appeared first."""
 
-    #: per probe: the order "first" is in
-    ORDER: ClassVar[dict[str, str]] = {"activation": "forward", "activation_grad": "backward"}
+    #: per readout: the order "first" is in
+    ORDER: ClassVar[dict[type, str]] = {
+        Activations: "forward order",
+        Gradients: "backward order",
+        ParameterGradients: "parameter order",
+    }
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, watched: type[Activations | Gradients | ParameterGradients]) -> None:
         super().__init__()
-        self.reads = (prefix,)
-        self.prefix = prefix
+        if watched not in self.ORDER:
+            raise TypeError(
+                f"Expected Activations, Gradients or ParameterGradients (a readout class), but got {watched!r}."
+            )
+        self.reads = (watched,)
+        self.watched = watched
 
-    def _items(self, readout: object) -> list[tuple[str, str, Summary]]:
+    @staticmethod
+    def _items(readout: Activations | Gradients | ParameterGradients) -> list[tuple[str, str, Summary]]:
         """``(tag, label, summary)`` in selection order."""
-        if self.prefix == "param_grad":
-            return [(f"param_grad/{p.name}", f"param_grad/{p.name}", p.grad) for p in readout.params]  # type: ignore[attr-defined]
-        return [(f"{self.prefix}/{x.name}", x.label, x.summary) for x in readout.layers]  # type: ignore[attr-defined]
+        if isinstance(readout, ParameterGradients):
+            return [(f"{readout.prefix}/{p.name}", f"{readout.prefix}/{p.name}", p.grad) for p in readout.params]
+        return [(f"{readout.prefix}/{x.name}", x.label, x.summary) for x in readout.layers]
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        bad = [(tag, label, s) for tag, label, s in self._items(readouts[self.prefix]) if s.nonfinite]
+        bad = [(tag, label, s) for tag, label, s in self._items(readouts[self.watched]) if s.nonfinite]
         if not bad or "nonfinite" in self.record.warned:
             return []
         tag, _, s = bad[0]
-        first_tag, first_label, first = (
-            bad[0] if self.prefix == "param_grad" else min(bad, key=lambda item: item[2].order)
-        )
+        in_parameters = self.watched is ParameterGradients  # no forward or backward order: the first listed
+        first_tag, first_label, first = bad[0] if in_parameters else min(bad, key=lambda item: item[2].order)
         place = (
             f"first in parameter order: `{first_tag}` of {len(bad)} affected"
-            if self.prefix == "param_grad"
-            else f"first at `{first_label}` (of {len(bad)} affected, in {self.ORDER[self.prefix]} order)"
+            if in_parameters
+            else f"first at `{first_label}` (of {len(bad)} affected, in {self.ORDER[self.watched]})"
         )
         message = (
             f"{s.nonfinite} non-finite values (NaN/inf) in `{tag}` ({place}, step {step}, rank {first.nonfinite_rank});"

@@ -20,6 +20,10 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.probes.activation import Activations, Layer
+from callbacks.probes.gradient import Gradients
+from callbacks.probes.loss import Loss
+from callbacks.probes.parameter import ParameterGradients
 
 # The numbers that justify each threshold are measured in benchmarks/results/diagnosis_gallery.md ("Margins").
 #: a loss this many times ln(C) at initialisation is confidently wrong (the lecture: 27.9 / 3.30; the gallery's
@@ -62,7 +66,7 @@ def _gain(kind: str) -> str:
 class InitCheck(Judge):
     """The lecture's look at a network before its first update (see the module docstring)."""
 
-    reads = ("loss",)
+    reads = (Loss,)  # and whichever of Activations, Gradients and ParameterGradients step 0 has
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,17 +86,17 @@ class InitCheck(Judge):
             return []
         self.done = True
         found: list[Finding] = []
-        found += self._loss(readouts["loss"])
-        if "activation" in readouts:
-            found += self._activations(readouts["activation"])
-        if "activation_grad" in readouts:
-            found += self._gradients(readouts["activation_grad"])
-        if "param_grad" in readouts:
-            found += self._parameters(readouts["param_grad"])
+        found += self._loss(readouts[Loss])
+        if (acts := readouts.get(Activations)) is not None:
+            found += self._activations(acts)
+        if (grads := readouts.get(Gradients)) is not None:
+            found += self._gradients(grads)
+        if (params := readouts.get(ParameterGradients)) is not None:
+            found += self._parameters(params)
         return found
 
     @staticmethod
-    def _loss(loss: Any) -> list[Finding]:
+    def _loss(loss: Loss) -> list[Finding]:
         if loss.classes is None or not math.isfinite(loss.value):
             return []
         uniform = math.log(loss.classes)
@@ -109,7 +113,7 @@ class InitCheck(Judge):
         return [Finding("init/loss", 0, where, message, fix, "loss", action=action)]
 
     @staticmethod
-    def _activations(acts: Any) -> list[Finding]:
+    def _activations(acts: Activations) -> list[Finding]:
         found = []
         layers = sorted(acts.layers, key=lambda layer: layer.summary.order)  # forward order
         for layer in layers:
@@ -141,7 +145,7 @@ class InitCheck(Judge):
                     action=action,
                 )
             )
-        by_kind: dict[str, list[Any]] = {}
+        by_kind: dict[str, list[Layer]] = {}
         for layer in layers:
             if layer.kind is not None and layer.summary.std > 0:
                 by_kind.setdefault(_kind(layer.label), []).append(layer)
@@ -181,7 +185,7 @@ class InitCheck(Judge):
         return found
 
     @staticmethod
-    def _gradients(grads: Any) -> list[Finding]:
+    def _gradients(grads: Gradients) -> list[Finding]:
         # the gradients arrive in backward order, from the last layer to the first: reversed, forward order
         layers = [g for g in sorted(grads.layers, key=lambda g: -g.summary.order) if g.summary.std > 0]
         if len(layers) < 3:
@@ -208,7 +212,7 @@ class InitCheck(Judge):
         ]
 
     @staticmethod
-    def _parameters(params: Any) -> list[Finding]:
+    def _parameters(params: ParameterGradients) -> list[Finding]:
         found = []
         ratios = {p.name: r for p in params.params if math.isfinite(r := p.grad_to_data) and r > 0}
         if len(ratios) >= 3:
@@ -256,7 +260,7 @@ class InitCheck(Judge):
                         action,
                     )
                 )
-        for bias, norm in getattr(params, "biases_before_norm", []):
+        for bias, norm in params.biases_before_norm:
             message = (
                 f"`{bias}` is a bias right before `{norm}`, which subtracts each feature's batch mean: it is unused."
             )

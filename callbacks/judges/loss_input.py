@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.probes.loss_input import LossInputs
 
 
 def softmax_floor(classes: int) -> float:
@@ -21,10 +22,10 @@ def softmax_floor(classes: int) -> float:
 class LossInputCheck(Judge):
     """Says when ``cross_entropy`` gets probabilities, or ``nll_loss`` anything but log-probabilities."""
 
-    reads = ("loss_input",)
+    reads = (LossInputs,)
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        r = readouts["loss_input"]
+        r = readouts[LossInputs]
         if not r.checked:
             return []
         findings = []

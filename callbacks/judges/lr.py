@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.probes.loss import Loss
+from callbacks.probes.update import UpdateRatios
 
 #: the lecture's healthy log10 update:data ratio, and how far (in decades) a parameter may sit from it: above -2 the
 #: learning rate is too high, below -4 too low (the lecture's words). Measured in benchmarks/results/
@@ -114,7 +116,7 @@ def _times(ratio: float) -> str:
 class LearningRateAdvice(Judge):
     """At the end of fit: the learning rate too high or too low, for the model or for single layers."""
 
-    reads = ("update_ratio",)
+    reads = (UpdateRatios,)  # and the loss, when its probe recorded the step
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,14 +137,14 @@ class LearningRateAdvice(Judge):
         self.start = float(state.get("start", math.nan))
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        if "loss" not in readouts:
+        loss = readouts.get(Loss)
+        if loss is None:
             return []
-        loss = readouts["loss"]
         if step == 0:
             uniform = math.log(loss.classes) if loss.classes else math.nan
             self.start = max((v for v in (loss.value, uniform) if math.isfinite(v)), default=math.nan)
             return []
-        ratios = readouts.get("update_ratio")
+        ratios = readouts.get(UpdateRatios)
         lrs = [h[-1] for h in (ratios.lrs.values() if ratios else []) if h and math.isfinite(h[-1])]
         self.losses.append(float(loss.value))
         self.lrs.append(max(lrs) if lrs else math.nan)
@@ -157,7 +159,7 @@ class LearningRateAdvice(Judge):
         return [v for v, lr in zip(self.losses, self.lrs, strict=True) if not lr * PEAK_BAND < peak * (1 - 1e-9)]
 
     def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
-        ratios: Any = readouts["update_ratio"]
+        ratios = readouts[UpdateRatios]
         typical = {
             n: r
             for n, history in ratios.history.items()

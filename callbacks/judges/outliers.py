@@ -14,24 +14,23 @@ about ``5 sqrt(n)`` (the outlier dominates the RMS), 80 for the GPT's 256: wider
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.probes.activation import Activations
 
 
 class OutlierActivations(Judge):
     """A module whose ``max |output|`` stays above ``ratio`` times its output's RMS."""
 
-    reads = ("activation",)
+    reads = (Activations,)
 
     def __init__(self, ratio: float = 50.0, patience: int = 3) -> None:
         super().__init__()
         self.ratio, self.patience = ratio, patience
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        acts: Any = readouts["activation"]
         found = []
-        for layer in acts.layers:
+        for layer in readouts[Activations].layers:
             s = layer.summary
             if s.count == 0:
                 continue

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from callbacks._trace import TraceRows
 from callbacks.judges.base import Action, Finding, Judge, Readouts
 
 #: a spike must also lift the loss by this much (in the loss's units, nats for a cross-entropy): a loss near 0 (an
@@ -47,7 +48,7 @@ def robust_z(value: float, past: list[float]) -> tuple[float, float]:
 class LossSpikes(Judge):
     """Finds loss spikes in the trace and names the layer whose statistic left its own range first."""
 
-    reads = ("trace",)
+    reads = (TraceRows,)
 
     def __init__(
         self, z: float = 10.0, window: int = 100, lookback: int = 10, cooldown: int = 50, min_rise: float = MIN_RISE
@@ -73,7 +74,7 @@ class LossSpikes(Judge):
         self.quiet_until = int(state.get("quiet_until", -1))
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        trace: Any = readouts["trace"]
+        trace = readouts[TraceRows]
         found = []
         keep = self.window + self.lookback + 1
         for s, row in zip(trace.steps, trace.rows, strict=True):

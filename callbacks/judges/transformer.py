@@ -21,24 +21,24 @@ qk-layernorm and z-loss).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.probes.adam import AdamEps
+from callbacks.probes.attention import Attention
+from callbacks.probes.logits import OutputLogits
 
 
 class AttentionLogitGrowth(Judge):
     """A layer whose largest attention logit ``|q·k|/√d`` stays above ``limit``."""
 
-    reads = ("attention",)
+    reads = (Attention,)
 
     def __init__(self, limit: float = 50.0, patience: int = 2) -> None:
         super().__init__()
         self.limit, self.patience = limit, patience
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        attention: Any = readouts["attention"]
-        if attention is None:
-            return []
+        attention = readouts[Attention]
         found = []
         for layer in attention.layers:
             key = f"attention_logits/{layer.name}"
@@ -63,16 +63,14 @@ class AttentionLogitGrowth(Judge):
 class AttentionEntropyCollapse(Judge):
     """A layer whose mean attention entropy stays below ``share`` of a uniform row's."""
 
-    reads = ("attention",)
+    reads = (Attention,)
 
     def __init__(self, share: float = 0.1, patience: int = 2) -> None:
         super().__init__()
         self.share, self.patience = share, patience
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        attention: Any = readouts["attention"]
-        if attention is None:
-            return []
+        attention = readouts[Attention]
         found = []
         for layer in attention.layers:
             key = f"attention_entropy/{layer.name}"
@@ -92,14 +90,14 @@ class AttentionEntropyCollapse(Judge):
 class OutputLogitDivergence(Judge):
     """The output layer's mean log Z farther than ``limit`` from 0."""
 
-    reads = ("logits",)
+    reads = (OutputLogits,)
 
     def __init__(self, limit: float = 20.0, patience: int = 3) -> None:
         super().__init__()
         self.limit, self.patience = limit, patience
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        logits: Any = readouts["logits"]
+        logits = readouts.get(OutputLogits)  # None: no output layer to read
         if logits is None:
             return []
         key = "output_logits"
@@ -119,14 +117,14 @@ class EpsDominatedUpdates(Judge):
     """A parameter whose RMS of ``sqrt(v_hat)`` is below Adam's ε, ε dominating in more than ``share`` of it (not
     one whose gradient is zero but for rounding: ``sqrt(v_hat)`` below ``floor`` times the parameters' median)."""
 
-    reads = ("adam_eps",)
+    reads = (AdamEps,)
 
     def __init__(self, share: float = 0.5, patience: int = 3, floor: float = 1e-4) -> None:
         super().__init__()
         self.share, self.patience, self.floor = share, patience, floor
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
-        adam: Any = readouts["adam_eps"]
+        adam = readouts.get(AdamEps)  # None: no Adam to read
         if adam is None or not adam.params:
             return []
         # a parameter whose gradient is zero but for rounding (the bias of a LayerNorm on k: the softmax ignores
