@@ -1,4 +1,7 @@
-"""The recorder: the one callback Lightning sees. It owns the step for its probes, judges and writers.
+"""The recorder: the one callback that does the work. It owns the step for its probes, judges and writers.
+
+Exactly one recorder records a fit's monitors: a monitor alone forwards Lightning's hooks to the recorder it makes
+of its part (``callbacks._monitor``), a ``CallbackGroup`` to the one it makes of all its members' parts.
 
 On every training step it decides, once for all its probes, what each records (``callbacks._cadence``: a pure
 function of the step and the fit's plan). On a step that records anything it attaches one forward hook per
@@ -94,12 +97,14 @@ class Part:
 class Recorder(Callback):
     """Records its parts' probes on the steps their cadences choose, and judges and writes what they read.
 
-    The monitors (``ActivationMonitor``, ...) are recorders of one part; ``CallbackGroup`` makes one recorder of
-    all its monitors, so a step records, reduces and writes once for all of them.
+    Everything it records is given at construction (``parts``, ``trace``, ``report``) and fixed from then on. It is
+    made once for the callback Lightning sees: a monitor alone makes one of its part (``callbacks._monitor``),
+    ``CallbackGroup`` one of all its monitors' parts and its own (``HealthMonitor``'s diagnoses), so a step records,
+    reduces and writes once for all of them. The monitors themselves are not recorders.
     """
 
-    def __init__(self, parts: list[Part], name: str | None = None, trace: bool = False, report: Any = None) -> None:
-        self.parts = parts
+    def __init__(self, parts: Iterable[Part], name: str | None = None, trace: bool = False, report: Any = None) -> None:
+        self.parts = tuple(parts)
         self.name = name or type(self).__name__  # in its messages
         self.trace = trace  # record the probes' cheap numbers on every step (see `callbacks._trace`)
         self.report = report  # what collects every finding into one report (a `callbacks._report.Report`)
@@ -114,6 +119,8 @@ class Recorder(Callback):
         self._rate: float | None = None  # optimizer steps per logging step (manual optimization)
         self._plan = Plan()
         self._rec: Recording | None = None  # the step being recorded
+        self._called: list[Probe] = []  # the probes whose step methods run on it (see `_begin`)
+        self._tracers: set[Probe] = set()  # the probes that fill trace columns (when it traces)
         self._in_backward = False  # between on_before_backward and on_after_backward (activation recomputation)
         self._hooks: list[tuple[nn.Module, Callable[..., None]]] = []  # one forward hook per watched module
         self._handles: list[RemovableHandle] = []  # registered on recorded steps only
@@ -170,8 +177,11 @@ class Recorder(Callback):
                 targets.setdefault(module, []).append((p, name))
         self._hooks = [(module, self._forward_hook(pairs)) for module, pairs in targets.items()]
         self._eager.setup(pl_module, bool(self._hooks), self.name)
-        columns = [c for p in self.probes for c in p.trace_columns()] if self.trace else []
-        self._trace = Trace(columns, trainer.strategy.root_device) if columns else None
+        columns = {p: p.trace_columns() for p in self.probes} if self.trace else {}
+        # the probes whose step methods also run on a step that is only traced: those that fill trace columns
+        self._tracers = {p for p, c in columns.items() if c}
+        flat = [c for cs in columns.values() for c in cs]
+        self._trace = Trace(flat, trainer.strategy.root_device) if flat else None
 
     def _forward_hook(self, targets: list[tuple[Probe, str]]) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -183,7 +193,7 @@ class Recorder(Callback):
                 return
             try:
                 for probe, name in targets:
-                    if rec.tracing or probe in rec.moments:
+                    if probe in rec.moments or probe in self._tracers:
                         probe.on_output(rec, name, t)
             except Exception as error:  # raised on every rank after the reduction
                 rec.error = error
@@ -225,6 +235,8 @@ class Recorder(Callback):
             p.start_states(trainer.strategy.root_device)
         tracing = self._trace is not None
         self._rec = Recording(step, trainer, pl_module, moments, tracing) if moments or tracing else None
+        # whose step methods run: the probes that record and, on every step when it traces, those that trace
+        self._called = [p for p in self.probes if p in moments or p in self._tracers] if tracing else list(moments)
         self._wake = -1 if self._rec is not None else self._next_step(step + 1)
 
     def _next_step(self, step: int) -> int:
@@ -253,7 +265,7 @@ class Recorder(Callback):
     ) -> None:
         rec = self._rec
         if rec is not None:
-            for p in rec.moments if not rec.tracing else self.probes:
+            for p in self._called:
                 rec.guard(p.before_optimizer_step)(rec, optimizer)
 
     @override
@@ -263,7 +275,7 @@ class Recorder(Callback):
         rec = self._rec
         if rec is None or not step_ends(trainer, pl_module, batch_idx):
             return
-        for p in rec.moments if not rec.tracing else self.probes:
+        for p in self._called:
             rec.guard(p.end_step)(rec, outputs)
         self._rec = None
         if self._trace is not None:

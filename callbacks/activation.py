@@ -1,10 +1,11 @@
 """Forward activations and their gradients, per watched module: ``ActivationMonitor``, ``GradientMonitor``.
 
-Each is a recorder (``callbacks._recorder``) of one probe (``callbacks.probes``) and its health judges
-(``callbacks.judges.health``). On recorded steps a forward hook on each watched module hands its output to the
-probe, which summarises it (and, for gradients, registers a tensor hook to see ``dL/d output`` in backward) and
-lets it go; the step's summaries are reduced across ranks and written after the optimizer step. A compiled model
-runs its recorded steps eagerly so the hooks fire (``callbacks._compile``).
+Each is a monitor (``callbacks._monitor``): one probe (``callbacks.probes``) and its health judges
+(``callbacks.judges.health``), recorded by one recorder (``callbacks._recorder``). On recorded steps a forward hook
+on each watched module hands its output to the probe, which summarises it (and, for gradients, registers a tensor
+hook to see ``dL/d output`` in backward) and lets it go; the step's summaries are reduced across ranks and written
+after the optimizer step. A compiled model runs its recorded steps eagerly so the hooks fire
+(``callbacks._compile``).
 """
 
 from collections.abc import Sequence

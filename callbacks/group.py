@@ -3,10 +3,12 @@
 Lightning calls every hook of every callback on every step, overridden or not, each call wrapped in a profiler
 context and a formatted name. For a small model four monitors then cost a noticeable share of the step before
 doing any work (``benchmarks/results/``). The group receives each hook once and forwards it only to the members
-that override it; its monitors become one recorder, which records, reduces and writes once a step for all of
-them. When every member that has step hooks is idle, the group's step hooks sleep too (``callbacks._internals``).
+that override it. Its monitors are not called: the group makes one recorder of their parts (and of the parts a
+subclass adds, ``HealthMonitor``'s diagnoses), which records, reduces and writes once a step for all of them.
+When every member that has step hooks is idle, the group's step hooks sleep too (``callbacks._internals``).
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from callbacks._internals import STEP_HOOKS, legacy_state_key, shadow_step_hooks
-from callbacks._recorder import Recorder
+from callbacks._monitor import Monitor
+from callbacks._recorder import Part, Recorder
 
 #: hooks whose state goes through the group itself (see `on_save_checkpoint` / `on_load_checkpoint`)
 _STATE_HOOKS = ("state_dict", "load_state_dict", "on_save_checkpoint", "on_load_checkpoint")
@@ -35,13 +38,17 @@ class CallbackGroup(Callback):
 
     Behaves like passing the members to ``Trainer(callbacks=...)`` in the same order (every hook, from
     ``setup`` to the test and predict hooks), with two differences: Lightning sees one callback, and the
-    monitors among the members (``ActivationMonitor``, ...) are driven as one recorder, at the place of the
-    first of them (one reduction and one write a step for all). Each member's state is saved in the checkpoint
-    under the member's own ``state_key``, exactly as if it were passed alone, so checkpoints move freely between
-    grouped and ungrouped runs.
+    monitors among the members (``ActivationMonitor``, ...) are recorded by one recorder, called at the place of
+    the first of them (one reduction and one write a step for all; the monitors' own hooks are not called). Each
+    member's state is saved in the checkpoint under the member's own ``state_key``, exactly as if it were passed
+    alone, so checkpoints move freely between grouped and ungrouped runs.
 
     Args:
         callbacks: the members, called in this order.
+        parts: what a subclass records beside its monitors (``HealthMonitor``'s loss and diagnoses), in the same
+            recorder, after them.
+        trace: the recorder records its probes' cheap numbers on every step (see ``callbacks._trace``).
+        report: what collects every finding into one report (a ``callbacks._report.Report``); None: none.
 
     Raises:
         ValueError: when a member is not a ``Callback``.
@@ -54,21 +61,23 @@ class CallbackGroup(Callback):
         trainer = Trainer(callbacks=[CallbackGroup([ActivationMonitor(), GradientMonitor()])])
     """
 
-    def __init__(self, callbacks: list[Callback]) -> None:
+    def __init__(
+        self, callbacks: list[Callback], *, parts: Sequence[Part] = (), trace: bool = False, report: Any = None
+    ) -> None:
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise ValueError(f"Expected every member to be a lightning Callback, but got {type(cb).__name__}.")
         self.callbacks = list(callbacks)
         self._state_key: str | None = None
-        recorders = [cb for cb in self.callbacks if isinstance(cb, Recorder)]
-        #: the one recorder of the monitors among the members (None: none)
+        everything = [cb.part for cb in self.callbacks if isinstance(cb, Monitor)] + list(parts)
+        #: the one recorder of the monitors among the members and of ``parts`` (None: none)
         self.recorder = (
-            Recorder([part for r in recorders for part in r.parts], name=type(self).__name__) if recorders else None
+            Recorder(everything, name=type(self).__name__, trace=trace, report=report) if everything else None
         )
         targets: list[Callback] = []
-        for cb in self.callbacks:
-            target = self.recorder if isinstance(cb, Recorder) else cb
-            if not any(t is target for t in targets):
+        for cb in [*self.callbacks, self.recorder]:  # the recorder at its first monitor's place (else the last)
+            target = self.recorder if isinstance(cb, Monitor) else cb
+            if target is not None and not any(t is target for t in targets):
                 targets.append(target)
         # per hook, the bound methods of the targets that override it (bound from the class: a recorder's
         # instance may shadow its own hooks while idle)

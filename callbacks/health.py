@@ -95,20 +95,16 @@ class HealthMonitor(CallbackGroup):
             if not isinstance(value, bool):
                 raise ValueError(f"Expected `{arg}` to be a bool, but got {value!r}.")
         cadence = {"every_n_steps": every_n_steps, "figure_every_n_steps": figure_every_n_steps}
-        super().__init__(
-            [
-                ActivationMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
-                GradientMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
-                ParameterMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
-                UpdateRatioMonitor(warn=warn, **cadence),
-            ]
-        )
+        monitors = [
+            ActivationMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
+            GradientMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
+            ParameterMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
+            UpdateRatioMonitor(warn=warn, **cadence),
+        ]
         self.loss = LossProbe(Cadence(every_n_steps, 0, 0), num_classes)
         judges = [InitCheck(), LearningRateAdvice(), LossSpikes(), OutlierActivations(), NotZeroCentred()]
         #: the diagnoses: the loss probe and the judges that read every probe; reported, not warned one by one
         self.diagnoses = Part(type(self).__name__, [self.loss], judges, warn=False)
-        assert self.recorder is not None
-        self.recorder.parts.append(self.diagnoses)
         #: the Transformer instabilities (a model with attention modules, an Adam optimizer; else they watch
         #: nothing): warned as they happen, so that a run can be stopped before it diverges
         scalars = Cadence(every_n_steps, 0, 0)
@@ -120,12 +116,15 @@ class HealthMonitor(CallbackGroup):
             [*transformer_judges, EpsDominatedUpdates()],
             warn=warn,
         )
-        self.recorder.parts.append(self.transformer)
         #: what the loss is given (probabilities to `cross_entropy`...): a bug in the code, warned at once
         self.loss_input = Part(type(self).__name__, [LossInputProbe(scalars)], [LossInputCheck()], warn=warn)
-        self.recorder.parts.append(self.loss_input)
-        self.recorder.trace = trace
-        self.recorder.report = Report() if report else None
+        # one recorder of the four monitors' parts and these (`CallbackGroup`), made once, with them all
+        super().__init__(
+            monitors,
+            parts=[getattr(self, name) for name in PARTS],
+            trace=trace,
+            report=Report() if report else None,
+        )
 
     @property
     def findings(self) -> list:

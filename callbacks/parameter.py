@@ -1,10 +1,10 @@
 """Parameters, their gradients and their updates: ``ParameterMonitor``, ``UpdateRatioMonitor``.
 
-Each is a recorder (``callbacks._recorder``) of one probe (``callbacks.probes.parameter``,
-``callbacks.probes.update``) and its health judges. Both read the parameters in ``on_before_optimizer_step``,
-where the gradients are final (accumulated, all-reduced by DDP, unscaled by AMP); with several optimizers each
-optimizer's parameters are read before its own step. Under DDP and FSDP2 the statistics and histograms are those
-of the full tensors, from rank zero's copy or every rank's shard, never gathered.
+Each is a monitor (``callbacks._monitor``): one probe (``callbacks.probes.parameter``, ``callbacks.probes.update``)
+and its health judges, recorded by one recorder (``callbacks._recorder``). Both read the parameters in
+``on_before_optimizer_step``, where the gradients are final (accumulated, all-reduced by DDP, unscaled by AMP); with
+several optimizers each optimizer's parameters are read before its own step. Under DDP and FSDP2 the statistics and
+histograms are those of the full tensors, from rank zero's copy or every rank's shard, never gathered.
 """
 
 from collections.abc import Sequence
