@@ -101,12 +101,10 @@ class Monitor(Callback):
 
 
 def _forward(hook: str) -> Any:
-    run = getattr(Recorder, hook)  # from the class: the recorder's instance may shadow its own hooks while asleep
-
     def method(self: Monitor, *args: Any, **kwargs: Any) -> None:
         recorder = self.recorder
-        try:
-            run(recorder, *args, **kwargs)
+        try:  # from the class: the recorder's instance shadows its own step hooks while asleep
+            getattr(type(recorder), hook)(recorder, *args, **kwargs)
         finally:  # the monitor's step hooks sleep while its recorder's do (see `callbacks._internals`)
             if recorder.idle != self._asleep:
                 self._asleep = recorder.idle

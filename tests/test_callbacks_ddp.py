@@ -48,12 +48,18 @@ DDP_SCRIPT = textwrap.dedent(
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    class FailingWrite(ActivationMonitor):
+    def failing_write():
         # rank zero's writing fails at step 1 (a logger's disk or network): the other rank must not wait for it
-        def _write(self, trainer, rec, readouts):
+        monitor = ActivationMonitor(every_n_steps=1)
+        write = monitor.recorder._write  # (a monitor alone: its recorder writes)
+
+        def failing(trainer, rec, readouts):
             if trainer.is_global_zero and rec.step == 1:
                 raise OSError("writer broke on rank 0")
-            return super()._write(trainer, rec, readouts)
+            return write(trainer, rec, readouts)
+
+        monitor.recorder._write = failing
+        return monitor
 
     if __name__ == "__main__":
         out = sys.argv[1]
@@ -65,7 +71,7 @@ DDP_SCRIPT = textwrap.dedent(
                     ParameterMonitor(every_n_steps=2), UpdateRatioMonitor(every_n_steps=2)]
         net = Net()
         if sys.argv[2:] == ["fail_write"]:
-            monitors = [FailingWrite(every_n_steps=1)]
+            monitors = [failing_write()]
         if sys.argv[2:] == ["twin"]:  # the twin of a single process on the global batch (see the test)
             torch.manual_seed(0)
             x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))

@@ -6,8 +6,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from callbacks import ActivationMonitor, CallbackGroup, UpdateRatioMonitor
+from callbacks import ActivationMonitor, CallbackGroup, HealthMonitor, UpdateRatioMonitor
 from callbacks._cadence import Moment, Plan, Schedule
+from callbacks._recorder import Recorder
 from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
 
 
@@ -22,6 +23,43 @@ def test_grouped_monitors_log_as_alone(tmp_path):
         assert members[1].steps == [0, 1, 3]
     assert logs[True] == logs[False]
     assert "activation/act/saturation" in logs[True][0] and logs[True][1] == [0, 1, 3]
+
+
+@pytest.mark.parametrize("setup", ["alone", "two_alone", "group", "health"])
+def test_one_recorder_does_the_work_of_each_callback_lightning_sees(tmp_path, monkeypatch, setup):
+    """Every recorder whose hooks run during a fit is the ``recorder`` of a callback the Trainer was given, one per
+    such callback; a group's members make none of their own, and their parts are the group's recorder's."""
+    ran: dict[int, Recorder] = {}  # the recorders whose step hooks ran (a spy: counts, then calls the real hook)
+    for hook in ("on_fit_start", "on_before_optimizer_step"):
+        real = getattr(Recorder, hook)
+
+        def spy(self: Recorder, *args: Any, _real: Any = real, **kwargs: Any) -> None:
+            ran[id(self)] = self
+            _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Recorder, hook, spy)
+    members = [ActivationMonitor(every_n_steps=2), UpdateRatioMonitor(every_n_steps=2)]
+    given: list[Callback] = {
+        "alone": members[:1],
+        "two_alone": members,
+        "group": [CallbackGroup(members)],
+        "health": [HealthMonitor(every_n_steps=2, report=False, warn=False)],
+    }[setup]
+    assert not any(isinstance(cb, Recorder) for cb in given)  # monitors and groups are not recorders themselves
+    t = trainer(tmp_path, given, max_steps=4)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 4))
+    recorders = [cb.recorder for cb in given]
+    assert sorted(ran) == sorted(id(r) for r in recorders) and len(set(map(id, recorders))) == len(given)
+    grouped = [m for cb in given if isinstance(cb, CallbackGroup) for m in cb.callbacks]
+    if grouped:
+        (recorder,) = recorders
+        assert all(m._recorder is None for m in grouped)  # a member never made a recorder of its own
+        assert recorder.parts[: len(grouped)] == tuple(m.part for m in grouped)
+    if setup == "health":  # its own parts given at construction, after the four monitors'
+        (health,) = given
+        assert health.recorder.parts[4:] == (health.diagnoses, health.transformer, health.loss_input)
+        assert health.recorder.trace and health.recorder.report is None
+    assert 0 in scalars(read_events(t.logger.log_dir), "activation/act/mean")  # and the work was done
 
 
 def test_checkpoint_state_moves_between_grouped_and_alone(tmp_path):

@@ -3,6 +3,7 @@ length, and a checkpoint written by the monitors before the pipeline rewrite (te
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, IterableDataset
 
-from callbacks import ActivationMonitor, CallbackGroup, GradientMonitor, ParameterMonitor, UpdateRatioMonitor
+from callbacks import (
+    ActivationMonitor,
+    CallbackGroup,
+    GradientMonitor,
+    HealthMonitor,
+    ParameterMonitor,
+    UpdateRatioMonitor,
+)
+from callbacks.probes.base import Probe
 from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
 
 DATA = Path(__file__).parent / "data"
@@ -131,3 +140,30 @@ def test_a_checkpoint_written_before_the_rewrite_resumes_with_its_curves_and_war
     # the resumed run's own logged steps, on the old axis
     acc = read_events(t.logger.log_dir)
     assert sorted(scalars(acc, "update_ratio/head.weight")) == [9, 11]
+
+
+def test_a_probe_that_does_not_trace_is_called_only_on_the_steps_it_records(tmp_path):
+    """HealthMonitor(trace=True) traces every step; only the probes with trace columns are called on a step that is
+    only traced, so a probe without any never needs to check ``self in rec.moments``."""
+    monitor = HealthMonitor(every_n_steps=3, histogram_every_n_steps=0, trace=True, report=False, warn=False)
+    calls: list[tuple[str, int, bool]] = []  # (probe class, step, recorded on it): a spy, then the real method
+    for probe in monitor.recorder.probes:
+        for method in ("on_output", "before_optimizer_step", "end_step"):
+            real = getattr(probe, method)
+
+            def spy(rec: Any, *args: Any, _real: Any = real, _probe: Probe = probe) -> None:
+                calls.append((type(_probe).__name__, rec.step, _probe in rec.moments))
+                _real(rec, *args)
+
+            setattr(probe, method, spy)
+    t = trainer(tmp_path, [monitor], max_steps=7)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 7))
+    traces = {type(p).__name__ for p in monitor.recorder.probes if type(p).trace_columns is not Probe.trace_columns}
+    assert traces == {"ActivationProbe", "ParameterProbe", "UpdateProbe", "LossProbe"}
+    silent = {name for name, _, _ in calls} - traces
+    assert {"GradientProbe", "LossInputProbe", "AdamEpsProbe"} <= silent  # (SGD: Adam's probe is called, reads none)
+    # steps 0 (initialisation), 2 and 5 (every 3) are recorded (no histograms: no final step); 1, 3, 4, 6 only traced
+    assert {step for name, step, _ in calls if name in silent} == {0, 2, 5}
+    assert all(recorded for name, _, recorded in calls if name in silent)
+    assert {step for name, step, _ in calls if name == "LossProbe"} == set(range(7))  # the tracers: every step
+    assert {step for name, step, recorded in calls if name == "ActivationProbe" and not recorded} == {1, 3, 4, 6}

@@ -297,7 +297,7 @@ def test_an_accelerator_fit_reads_the_host_once_per_monitor_per_recorded_step(tm
         # no figures: they are drawn from the CPU summaries, but keep the count about the step
         t = trainer(tmp_path / str(with_monitors), monitors, max_steps=6, log_every_n_steps=every)
         for m in monitors:
-            m._draw = lambda *args, **kwargs: None
+            m.recorder._draw = lambda *args, **kwargs: None  # (a monitor alone: its recorder draws)
         with HostReads() as reads:
             t.fit(TanhMLP(), fixed_loader(saturating_batch(), 6))
         counts[with_monitors] = reads.count

@@ -204,15 +204,20 @@ class Probe:
         return ()
 
     def trace_columns(self) -> list[str]:
-        """The columns it fills in the every-step trace (``rec.trace``) when the recorder traces; none by default."""
+        """The columns it fills in the every-step trace (``rec.trace``) when the recorder traces; none by default.
+
+        Called once a fit, after :meth:`attach`. A probe with none is never called on a step it does not record.
+        """
         return []
 
     # -- a recorded step
     def on_output(self, rec: Recording, name: str, output: Tensor) -> None:
         """A watched module's forward output (the first floating-point tensor of it).
 
-        The three step methods are called on recorded steps (``self in rec.moments``) and, when the recorder
-        traces, on every step (``rec.tracing``).
+        The three step methods are called on the steps this probe records (``self in rec.moments``), and only
+        there, unless it traces: a probe with :meth:`trace_columns` is also called on every step while the recorder
+        traces (``rec.tracing``), and one that records more than its trace returns after its trace when
+        ``self not in rec.moments`` (a step that is only traced).
         """
 
     def before_optimizer_step(self, rec: Recording, optimizer: Optimizer) -> None:
