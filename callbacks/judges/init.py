@@ -214,7 +214,7 @@ class InitCheck(Judge):
     @staticmethod
     def _parameters(params: ParameterGradients) -> list[Finding]:
         found = []
-        ratios = {p.name: r for p in params.params if math.isfinite(r := p.grad_to_data) and r > 0}
+        ratios = {p.name: g for p in params.params if math.isfinite(g := p.grad_to_data) and g > 0}
         if len(ratios) >= 3:
             median = statistics.median(ratios.values())
             for p in params.params:
