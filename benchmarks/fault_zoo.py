@@ -273,7 +273,7 @@ def _data(base: Base) -> Data:
 
 #: the action kinds the zoo applies by rebuilding the model (as `train.py heal` does with its `--model.*` flags): a
 #: generic callback cannot swap a model's activations, the model's own settings can
-REBUILT = ("activation",)
+REBUILT = ("activation", "loss_logits")
 
 
 def usable(actions: list[Action]) -> list[Action]:
@@ -285,9 +285,12 @@ def build(base: Base, seed: int, operator: str, rebuilt: list[Action] | None = N
     """The (mutated) model, its data and batch size; ``rebuilt``: :data:`REBUILT` actions, applied here."""
     torch.manual_seed(seed)
     act = "sigmoid" if operator == "sigmoid" else base.act
+    softmax = operator == "softmax"
     for a in rebuilt or []:
         if a.kind == "activation":
             act = str(a.value)  # every hidden activation, as the model's one setting (train.py --model.activation)
+        elif a.kind == "loss_logits":
+            softmax = False  # the user's edit: the loss gets the logits (the softmax kept for predictions)
     net = base.build(base.norm and operator != "no norm", act)
     xt, yt, xv, yv = _data(base)
     lr = base.lr * {"lr x10": 10, "lr x100": 100, "lr /100": 0.01}.get(operator, 1)
@@ -314,7 +317,7 @@ def build(base: Base, seed: int, operator: str, rebuilt: list[Action] | None = N
         yt = yt.clone()
         yt[noisy] = yt[noisy][torch.randperm(int(noisy.sum()), generator=g)]
     batch = 2 if operator == "batch 2" else base.batch
-    return Module(net, lr, base.optimizer, softmax=operator == "softmax"), (xt, yt, xv, yv), batch
+    return Module(net, lr, base.optimizer, softmax=softmax), (xt, yt, xv, yv), batch
 
 
 def fit(base: Base, seed: int, operator: str, actions: list[Action], root: str) -> tuple[float, list[Finding], float]:

@@ -103,6 +103,8 @@ def flags_for(
                 skipped.append(f"{a.describe()} (already clipped)")
             else:
                 flags += ["--trainer.gradient_clip_val", f"{float(a.value):g}"]  # type: ignore[arg-type]
+        elif a.kind == "loss_logits":  # train.py's model gives the loss its logits: nothing to change here
+            skipped.append(f"{a.describe()} (an edit of the model's code, not a flag)")
         else:  # named parameters' lr, a hidden layer's scale: the generic callback
             fixes.append(format_fix(a))
     if lr != float(model.get("lr", 0.1)):

@@ -96,6 +96,12 @@ def test_flags_for_each_action_and_fix_strings():
                                                       "init kaiming before net.blocks.0.act (already kaiming)",
                                                       "normalise (BatchNorm) (already on)"])  # fmt: skip
     assert parse_fix(format_fix(actions[-1])) == actions[-1]
+    # a softmax before the loss is an edit of the code: no flag, said as such
+    logits = Action("loss_logits", ("cross_entropy",))
+    assert flags_for([logits], model, {}) == (
+        [],
+        ["logits to cross_entropy (no softmax before it) (an edit of the model's code, not a flag)"],
+    )
     with pytest.raises(ValueError, match="Expected --fix KIND:TARGETS:VALUE"):
         parse_fix("scale_lr:0.1")
 

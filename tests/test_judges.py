@@ -90,6 +90,28 @@ def test_never_positive_gelu_units_are_judged_against_a_higher_limit():
     assert judge.observe(0, acts(relu("g", dead=0.6, below="some", kind="GELU"))) == []
 
 
+def test_units_dead_from_step_zero_get_a_new_init_and_units_that_died_later_a_lower_learning_rate():
+    judge = DeadUnits(limit=0.1, patience=3)
+    # "early" is dead from step 0 (before any update): the init did it; "late" dies from step 10 on
+    steps = {0: (0.6, 0.0), 5: (0.6, 0.0), 10: (0.6, 0.5), 15: (0.6, 0.5), 20: (0.6, 0.5)}
+    found = []
+    for step, (early, late) in steps.items():
+        found += judge.observe(step, acts(relu("early", dead=early), relu("late", dead=late)))
+    by = {f.where: f for f in found}
+    assert (by["early (ReLU)"].step, by["late (ReLU)"].step) == (10, 20)
+    assert by["early (ReLU)"].action == Action("init", ("early",), "kaiming", "60% dead from step 0")
+    assert "dead at initialisation" in by["early (ReLU)"].message and "Re-initialise" in by["early (ReLU)"].fix
+    assert by["late (ReLU)"].action == Action("scale_lr", (), 0.1, "50% dead units")
+    # a resumed fit remembers where each streak began (its first step was 0)
+    resumed = DeadUnits(limit=0.1, patience=3)
+    resumed.load_state_dict(judge.state_dict())
+    assert (resumed.first, resumed.since) == (0, {"dead/early": 0, "dead/late": 10})
+    # a fit that starts later (resumed without that state) cannot tell: the learning rate, as before
+    later = DeadUnits(limit=0.1, patience=1)
+    (f,) = later.observe(40, acts(relu("early", dead=0.6)))
+    assert f.action.kind == "scale_lr"
+
+
 def test_vanishing_gradients_against_the_largest_layer():
     judge = VanishingGradients(ratio=1e-2, patience=1)
     grads = Gradients(

@@ -105,8 +105,9 @@ class Readouts(Mapping[str, Any]):
 
 #: what an :class:`Action` can change: the learning rate (of the model or named parameters) by ``value``, a named
 #: layer's weights (scaled by ``value``, or re-initialised with its activation's gain: ``init``), normalisation
-#: switched on, the activation swapped for ``value``, gradients clipped at norm ``value``
-ActionKind = Literal["scale_lr", "scale_layer", "init", "normalise", "activation", "clip_gradients"]
+#: switched on, the activation swapped for ``value``, gradients clipped at norm ``value``, the logits (not
+#: probabilities) given to the loss named in ``targets`` (a change to the model's code: no program applies it)
+ActionKind = Literal["scale_lr", "scale_layer", "init", "normalise", "activation", "clip_gradients", "loss_logits"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class Action:
             return f"init {self.value}" + (f" before {where}" if where else "")
         if self.kind == "activation":
             return f"activation {self.value}"
+        if self.kind == "loss_logits":
+            return f"logits to {where or 'the loss'} (no softmax before it)"
         return "normalise (BatchNorm)" + (f" before {where}" if where else "")
 
 

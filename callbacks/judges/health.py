@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from callbacks._stats import Summary
 from callbacks.judges.base import Action, Finding, Judge, Readouts
@@ -70,15 +71,32 @@ class DeadUnits(Judge):
     def __init__(self, limit: float, patience: int = 3) -> None:
         super().__init__()
         self.limit, self.patience = limit, patience
+        self.reset()
+
+    def reset(self) -> None:
+        self.first: int | None = None  # the fit's first recorded step
+        self.since: dict[str, int] = {}  # key -> the step its current streak began
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "since": dict(self.since)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.first = state.get("first")
+        self.since = dict(state.get("since", {}))
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         found = []
+        if self.first is None:
+            self.first = step
         for layer in readouts[Activations].layers:
             if layer.dead is None:
                 continue
             key = f"dead/{layer.name}"
             limit = self.limit if layer.gradient_below_zero == "none" else max(self.limit, SOFT_DEAD)
-            if self.record.streak(key, layer.dead > limit) != self.patience:
+            streak = self.record.streak(key, layer.dead > limit)
+            if streak == 1:
+                self.since[key] = step
+            if streak != self.patience:
                 continue
             if layer.gradient_below_zero == "none":
                 what = "they get no gradient, so they never learn again"
@@ -87,8 +105,16 @@ class DeadUnits(Judge):
             message = (
                 f"`{layer.label}` has {layer.dead:.1%} dead units (never positive in a batch, > {limit:.0%}): {what}."
             )
-            fix = "Usually a too-high learning rate pushed their biases negative; lower it, or check the init."
-            action = Action("scale_lr", (), 0.1, f"{layer.dead:.0%} dead units")
+            if self.since.get(key) == self.first == 0:  # dead before any update: the init did it, not the lr
+                message += " They were dead at initialisation, before any update."
+                fix = (
+                    "Re-initialise the layer feeding it (std = gain / sqrt(fan_in), Kaiming; its bias at 0): a"
+                    " learning rate cannot revive units that never get a gradient."
+                )
+                action = Action("init", (layer.name,), "kaiming", f"{layer.dead:.0%} dead from step 0")
+            else:
+                fix = "Usually a too-high learning rate pushed their biases negative; lower it, or check the init."
+                action = Action("scale_lr", (), 0.1, f"{layer.dead:.0%} dead units")
             found.append(Finding(key, step, layer.label, message, fix, "activation/distribution", action=action))
         return found
 

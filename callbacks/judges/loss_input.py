@@ -2,14 +2,15 @@
 ``nll_loss`` (read from :class:`callbacks.probes.loss_input.LossInputProbe`).
 
 Both are bugs in the code, not in the numbers: each is said once, as soon as a checked step shows it on every input
-row, with the fix to make in the code (no automatic action: no setting of the model or optimizer fixes it).
+row, with the fix to make in the code (``cross_entropy``'s also as a ``loss_logits`` action, which no program applies:
+it is an edit of the model's code).
 """
 
 from __future__ import annotations
 
 import math
 
-from callbacks.judges.base import Finding, Judge, Readouts
+from callbacks.judges.base import Action, Finding, Judge, Readouts
 from callbacks.probes.loss_input import LossInputs
 
 
@@ -41,6 +42,7 @@ class LossInputCheck(Judge):
                     f"sees softmax(softmax(z)): with {c} classes the loss cannot go below {softmax_floor(c):.2f} "
                     "(a perfect model's is 0) and its gradient is squashed.",
                     "Pass the logits to the loss: remove the softmax before it (keep it for sampling and predictions).",
+                    action=Action("loss_logits", ("cross_entropy",), None, "every input row sums to 1"),
                 )
             )
         if r.nll_rows and r.nll_probability_rows == r.nll_rows:
