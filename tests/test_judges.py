@@ -137,6 +137,7 @@ def test_learning_rate_reads_the_median_parameter():
     assert judge.observe(2, high) == []
     (f,) = judge.observe(3, high)
     assert f.key == "lr/high" and "is -1.50 > -2.0" in f.message and "`head` -0.50" in f.message
+    assert f.severity == "note" and "weighs it against the loss" in f.fix  # the ratio alone: a hypothesis
 
 
 def test_learning_rate_takes_each_ratio_at_the_peak_learning_rate():

@@ -171,8 +171,18 @@ class VanishingParameterGradients(Judge):
         return found
 
 
+#: why the live learning-rate warnings are notes: the ratio alone is a hypothesis. The fault zoo's healthy GPTs
+#: (AdamW at their best lr, weights of std 0.02) sit above -2 all fit long, and following the ratio alone cost as
+#: often as it helped (benchmarks/results/lr_calibration.md); `judges.lr.LearningRateAdvice` weighs it against the loss
+RULE_ALONE = (
+    "This is the update:data rule alone (the lecture's 1e-3); HealthMonitor's learning-rate advice at the end of fit"
+    " weighs it against the loss."
+)
+
+
 class LearningRate(Judge):
-    """The median parameter's log10 update:data ratio outside ``[low, high]`` for ``patience`` recorded steps.
+    """The median parameter's log10 update:data ratio outside ``[low, high]`` for ``patience`` recorded steps: a note
+    (:data:`RULE_ALONE`), warned as it happens.
 
     The median, because the learning rate is one number for every layer: a single parameter far above the rest
     (an output layer scaled down at init: its small weights make every update large relative to them, for the
@@ -203,16 +213,15 @@ class LearningRate(Judge):
                 f"updates are tiny: the median parameter's log10(update/data){peak} is {median:.2f} < {self.low} for"
                 f" {self.patience} logged steps (smallest: `{lo_name}` {lo:.2f})."
             )
-            found.append(
-                Finding("lr/low", step, "", message, "The learning rate is probably too low.", "update_ratio/history")
-            )
+            fix = f"The learning rate may be too low. {RULE_ALONE}"
+            found.append(Finding("lr/low", step, "", message, fix, "update_ratio/history", "note"))
         if self.record.streak("lr/high", median > self.high) == self.patience:
             message = (
                 f"updates are large: the median parameter's log10(update/data){peak} is {median:.2f} > {self.high} for"
                 f" {self.patience} logged steps (largest: `{hi_name}` {hi:.2f})."
             )
-            fix = "The learning rate is probably too high."
-            found.append(Finding("lr/high", step, "", message, fix, "update_ratio/history"))
+            fix = f"The learning rate may be too high. {RULE_ALONE}"
+            found.append(Finding("lr/high", step, "", message, fix, "update_ratio/history", "note"))
         return found
 
 
