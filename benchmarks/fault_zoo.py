@@ -19,11 +19,18 @@ noise (2 x the std over seeds, at least 0.01); the others are equivalent mutants
 Scores: a run is **flagged** when its health report has a problem finding; precision = sick flagged / all flagged
 among sick mutants and healthy bases; recall = sick flagged / sick; right layer = flagged sick mutants with a known
 layer whose findings name it (or its block); heal = sick mutants the repair loop (the report's generic actions,
-``callbacks.fixes``, applied to a refit of the same seed and budget, kept only when the val loss improves by more
-than the noise, 3 rounds at most) leaves within noise of their base; harmful = kept changes that made a model worse
-(never kept by construction; the rejected ones are counted); fixes proposed on healthy bases; compute = the loop's
-training time (the sick run and every round) over the sick run's. ``python benchmarks/fault_zoo.py`` writes
-``benchmarks/results/fault_zoo.{md,json}``; ``--quick`` is the CI slice (tests/test_fault_zoo.py).
+``callbacks.fixes``, and the ones a user applies by changing the model: the activation, the logits to the loss;
+applied to a refit of the same seed and budget, kept only when the val loss improves by more than the noise, 3
+rounds at most) leaves within noise of their base; harmful = kept changes that made a model worse (never kept by
+construction; the rejected ones are counted); fixes proposed on healthy bases; compute = the loop's training time
+(the sick run and every round) over the sick run's.
+
+The Transformer sweep's 50 runs (``benchmarks/transformer_sweep.py``) are folded into precision and recall: sick when
+worse than their variant's best learning rate beyond twice the seed noise (``--transformer``: its committed
+``transformer_sweep.json`` by default, ``run`` to run it, ``none``).
+
+``python benchmarks/fault_zoo.py`` writes ``benchmarks/results/fault_zoo.{md,json}``; ``--quick`` is the CI slice
+(tests/test_fault_zoo.py); ``--rescore benchmarks/results/fault_zoo.json`` scores the stored runs again, no training.
 """
 
 from __future__ import annotations
@@ -365,7 +372,8 @@ def _names_layer(findings: list[Finding], layer: str) -> bool:
 
 
 def heal(base: Base, run: Run, findings: list[Finding], noise: float, root: str, rounds: int = 3) -> None:
-    """The repair loop with the generic actions: refit with them, keep only an improvement beyond the noise."""
+    """The repair loop with the usable actions (:func:`usable`): refit with all of them, then each alone if that was
+    not better (as `train.py heal`); keep only an improvement beyond the noise."""
     best_val, kept, tried = run.val, [], set()
     current = findings
     for number in range(1, rounds + 1):
@@ -373,16 +381,21 @@ def heal(base: Base, run: Run, findings: list[Finding], noise: float, root: str,
         if not new:
             break
         tried.update((a.kind, a.targets) for a in new)
-        val, found, seconds = fit(base, run.seed, run.operator, [*kept, *new], root)
-        run.heal_seconds += seconds
-        better = val < best_val - noise
-        run.heal_rounds.append(
-            {"round": number, "changed": ", ".join(a.describe() for a in new), "val": round(val, 4), "kept": better}
-        )
-        if better:
-            best_val, kept, current = val, [*kept, *new], found
-        elif val > best_val + noise:
-            run.rejected_worse += 1
+        # as `train.py heal`: all of them together, then each alone if that was not better
+        together = True
+        for changes in [new] + ([[a] for a in new] if len(new) > 1 else []):
+            val, found, seconds = fit(base, run.seed, run.operator, [*kept, *changes], root)
+            run.heal_seconds += seconds
+            better = val < best_val - noise
+            changed = ", ".join(a.describe() for a in changes)
+            run.heal_rounds.append({"round": number, "changed": changed, "val": round(val, 4), "kept": better})
+            if better:
+                best_val, kept, current = val, [*kept, *changes], found
+            elif val > best_val + noise:
+                run.rejected_worse += 1
+            if together and better:
+                break  # all of them helped: no need to try them one by one
+            together = False
     run.heal_rounds.append({"final": round(best_val, 4)})
 
 
@@ -398,9 +411,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the Transformer sweep's runs to fold in: a transformer_sweep.json (default: the committed one), 'run'"
         " to run the sweep (6-9 min), 'none' to leave it out",
     )
+    parser.add_argument(
+        "--rescore", default=None, help="score the runs of this fault_zoo.json again (with --transformer), no training"
+    )
     args = parser.parse_args(argv)
     if args.transformer not in ("run", "none") and not Path(args.transformer).is_file():
         parser.error(f"--transformer {args.transformer}: no such file; give a transformer_sweep.json, 'run' or 'none'")
+    if args.rescore is not None:
+        if not Path(args.rescore).is_file():
+            parser.error(f"--rescore {args.rescore}: no such file; give a fault_zoo.json the zoo wrote")
+        stored = json.loads(Path(args.rescore).read_text())
+        runs = [Run(**r) for r in stored["runs"]]
+        s = stored["summary"]
+        cases = sweep_cases(args.transformer)
+        summary = _save(Path(args.out), runs, s["noise"], None, s.get("quick", False), cases, s["minutes"])
+        return {"summary": summary, "runs": runs}
     torch.set_num_threads(1)
     for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run from here, not Lightning's banners
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -489,11 +514,18 @@ def sweep_cases(source: str) -> list[dict[str, Any]]:
 
 
 def _save(
-    out: Path, runs: list[Run], noise: dict[str, Any], started: float, quick: bool, cases: list | None = None
+    out: Path,
+    runs: list[Run],
+    noise: dict[str, Any],
+    started: float | None,
+    quick: bool,
+    cases: list | None = None,
+    minutes: float | None = None,
 ) -> dict[str, Any]:
+    """Writes ``out``.json and .md; ``started``: when training started, or the ``minutes`` it took (a rescoring)."""
     summary = score(runs, cases or [])
-    summary["minutes"] = round((time.perf_counter() - started) / 60, 1)
-    summary["noise"] = noise
+    summary["minutes"] = minutes if started is None else round((time.perf_counter() - started) / 60, 1)
+    summary["noise"], summary["quick"] = noise, quick
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep = [{k: c[k] for k in ("name", "verdict", "findings")} for c in cases or []]
     data = {"summary": summary, "runs": [asdict(r) for r in runs], "transformer_sweep": sweep}

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from benchmarks.fault_zoo import main
+from tests.conftest import ROOT
 
 
 def test_quick_zoo_scores_what_its_runs_show(tmp_path):
@@ -64,3 +65,15 @@ def test_a_missing_sweep_file_is_one_line_naming_the_choices(tmp_path, capsys):
         f"--transformer {tmp_path / 'nope.json'}: no such file; give a transformer_sweep.json, 'run' or 'none'"
     )
     assert not (tmp_path / "zoo.json").exists()  # nothing written
+
+
+def test_the_committed_results_are_what_the_stored_runs_score_to(tmp_path):
+    committed = ROOT / "benchmarks" / "results" / "fault_zoo"
+    main(["--rescore", str(committed.with_suffix(".json")), "--out", str(tmp_path / "zoo")])
+    assert (tmp_path / "zoo.md").read_text() == committed.with_suffix(".md").read_text()
+
+
+def test_rescore_of_a_missing_file_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--rescore", str(tmp_path / "nope.json"), "--out", str(tmp_path / "zoo")])
+    assert "no such file; give a fault_zoo.json the zoo wrote" in capsys.readouterr().err
