@@ -1,9 +1,10 @@
-"""When a probe records: one pure function of the step and the fit's plan.
+"""When a probe records: one pure function of the step, :meth:`Cadence.moment`.
 
 The step axis is Lightning's logging step, the x axis of ``self.log``: the optimizer step with automatic
 optimization (``trainer.global_step``), the training batch with manual optimization (where ``global_step``
 counts every optimizer's steps). All micro-batches of an accumulated step belong to that step. On that axis,
-with a probe's :class:`Schedule`, step ``s`` of a fit planned as :class:`Plan` ``(first, last)`` has
+with a probe's :class:`Cadence` resolved against the Trainer (``n``, ``hist_n``, ``fig_n``: its three fields),
+step ``s`` of a fit whose first step is ``first`` (0: a fresh fit) and last step ``last`` has
 
 - scalars when ``(s + 1) % n == 0`` (the steps on which Lightning writes ``self.log`` metrics), and on step 0
   of a fit that starts from scratch (the picture at initialisation, before any update);
@@ -42,22 +43,22 @@ def step_ends(trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx:
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or bool(trainer.is_last_batch)
 
 
-def _check_steps(value: int | None, arg: str) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"Expected `{arg}` to be None or an int >= 0, but got {value!r}.")
-    return value
+def last_step(trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, rate: float | None) -> int:
+    """The fit's last logging step as known at ``step``, from ``max_steps`` and ``max_epochs`` (:data:`OPEN`: none).
 
-
-@dataclass(frozen=True)
-class Plan:
-    """The fit as known at a step: its first step (0 for a fresh fit) and its final step (:data:`OPEN`: unknown)."""
-
-    first: int = 0
-    last: int = OPEN
-
-    @property
-    def fresh(self) -> bool:
-        return self.first == 0
+    ``rate``: optimizer steps per logging step, measured under manual optimization (None until measured: every
+    optimizer stepping once a batch is assumed, the most a batch can take). One with automatic optimization.
+    """
+    last = OPEN
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        rate = 1.0 if pl_module.automatic_optimization else rate or max(len(trainer.optimizers), 1)
+        remaining = max(math.ceil((trainer.max_steps - trainer.global_step) / rate - 1e-9), 1)
+        last = step + remaining - 1
+    n_batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
+    if isinstance(n_batches, int) and n_batches > 0 and max_epochs is not None and max_epochs >= 0:
+        accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        last = min(last, max_epochs * -(-n_batches // accumulate) - 1)
+    return last
 
 
 @dataclass(frozen=True)
@@ -73,60 +74,9 @@ class Moment:
         return self.scalars or self.histograms
 
 
-IDLE = Moment()
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A probe's cadence resolved against the Trainer: scalars every ``n``, histograms every ``hist_n`` (0: never),
-    figures every ``fig_n`` (None: about :data:`FIGURES_PER_FIT` over a fit of known length), drawn from the
-    histograms (``from_histograms``; none without them) or on scalar steps."""
-
-    n: int
-    hist_n: int
-    fig_n: int | None
-    from_histograms: bool = True
-
-    def figure_every(self, plan: Plan) -> int:
-        if self.fig_n is not None:
-            return self.fig_n
-        base = self.hist_n or self.n
-        if plan.last >= OPEN or base <= 0:
-            return 2000 * self.n
-        return base * max(1, math.ceil((plan.last + 1) // base / FIGURES_PER_FIT))
-
-    def _hist_step(self, step: int, plan: Plan) -> bool:
-        return self.hist_n > 0 and ((step + 1) % self.hist_n == 0 or step >= plan.last or step == 0)
-
-    def first_figure(self, plan: Plan) -> int:
-        """The fit's first figure step: its first histogram step (its first scalar step without histograms)."""
-        if plan.fresh:
-            return 0
-        every = self.hist_n if self.from_histograms else self.n
-        if every <= 0:
-            return plan.last
-        return min(plan.first + (-(plan.first + 1)) % every, plan.last)
-
-    def moment(self, step: int, plan: Plan) -> Moment:
-        """What is recorded on ``step``: a pure function of the step and the plan."""
-        start = step == 0  # the picture at initialisation, before any update
-        scalars = self.n > 0 and ((step + 1) % self.n == 0 or start)
-        histograms = self._hist_step(step, plan)
-        on = histograms if self.from_histograms else scalars
-        every = self.figure_every(plan)
-        figure = on and (step == self.first_figure(plan) or (every > 0 and (step + 1) % every == 0))
-        return Moment(scalars, histograms, figure)
-
-    def next_step(self, step: int, plan: Plan) -> int:
-        """The first step >= ``step`` that may record (a lower bound): nothing is recorded before it."""
-        candidates = [plan.last]
-        if step == 0:
-            candidates.append(0)
-        if self.n > 0:
-            candidates.append(step + (-(step + 1)) % self.n)
-        if self.hist_n > 0:
-            candidates.append(step + (-(step + 1)) % self.hist_n)
-        return max(step, min(candidates))
+def _check_steps(value: int | None, arg: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"Expected `{arg}` to be None or an int >= 0, but got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -138,6 +88,9 @@ class Cadence:
         histogram_every_n_steps: None: ``10 * every_n_steps``; 0: never.
         figure_every_n_steps: None: about ``FIGURES_PER_FIT`` over a fit of known length, else every
             ``2000 * every_n_steps``; 0: only the first and the end of fit.
+
+    Raises:
+        ValueError: for an argument that is not None or an int >= 0.
     """
 
     every_n_steps: int | None = None
@@ -149,30 +102,39 @@ class Cadence:
         _check_steps(self.histogram_every_n_steps, "histogram_every_n_steps")
         _check_steps(self.figure_every_n_steps, "figure_every_n_steps")
 
-    def resolve(self, log_every_n_steps: int, histograms: bool, from_histograms: bool = True) -> Schedule:
-        """The schedule under a Trainer logging every ``log_every_n_steps``.
-
-        ``histograms``: whether they are recorded (a probe that has them, and a logger or figure that shows them);
-        ``from_histograms``: whether the probe's figure is drawn from its histograms (else on scalar steps).
-        """
+    def resolve(self, log_every_n_steps: int, histograms: bool) -> "Cadence":
+        """This cadence under a Trainer logging every ``log_every_n_steps``, with ``every_n_steps`` and
+        ``histogram_every_n_steps`` filled (0 when ``histograms`` are not recorded: a probe without them, or no
+        logger or figure to show them). ``figure_every_n_steps`` stays None for the default: it depends on the
+        fit's length, known step by step."""
         n = self.every_n_steps if self.every_n_steps is not None else log_every_n_steps
         hist_n = self.histogram_every_n_steps if self.histogram_every_n_steps is not None else 10 * n
-        return Schedule(n, hist_n if histograms else 0, self.figure_every_n_steps, from_histograms)
+        return Cadence(n, hist_n if histograms else 0, self.figure_every_n_steps)
 
+    def moment(self, step: int, first: int, last: int, from_histograms: bool = True) -> Moment:
+        """What this resolved cadence records on ``step`` of a fit from step ``first`` to step ``last`` (see the
+        module docstring). ``from_histograms``: the probe's figures are drawn from its histograms (else on its
+        scalar steps)."""
+        n, hist_n, fig_n = self.every_n_steps, self.histogram_every_n_steps, self.figure_every_n_steps
+        assert n is not None and hist_n is not None, "resolve the cadence first (`Cadence.resolve`)"
+        scalars = n > 0 and (step == 0 or (step + 1) % n == 0)  # step 0: the picture at initialisation
+        histograms = hist_n > 0 and (step == 0 or step >= last or (step + 1) % hist_n == 0)
+        series = hist_n if from_histograms else n  # the steps a figure is drawn on
+        if fig_n is None and (last >= OPEN or series <= 0):
+            fig_n = 2000 * n
+        elif fig_n is None:
+            fig_n = series * max(1, math.ceil((last + 1) // series / FIGURES_PER_FIT))
+        first_figure = 0 if first == 0 else last if series <= 0 else min(first + (-(first + 1)) % series, last)
+        figure = (histograms if from_histograms else scalars) and (
+            step == first_figure or (fig_n > 0 and (step + 1) % fig_n == 0)
+        )
+        return Moment(scalars, histograms, figure)
 
-def plan_fit(trainer: "pl.Trainer", pl_module: "pl.LightningModule", first: int, step: int, rate: float | None) -> Plan:
-    """The fit's :class:`Plan` at ``step``, from ``max_steps`` and ``max_epochs``.
-
-    ``rate``: optimizer steps per logging step, measured under manual optimization (None until measured: every
-    optimizer stepping once a batch is assumed, the most a batch can take). One with automatic optimization.
-    """
-    last = OPEN
-    if trainer.max_steps is not None and trainer.max_steps >= 0:
-        rate = 1.0 if pl_module.automatic_optimization else rate or max(len(trainer.optimizers), 1)
-        remaining = max(math.ceil((trainer.max_steps - trainer.global_step) / rate - 1e-9), 1)
-        last = step + remaining - 1
-    n_batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
-    if isinstance(n_batches, int) and n_batches > 0 and max_epochs is not None and max_epochs >= 0:
-        accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        last = min(last, max_epochs * -(-n_batches // accumulate) - 1)
-    return Plan(first, last)
+    def next_step(self, step: int, last: int) -> int:
+        """The first step >= ``step`` on which this resolved cadence may record (a lower bound), in a fit whose last
+        step is ``last``: nothing is recorded before it."""
+        candidates = [last, *([0] if step == 0 else [])]
+        for every in (self.every_n_steps, self.histogram_every_n_steps):
+            if every:
+                candidates.append(step + (-(step + 1)) % every)
+        return max(step, min(candidates))

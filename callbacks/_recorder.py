@@ -4,7 +4,7 @@ Exactly one recorder records a fit's monitors: a monitor alone forwards Lightnin
 of its part (``callbacks._monitor``), a ``CallbackGroup`` to the one it makes of all its members' parts.
 
 On every training step it decides, once for all its probes, what each records (``callbacks._cadence``: a pure
-function of the step and the fit's plan). On a step that records anything it attaches one forward hook per
+function of the step and the fit's ends). On a step that records anything it attaches one forward hook per
 watched module (removed when the step ends), hands the probes the outputs, the optimizer steps and the end of
 the step, then reduces every probe's summaries across ranks in one reduction (``callbacks._stats``), lets the
 probes read them, asks the judges, and writes through one writer per logger (``callbacks._writers``). Between
@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from callbacks._background import render, worker
-from callbacks._cadence import Plan, logging_step, plan_fit, step_ends
+from callbacks._cadence import OPEN, Cadence, last_step, logging_step, step_ends
 from callbacks._compile import EagerSteps
 from callbacks._internals import shadow_step_hooks
 from callbacks._stats import Summary
@@ -117,7 +117,8 @@ class Recorder(Callback):
         self._first: int | None = None  # the fit's first step
         self._origin: tuple[int, int] | None = None  # (logging step, global step) at the first batch
         self._rate: float | None = None  # optimizer steps per logging step (manual optimization)
-        self._plan = Plan()
+        self._last_step = OPEN  # the fit's last step, as known at the current one
+        self._cadences: dict[Probe, Cadence] = {}  # each probe's, resolved against the Trainer
         self._rec: Recording | None = None  # the step being recorded
         self._called: list[Probe] = []  # the probes whose step methods run on it (see `_begin`)
         self._tracers: set[Probe] = set()  # the probes that fill trace columns (when it traces)
@@ -159,8 +160,9 @@ class Recorder(Callback):
         writers = writers_for(trainer.loggers)
         # histograms are binned when some logger shows them or the figures drawn from them
         shown = any(w.histograms or w.figures for w in writers)
-        for p in self.probes:
-            p.schedule = p.cadence.resolve(trainer.log_every_n_steps, p.has_histograms and shown, p.has_histograms)
+        self._cadences = {
+            p: p.cadence.resolve(trainer.log_every_n_steps, p.has_histograms and shown) for p in self.probes
+        }
         self._step, self._wake, self._first, self._origin, self._rate = -1, -1, None, None, None
         self._figure_steps, self._data_steps, self._last = {}, {}, {}
         self._figure_errors, self._figure_warned = [], False
@@ -229,8 +231,11 @@ class Recorder(Callback):
             elif step > self._origin[0]:
                 self._rate = (trainer.global_step - self._origin[1]) / (step - self._origin[0]) or None
         self._step = step
-        self._plan = plan_fit(trainer, pl_module, self._first, step, self._rate)
-        moments = {p: m for p in self.probes if (m := p.schedule.moment(step, self._plan)).active}
+        first, last = self._first, last_step(trainer, pl_module, step, self._rate)
+        self._last_step = last
+        moments = {
+            p: m for p, c in self._cadences.items() if (m := c.moment(step, first, last, p.has_histograms)).active
+        }
         for p in moments:
             p.start_states(trainer.strategy.root_device)
         tracing = self._trace is not None
@@ -241,7 +246,7 @@ class Recorder(Callback):
 
     def _next_step(self, step: int) -> int:
         """The first step >= ``step`` on which some probe may record."""
-        candidates = [p.schedule.next_step(step, self._plan) for p in self.probes]
+        candidates = [c.next_step(step, self._last_step) for c in self._cadences.values()]
         if self._origin is not None and self._rate is None:
             candidates.append(self._origin[0] + 1)  # manual optimization: measure the steps per batch
         return min(candidates, default=step)

@@ -101,13 +101,13 @@ class HealthMonitor(CallbackGroup):
             ParameterMonitor(histogram_every_n_steps=histogram_every_n_steps, warn=warn, **cadence),
             UpdateRatioMonitor(warn=warn, **cadence),
         ]
-        self.loss = LossProbe(Cadence(every_n_steps, 0, 0), num_classes)
+        scalars = Cadence(every_n_steps, 0, 0)  # the diagnoses' probes: scalars only, on the monitors' steps
+        self.loss = LossProbe(scalars, num_classes)
         judges = [InitCheck(), LearningRateAdvice(), LossSpikes(), OutlierActivations(), NotZeroCentred()]
         #: the diagnoses: the loss probe and the judges that read every probe; reported, not warned one by one
         self.diagnoses = Part(type(self).__name__, [self.loss], judges, warn=False)
         #: the Transformer instabilities (a model with attention modules, an Adam optimizer; else they watch
         #: nothing): warned as they happen, so that a run can be stopped before it diverges
-        scalars = Cadence(every_n_steps, 0, 0)
         transformer = [AttentionProbe(cadence=scalars), OutputLogitsProbe(cadence=scalars, require_attention=True)]
         transformer_judges = [AttentionLogitGrowth(), AttentionEntropyCollapse(), OutputLogitDivergence()]
         self.transformer = Part(

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import ActivationMonitor, CallbackGroup, HealthMonitor, UpdateRatioMonitor
-from callbacks._cadence import Moment, Plan, Schedule
+from callbacks._cadence import Cadence, Moment
 from callbacks._recorder import Recorder
 from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
 
@@ -148,18 +148,26 @@ def test_sleep_trick_is_active_and_results_are_the_same_without_it(tmp_path, mon
     assert set(with_trick["activation/act/mean"]) == {0, 2, 5}
 
 
-def test_schedule_next_step_and_moments():
-    """The cadence is a pure function of the step and the plan (hand-computed steps)."""
-    schedule = Schedule(n=50, hist_n=500, fig_n=None)
-    plan = Plan(first=0, last=999)
-    assert [schedule.next_step(s, plan) for s in (0, 1, 48, 49, 50, 998, 999)] == [0, 49, 49, 49, 99, 999, 999]
-    assert schedule.moment(0, plan) == Moment(scalars=True, histograms=True, figure=True)  # initialisation
-    assert schedule.moment(49, plan) == Moment(scalars=True, histograms=False, figure=False)
-    assert schedule.moment(499, plan) == Moment(scalars=True, histograms=True, figure=True)
+def test_cadence_next_step_and_moments():
+    """The cadence is a pure function of the step and the fit's first and last steps (hand-computed steps)."""
+    cadence = Cadence(every_n_steps=50, histogram_every_n_steps=500)
+    assert cadence.resolve(log_every_n_steps=7, histograms=True) == cadence  # nothing left to fill
+    assert [cadence.next_step(s, 999) for s in (0, 1, 48, 49, 50, 998, 999)] == [0, 49, 49, 49, 99, 999, 999]
+    assert cadence.moment(0, 0, 999) == Moment(scalars=True, histograms=True, figure=True)  # initialisation
+    assert cadence.moment(49, 0, 999) == Moment(scalars=True, histograms=False, figure=False)
+    assert cadence.moment(499, 0, 999) == Moment(scalars=True, histograms=True, figure=True)
     # at most about five figures over the fit, on histogram steps: the 2 here each have their figure
-    assert [s for s in range(1000) if schedule.moment(s, plan).figure] == [0, 499, 999]
-    assert schedule.figure_every(Plan(0, 9999)) == 2000
-    resumed = Plan(first=120, last=999)  # the first figure of a resumed fit: its first histogram step
-    assert schedule.first_figure(resumed) == 499 and schedule.moment(499, resumed).figure
-    assert Schedule(n=0, hist_n=500, fig_n=None).next_step(1, plan) == 499  # scalars off: histograms only
-    assert Schedule(n=0, hist_n=0, fig_n=None).next_step(1, plan) == 999  # only the final step is left
+    assert [s for s in range(1000) if cadence.moment(s, 0, 999).figure] == [0, 499, 999]
+    # 10,000 steps: 20 histogram steps, a figure every 2000 steps (4 of them apart), plus the first and the last
+    assert [s for s in range(10000) if cadence.moment(s, 0, 9999).figure] == [0, 1999, 3999, 5999, 7999, 9999]
+    # the first figure of a fit resumed at step 120: its first histogram step
+    assert [s for s in range(120, 1000) if cadence.moment(s, 120, 999).figure] == [499, 999]
+    assert Cadence(0, 500).next_step(1, 999) == 499  # scalars off: histograms only
+    assert Cadence(0, 0).next_step(1, 999) == 999  # only the final step is left
+    # the defaults, from the Trainer: scalars every log_every_n_steps, histograms 10x rarer (0: not recorded)
+    assert Cadence().resolve(log_every_n_steps=5, histograms=True) == Cadence(5, 50, None)
+    assert Cadence().resolve(log_every_n_steps=5, histograms=False) == Cadence(5, 0, None)
+    # a probe without histograms has its figures on its scalar steps (here the first and then every 20 steps)
+    scalars_only = Cadence(every_n_steps=5, figure_every_n_steps=20).resolve(log_every_n_steps=1, histograms=False)
+    figures = [s for s in range(100) if scalars_only.moment(s, 0, 99, from_histograms=False).figure]
+    assert figures == [0, 19, 39, 59, 79, 99]

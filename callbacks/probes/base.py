@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from callbacks._cadence import Cadence, Moment, Schedule
+from callbacks._cadence import Cadence, Moment
 from callbacks._stats import Packed, Pool, Summary
 
 if TYPE_CHECKING:
@@ -142,7 +142,6 @@ class Probe:
             raise ValueError(f"Expected `bins` to be an int >= 1, but got {bins!r}.")
         self.cadence = cadence
         self.bins = bins
-        self.schedule = Schedule(0, 0, 0)  # resolved by the recorder in `setup`
         self._states: dict[str, State] = {}  # declared with `add_state`, in declaration order
 
     # -- declared state
