@@ -119,15 +119,13 @@ class Cadence:
         assert n is not None and hist_n is not None, "resolve the cadence first (`Cadence.resolve`)"
         scalars = n > 0 and (step == 0 or (step + 1) % n == 0)  # step 0: the picture at initialisation
         histograms = hist_n > 0 and (step == 0 or step >= last or (step + 1) % hist_n == 0)
-        series = hist_n if from_histograms else n  # the steps a figure is drawn on
-        if fig_n is None and (last >= OPEN or series <= 0):
-            fig_n = 2000 * n
-        elif fig_n is None:
-            fig_n = series * max(1, math.ceil((last + 1) // series / FIGURES_PER_FIT))
-        first_figure = 0 if first == 0 else last if series <= 0 else min(first + (-(first + 1)) % series, last)
-        figure = (histograms if from_histograms else scalars) and (
-            step == first_figure or (fig_n > 0 and (step + 1) % fig_n == 0)
-        )
+        if not (histograms if from_histograms else scalars):
+            return Moment(scalars, histograms, False)  # a figure is drawn on a histogram step, or a scalar step
+        series = hist_n if from_histograms else n  # > 0 here
+        first_figure = 0 if first == 0 else min(first + (-(first + 1)) % series, last)
+        if fig_n is None:  # about FIGURES_PER_FIT over a fit of known length
+            fig_n = 2000 * n if last >= OPEN else series * max(1, math.ceil((last + 1) // series / FIGURES_PER_FIT))
+        figure = step == first_figure or (fig_n > 0 and (step + 1) % fig_n == 0)
         return Moment(scalars, histograms, figure)
 
     def next_step(self, step: int, last: int) -> int:
