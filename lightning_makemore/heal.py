@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,10 +229,28 @@ def _fit(args: list[str]) -> Round:
 
     started = time.perf_counter()
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it is given args and sys.argv has others
+    # Ctrl-C inside a fit: Lightning shuts it down, then exits with status 1 and leaves SIGINT ignored; the loop
+    # wants it as a KeyboardInterrupt, and the next Ctrl-C to work
+    pressed = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         cli = main(["fit", *args])
+    except SystemExit:
+        if pressed:
+            raise KeyboardInterrupt from None
+        raise
     finally:
         sys.argv = argv
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     seconds = time.perf_counter() - started
     if cli is None or cli.trainer.interrupted:
         raise KeyboardInterrupt
@@ -312,7 +332,7 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
     done.append(first)
     path = Path(first.folder) / "heal.md" if first.folder else None
     best, tried = first, set()
-    note = ""
+    note, interrupted = "", False
     try:
         for number in range(1, rounds + 1):
             options = _candidates(best, tried)
@@ -338,6 +358,7 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
             done.append(r)
             _write(path, render(done, noise))
     except KeyboardInterrupt:
+        interrupted = True
         note = f"Interrupted during round {len(done)}: the rounds above finished and are kept as they were."
     _write(path, render(done, noise, note))
     print("\n" + _table(done))
@@ -346,6 +367,8 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
     print(f"\nkept run: {best.folder}\n  {shlex.join(['python', 'train.py', 'fit', *best.flags])}")
     if path is not None:
         print(f"heal report: {path}")
+    if interrupted:
+        sys.exit(130)  # Ctrl-C's exit status, once the finished rounds are reported
     return done
 
 

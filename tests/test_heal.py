@@ -109,3 +109,33 @@ def test_flags_for_each_action_and_fix_strings():
 def test_a_bad_fix_flag_fails_in_one_line(tmp_path, small_corpus):
     proc = train(["fit", "--fix", "shrink:net.head:2", *SHORT, *QUIET], tmp_path, small_corpus, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: Expected --fix KIND:TARGETS:VALUE")
+
+
+def test_ctrl_c_during_a_round_keeps_the_finished_rounds_and_exits_130(tmp_path, small_corpus):
+    """Ctrl-C (SIGINT) once the first retrain has started: heal.md lists the run as given and says where it
+    stopped, nothing half-written is left, no traceback, exit status 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MAKEMORE_NAMES": str(small_corpus)}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "heal", *ORIGINAL, *SHORT, *QUIET],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    second = tmp_path / "lightning_logs" / "version_1"  # the first retrain's folder
+    deadline = time.monotonic() + 240
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "heal ended before its first retrain: nothing to interrupt"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    report = (tmp_path / "lightning_logs" / "version_0" / "heal.md").read_text()
+    rows = [line for line in report.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 1 and "| start |" in rows[0]  # the run as given, finished before Ctrl-C
+    assert "Interrupted during round 1: the rounds above finished and are kept as they were." in report
+    assert "Interrupted during round 1" in out and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.md.tmp"))  # nothing half-written
