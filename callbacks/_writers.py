@@ -186,7 +186,8 @@ class TensorBoardWriter(Writer):
             LOSS_CHART: ["Multiline", [LOSS_PATTERN]],
             LR_CHART: ["Multiline", [LR_PATTERN]],
         }
-        for c in sorted(self._charts.values(), key=lambda c: c.order):
+        # numbered charts first, by number; the others after them as first written (a stable sort keeps that order)
+        for c in sorted(self._charts.values(), key=lambda c: (c.order is None, c.order or 0)):
             charts[c.title] = ["Multiline", [f"^{re.escape(c.series)}$"]]
         return {CATEGORY: charts}
 

@@ -82,3 +82,17 @@ def test_tensorboard_serves_the_layout_and_every_charts_tags(tmp_path):
         saturation = (h.abs() > 0.97).float().mean().item()
         for _wall, _step, value in served[titles[2]]["layers/act (Tanh): activation/saturation"]:
             assert value == pytest.approx(saturation)
+
+
+def test_charts_without_an_order_follow_the_numbered_ones_as_first_written(tmp_path):
+    """A new probe's chart needs no slot: the numbered (built-in) charts by number, then the others as first seen."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks._writers import CATEGORY, LOSS_CHART, LR_CHART, TensorBoardWriter
+    from callbacks.probes.base import Chart, Scalar
+
+    writer = TensorBoardWriter(TensorBoardLogger(tmp_path))
+    mine, theirs = Chart("mine", "mine/x"), Chart("theirs", "theirs/x")
+    late, early = Chart("late", "late/x", order=60), Chart("early", "early/x", order=10)
+    writer.scalars([Scalar(f"{c.series}/a", 1.0, "a", c) for c in (mine, late, theirs, early)], step=0)
+    assert list(writer.layout()[CATEGORY]) == [LOSS_CHART, LR_CHART, "early", "late", "mine", "theirs"]

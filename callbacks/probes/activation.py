@@ -44,9 +44,11 @@ class Activations:
 
 
 CHARTS = {
-    "saturation": Chart("activation saturation: share near the bounds (tanh: |y| > 0.97)", 10, "activation/saturation"),
-    "dead": Chart("dead units: share never positive in the batch (ReLU-like)", 20, "activation/dead"),
-    "std": Chart("activation std", 30, "activation/std"),
+    "saturation": Chart(
+        "activation saturation: share near the bounds (tanh: |y| > 0.97)", "activation/saturation", order=10
+    ),
+    "dead": Chart("dead units: share never positive in the batch (ReLU-like)", "activation/dead", order=20),
+    "std": Chart("activation std", "activation/std", order=30),
 }
 
 

@@ -54,7 +54,9 @@ class AdamEps:
     params: list[EpsParam]  # in the model's named_parameters() order
 
 
-CHART = Chart("Adam: share of elements where ε dominates sqrt(v_hat) (high: a smaller ε)", 83, "adam_eps/dominated")
+CHART = Chart(
+    "Adam: share of elements where ε dominates sqrt(v_hat) (high: a smaller ε)", "adam_eps/dominated", order=83
+)
 
 
 def is_adam(optimizer: Any) -> bool:

@@ -82,9 +82,11 @@ class Attention:
 
 CHARTS = {
     "logit_max": Chart(
-        "attention logits: max |q·k|/√d per layer (growth: qk-layernorm or a lower lr)", 80, "attention/logit_max"
+        "attention logits: max |q·k|/√d per layer (growth: qk-layernorm or a lower lr)", "attention/logit_max", order=80
     ),
-    "entropy": Chart("attention entropy, share of uniform (near 0: one-hot attention)", 81, "attention/entropy_share"),
+    "entropy": Chart(
+        "attention entropy, share of uniform (near 0: one-hot attention)", "attention/entropy_share", order=81
+    ),
 }
 
 

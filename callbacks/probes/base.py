@@ -49,13 +49,14 @@ class State:
 
 @dataclass(frozen=True)
 class Chart:
-    """A dashboard chart of one statistic of every layer: ``title``, its place (``order``), the series tag each
-    layer's line is written under on TensorBoard (each layer a run of its own, so it has its own colour), and a
+    """A dashboard chart of one statistic of every layer: ``title``, the series tag each layer's line is written
+    under on TensorBoard (each layer a run of its own, so it has its own colour), its place (``order``: the built-in
+    charts take 10-83; None, a new probe's default: after every numbered chart, in the order first written) and a
     constant ``guide`` line drawn with them (None: none)."""
 
     title: str
-    order: int
     series: str
+    order: int | None = None
     guide: float | None = None
 
 

@@ -39,7 +39,7 @@ class Gradients:
     layers: list[LayerGradient]  # in the order the modules were selected
 
 
-CHART = Chart("activation gradient std (similar in every layer is healthy)", 40, "activation_grad/std")
+CHART = Chart("activation gradient std (similar in every layer is healthy)", "activation_grad/std", order=40)
 
 
 def data_parallel_size(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:

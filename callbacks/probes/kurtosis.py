@@ -50,7 +50,8 @@ class Kurtosis:
     layers: list[LayerMoments]  # in the order the modules were selected
 
 
-CHART = Chart("activation kurtosis: 3 for a Gaussian; outlier features push it far above", 70, "activation_kurtosis")
+# no `order`: a new probe's chart goes after the built-in ones, no slot to pick
+CHART = Chart("activation kurtosis: 3 for a Gaussian; outlier features push it far above", "activation_kurtosis")
 
 
 def moments(count: float, s1: float, s2: float, s3: float, s4: float) -> tuple[float, float]:

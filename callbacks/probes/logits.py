@@ -43,7 +43,9 @@ class OutputLogits:
     spread: float  # mean over positions of max - min
 
 
-CHART = Chart("output logits: mean log Z (logsumexp; far from 0: output logit divergence, add z-loss)", 82, "logits")
+CHART = Chart(
+    "output logits: mean log Z (logsumexp; far from 0: output logit divergence, add z-loss)", "logits", order=82
+)
 
 
 class OutputLogitsProbe(Probe):

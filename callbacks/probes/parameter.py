@@ -101,7 +101,7 @@ class ParameterGradients:
     biases_before_norm: list[tuple[str, str]]  # (bias, "norm (BatchNorm1d)"): biases a batch norm subtracts
 
 
-CHART = Chart("weight grad:data ratio (grad std / weight std)", 50, "param_grad/grad_to_data")
+CHART = Chart("weight grad:data ratio (grad std / weight std)", "param_grad/grad_to_data", order=50)
 
 
 class ParameterProbe(Probe):

@@ -51,7 +51,10 @@ SAMPLE = 64
 #: the lecture's guide line: an update about a thousandth of the weight
 GUIDE = -3.0
 CHART = Chart(
-    "update:data ratio, log10: about -3 is healthy (> -2 lr too high, < -4 too low)", 60, "update_ratio", GUIDE
+    "update:data ratio, log10: about -3 is healthy (> -2 lr too high, < -4 too low)",
+    "update_ratio",
+    order=60,
+    guide=GUIDE,
 )
 
 
