@@ -44,14 +44,16 @@ def test_heal_keeps_the_fixes_that_lower_the_val_loss(sick):
     assert all(r[4] != "kept" or float(r[3]) < vals[0] for r in rows)  # never kept worse than the start
 
 
-def test_heal_on_problems_without_an_applicable_fix_says_so_in_one_line(tmp_path, small_corpus):
-    # BatchNorm at SGD lr 3: the monitors' update ratio says too high (no action: the end-of-fit advice carries
-    # it), the calibrated advice finds the loss plateaued, not rising: nothing to apply
+def test_heal_does_not_retrain_on_the_update_ratio_alone(tmp_path, small_corpus):
+    # BatchNorm at SGD lr 3: the update ratio says too high (a note), the calibrated advice finds the loss
+    # plateaued, not rising (a note): no problem, so nothing is retrained on the ratio's word alone
     config = ["--config", str(ROOT / "configs" / "lecture" / "batchnorm.yaml"), "--model.lr", "3"]
     proc = train(["heal", *config, *SHORT, *QUIET], tmp_path, small_corpus)
-    assert "The report names 1 problem(s), none with a fix train.py can apply: nothing to retrain." in proc.stdout
+    assert "The run is healthy: nothing to fix." in proc.stdout
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
-    assert "nothing to retrain" in (tmp_path / "lightning_logs" / "version_0" / "heal.md").read_text()
+    health = (tmp_path / "lightning_logs" / "version_0" / "health.md").read_text()
+    assert "updates are large" in health and "weighs it against the loss" in health  # the note, with why
+    assert "nothing to fix" in (tmp_path / "lightning_logs" / "version_0" / "heal.md").read_text()
 
 
 def test_the_reports_rerun_command_parses_as_train_py_flags(sick, small_corpus):
