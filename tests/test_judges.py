@@ -153,6 +153,20 @@ def test_learning_rate_takes_each_ratio_at_the_peak_learning_rate():
     assert f.key == "lr/low" and "at the peak learning rate so far is -4.20 < -4.0" in f.message
 
 
+def test_the_peak_learning_rate_is_read_from_a_history_growing_in_place():
+    # the probe appends to each parameter's lr list every recorded step; the judge reads each new entry once
+    from callbacks.judges.health import _Peaks
+
+    peaks, lrs = _Peaks(), [1e-4]
+    shifts = [peaks.below_peak("a", lrs)]
+    for lr in (1e-3, 1e-4, math.nan, 1e-5):
+        lrs.append(lr)
+        shifts.append(peaks.below_peak("a", lrs))
+    assert shifts == pytest.approx([0.0, 0.0, 1.0, 0.0, 2.0])  # NaN last: the lr is not known
+    assert peaks.below_peak("a", [1e-5]) == 0.0  # another list (a new fit): read from its start
+    assert peaks.below_peak("a", [2e-5, 1e-5, 1e-5]) == pytest.approx(math.log10(2))
+
+
 def test_nonfinite_names_the_first_module_in_forward_order():
     judge = NonFinite(Activations)
     late = tanh("late")

@@ -73,6 +73,17 @@ def test_summary_against_numpy(kind, reads_free):
     assert -maxes[NEG_MIN] == finite.min() and maxes[MAX] == finite.max()
 
 
+@pytest.mark.parametrize("kind", ["normal", "nan_inf", "one", "int", "bf16", "mixed", "strided"])
+def test_small_cpu_tensors_get_the_same_numbers_as_the_chunked_passes(kind, monkeypatch):
+    # the CPU's small-tensor path (fewer tensor operations) reads the same passes: bit-identical, not close
+    x = _tensor(kind)
+    fast = [summarise(x, saturation=(0.0, 0.97), relu_like=True), summarise(x, saturation=(0.5, 0.485))]
+    monkeypatch.setattr(_stats, "_summarise_small", lambda *args: None)
+    chunked = [summarise(x, saturation=(0.0, 0.97), relu_like=True), summarise(x, saturation=(0.5, 0.485))]
+    for a, b in zip(fast, chunked, strict=True):
+        assert a.sums.tolist() == b.sums.tolist() and a.maxes.tolist() == b.maxes.tolist()
+
+
 def test_empty_tensor_is_the_identity_of_the_reductions():
     part = summarise(torch.empty(0, 3), histogram=True)
     assert part.sums.tolist() == [0.0] * 7 and part.maxes.tolist() == [-math.inf] * 3 and not part.grids

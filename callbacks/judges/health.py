@@ -197,10 +197,11 @@ class LearningRate(Judge):
     def __init__(self, low: float, high: float, patience: int) -> None:
         super().__init__()
         self.low, self.high, self.patience = low, high, patience
+        self._peaks = _Peaks()
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         ratios = readouts[UpdateRatios]
-        shifts = {n: _below_peak(ratios.lrs.get(n, [])) for n in ratios.ratios}
+        shifts = {n: self._peaks.below_peak(n, ratios.lrs.get(n, [])) for n in ratios.ratios}
         finite = sorted((v + shifts[n], n) for n, v in ratios.ratios.items() if math.isfinite(v))
         if not finite:
             return []
@@ -225,13 +226,27 @@ class LearningRate(Judge):
         return found
 
 
-def _below_peak(lrs: list[float]) -> float:
-    """``log10(peak / lr)``: how many decades the last learning rate of ``lrs`` is below the highest so far (0: none
-    known)."""
-    known = [lr for lr in lrs if math.isfinite(lr) and lr > 0]
-    if not known or not math.isfinite(lrs[-1]) or lrs[-1] <= 0:
-        return 0.0
-    return math.log10(max(known) / lrs[-1])
+class _Peaks:
+    """Each parameter's highest learning rate so far, read from its growing history one new entry at a time (the
+    history has an entry per recorded step: rescanning it every step would cost quadratic time over a fit)."""
+
+    def __init__(self) -> None:
+        self._read: dict[str, tuple[list[float], int, float]] = {}  # name -> (its history, entries read, peak)
+
+    def below_peak(self, name: str, lrs: list[float]) -> float:
+        """``log10(peak / lr)``: how many decades the last learning rate of ``lrs`` is below the highest so far (0:
+        none known)."""
+        known, read, peak = self._read.get(name, (lrs, 0, 0.0))
+        if known is not lrs or read > len(lrs):  # another list (a reset, a checkpoint loaded): read it all
+            read, peak = 0, 0.0
+        for lr in lrs[read:]:
+            if lr > peak and math.isfinite(lr):
+                peak = lr
+        self._read[name] = (lrs, len(lrs), peak)
+        last = lrs[-1] if lrs else math.nan
+        if peak <= 0 or not math.isfinite(last) or last <= 0:
+            return 0.0
+        return math.log10(peak / last)
 
 
 class NonFinite(Judge):
