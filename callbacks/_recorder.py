@@ -259,6 +259,10 @@ class Recorder(Callback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._in_backward = True
+        rec = self._rec
+        if rec is not None:
+            for p in self._called:
+                rec.guard(p.before_backward)(rec)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from callbacks._cadence import Cadence
 from callbacks._recorder import Part, Recorder
 from callbacks.judges.base import Judge
+from callbacks.probes import adam as adam_probe
 from callbacks.probes.adam import AdamEpsProbe
 from callbacks.probes.logits import OutputLogitsProbe
 from tests.callbacks_helpers import trainer
@@ -127,7 +128,10 @@ class StateAfterStep(Callback):
         ("adamw", {"fused": True, "amsgrad": True, "eps": 1.0}),  # eps far above sqrt(v): it dominates
     ],
 )
-def test_adam_eps_against_the_state(tmp_path, optimizer, opt):
+@pytest.mark.parametrize("batch", [None, 7], ids=["one_batch", "split_chunks"])
+def test_adam_eps_against_the_state(tmp_path, optimizer, opt, batch, monkeypatch):
+    if batch is not None:  # every parameter split into chunks of 7 elements, batches flushed mid-parameter
+        monkeypatch.setattr(adam_probe, "BATCH", batch)
     torch.manual_seed(0)
     ref = StateAfterStep()
     keep = _fit(tmp_path, Net(optimizer, **opt), AdamEpsProbe(Cadence(2, 0)), [ref])

@@ -32,6 +32,10 @@ from callbacks.probes.base import Chart, Probe, Recording, Scalar
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from torch import Tensor
+
+#: elements of optimizer state read in one batch of whole-batch operations (about a dozen float64 temporaries of it)
+BATCH = CHUNK // 4
 
 
 @dataclass
@@ -106,7 +110,11 @@ class AdamEpsProbe(Probe):
                 self._read(optimizer)
 
     def _read(self, optimizer: torch.optim.Optimizer) -> None:
-        device = self.elements.device
+        """Adds ``optimizer``'s state to this step's sums: its parameters' flat chunks batched up to :data:`BATCH`
+        elements, each batch in a few whole-batch operations (a model's many small parameters cost as few tensor
+        operations as one large one; the temporaries stay bounded by the batch)."""
+        batch: list[tuple[int, Tensor, Tensor, float, float, float]] = []  # (entry, v, m, c1, c2, eps) per chunk
+        size = 0
         for group in optimizer.param_groups:
             beta1, beta2 = (float(b) for b in group["betas"])
             eps = float(group["eps"])
@@ -118,29 +126,36 @@ class AdamEpsProbe(Probe):
                 v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
                 m = state["exp_avg"]
                 c1, c2 = 1 - beta1**t, 1 - beta2**t
-                acc = torch.zeros(5, dtype=torch.float64, device=v.device)
-                for v_part, m_part in zip(
-                    v.detach().reshape(-1).split(CHUNK), m.detach().reshape(-1).split(CHUNK), strict=True
-                ):
-                    root = (v_part.double() / c2).sqrt()  # sqrt(v_hat)
-                    denom = root + eps
-                    u = (m_part.double() / c1) / denom
-                    acc += torch.stack(
-                        [
-                            torch.tensor(float(root.numel()), dtype=torch.float64, device=v.device),
-                            (root < eps).sum(dtype=torch.float64),
-                            (eps / denom).sum(),
-                            root.square().sum(),
-                            u.square().sum(),
-                        ]
-                    )
-                acc = acc.to(device)
-                self.elements[i] += acc[0]
-                self.dominated_count[i] += acc[1]
-                self.shrink_sum[i] += acc[2]
-                self.v_sum[i] += acc[3]
-                self.update_sq[i] += acc[4]
-                self.eps[i] = torch.maximum(self.eps[i], torch.tensor(eps, dtype=torch.float64, device=device))
+                flat_v, flat_m = v.detach().reshape(-1), m.detach().reshape(-1)
+                for v_part, m_part in zip(flat_v.split(BATCH), flat_m.split(BATCH), strict=True):
+                    if batch and (size + v_part.numel() > BATCH or v_part.device != batch[0][1].device):
+                        self._add(batch)
+                        batch, size = [], 0
+                    batch.append((i, v_part, m_part, c1, c2, eps))
+                    size += v_part.numel()
+        if batch:
+            self._add(batch)
+
+    def _add(self, batch: list[tuple[int, Tensor, Tensor, float, float, float]]) -> None:
+        """One batch of chunks (on one device): per chunk, the element count, the count where ε dominates, the sum
+        of ``ε / (sqrt(v_hat) + ε)``, of ``v_hat`` and of the squared normalised update, added to its entry."""
+        device, f64 = batch[0][1].device, torch.float64
+        lengths = torch.tensor([v.numel() for _, v, *_ in batch], device=device)
+        per_chunk = torch.tensor([c for *_, c1, c2, eps in batch for c in (c1, c2, eps)], dtype=f64, device=device)
+        c1, c2, eps = per_chunk.reshape(-1, 3).repeat_interleave(lengths, dim=0).unbind(1)  # per element
+        root = torch.cat([v for _, v, *_ in batch]).to(f64).div_(c2).sqrt_()  # sqrt(v_hat)
+        denom = root + eps
+        update = torch.cat([m for _, _, m, *_ in batch]).to(f64).div_(c1).div_(denom)  # m_hat / (sqrt(v_hat) + ε)
+        values = torch.stack([(root < eps).to(f64), eps / denom, root.square_(), update.square_()])  # (4, elements)
+        chunk_of = torch.arange(len(batch), device=device).repeat_interleave(lengths)
+        sums = torch.zeros(4, len(batch), dtype=f64, device=device).index_add_(1, chunk_of, values)
+        target = self.elements.device
+        entries = torch.tensor([i for i, *_ in batch], device=target)
+        self.elements.index_add_(0, entries, lengths.to(target, f64))
+        states = (self.dominated_count, self.shrink_sum, self.v_sum, self.update_sq)
+        for state, row in zip(states, sums.to(target), strict=True):
+            state.index_add_(0, entries, row)
+        self.eps.scatter_reduce_(0, entries, per_chunk.reshape(-1, 3)[:, 2].to(target), "amax")
 
     def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> AdamEps | None:
         params = []
