@@ -175,6 +175,40 @@ def test_the_function_mode_is_off_after_the_checked_steps_and_after_an_exception
     assert torch.overrides._get_current_function_mode_stack() == []
 
 
+class ModesSeen(L.Callback):
+    """The function modes on at each point of the first steps (torch's only way to see the stack)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, int]] = []
+
+    def _note(self, trainer, where: str) -> None:
+        if trainer.global_step < 2:
+            self.seen.append((where, trainer.global_step, len(torch.overrides._get_current_function_mode_stack())))
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._note(trainer, "loss computed")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._note(trainer, "backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._note(trainer, "optimizer step")
+
+
+def test_the_function_mode_watches_the_forward_only(tmp_path):
+    # the backward and the optimizer's step (Adam's foreach ops: hundreds of calls) run without the mode
+    modes = ModesSeen()
+    fit(Classifier("softmax then cross_entropy"), tmp_path, [modes, HealthMonitor(report=False, warn=False)])
+    assert modes.seen == [
+        ("loss computed", 0, 1),  # (called before the monitor's hook, which turns the mode off)
+        ("backward", 0, 0),
+        ("optimizer step", 0, 0),
+        ("loss computed", 1, 1),  # step 1: recorded (every 2 steps), still among the checked ones
+        ("backward", 1, 0),
+        ("optimizer step", 1, 0),
+    ]
+
+
 def test_bad_arguments_say_what_to_pass():
     with pytest.raises(ValueError, match="`checked_steps` to be an int >= 0"):
         LossInputProbe(checked_steps=-1)

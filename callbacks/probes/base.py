@@ -214,11 +214,15 @@ class Probe:
     def on_output(self, rec: Recording, name: str, output: Tensor) -> None:
         """A watched module's forward output (the first floating-point tensor of it).
 
-        The three step methods are called on the steps this probe records (``self in rec.moments``), and only
+        The step methods (this one, :meth:`before_backward`, :meth:`before_optimizer_step`, :meth:`end_step`) are
+        called on the steps this probe records (``self in rec.moments``), and only
         there, unless it traces: a probe with :meth:`trace_columns` is also called on every step while the recorder
         traces (``rec.tracing``), and one that records more than its trace returns after its trace when
         ``self not in rec.moments`` (a step that is only traced).
         """
+
+    def before_backward(self, rec: Recording) -> None:
+        """The loss of a micro-batch is computed and its backward is about to start."""
 
     def before_optimizer_step(self, rec: Recording, optimizer: Optimizer) -> None:
         """Right before ``optimizer`` steps: its gradients are final."""

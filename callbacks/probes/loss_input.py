@@ -10,7 +10,8 @@ opposite: it wants *log-probabilities* (``log_softmax`` first); given probabilit
 
 The probe sees every call of those two functions in the training step, whoever makes it (``F.cross_entropy``,
 ``nn.CrossEntropyLoss``, a ``from torch.nn.functional import cross_entropy``), through a ``TorchFunctionMode`` that is
-on only during the first :data:`CHECKED_STEPS` steps it records (from the start of the step to its end), and counts
+on only during the first :data:`CHECKED_STEPS` steps it records, from the start of the step until its loss is computed
+(Lightning's ``on_before_backward``: the first micro-batch's forward, with gradient accumulation), and counts
 the input rows (one per sample and position) that are probabilities (each ``>= 0``, summing to 1) or, for
 ``nll_loss``, not log-probabilities (``logsumexp`` over the classes not 0). The counts are ``"sum"`` states: every
 rank's rows add up. It writes nothing; :class:`callbacks.judges.loss_input.LossInputCheck` reads it.
@@ -104,7 +105,7 @@ class LossInputProbe(Probe):
     def detach(self) -> None:
         self.stop()
 
-    # -- a recorded step: the mode is on from its start to its end (or an exception)
+    # -- a recorded step: the mode is on from its start until the backward (or an exception)
     def start_states(self, device: torch.device) -> None:
         super().start_states(device)
         self._checking = self._usable and self._checks < self.checked_steps
@@ -118,6 +119,9 @@ class LossInputProbe(Probe):
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
+
+    def before_backward(self, rec: Recording) -> None:
+        self.stop()  # the loss is computed: the backward and the optimizer's step run without the mode
 
     def end_step(self, rec: Recording, outputs: Any) -> None:
         if self in rec.moments:
