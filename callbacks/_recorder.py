@@ -234,7 +234,9 @@ class Recorder(Callback):
         first, last = self._first, last_step(trainer, pl_module, step, self._rate)
         self._last_step = last
         moments = {
-            p: m for p, c in self._cadences.items() if (m := c.moment(step, first, last, p.has_histograms)).active
+            p: m
+            for p, c in self._cadences.items()
+            if (m := c.moment(step, first, last, p.has_histograms)).active and p.watching(trainer)
         }
         for p in moments:
             p.start_states(trainer.strategy.root_device)

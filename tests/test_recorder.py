@@ -161,7 +161,9 @@ def test_a_probe_that_does_not_trace_is_called_only_on_the_steps_it_records(tmp_
     traces = {type(p).__name__ for p in monitor.recorder.probes if type(p).trace_columns is not Probe.trace_columns}
     assert traces == {"ActivationProbe", "ParameterProbe", "UpdateProbe", "LossProbe"}
     silent = {name for name, _, _ in calls} - traces
-    assert {"GradientProbe", "LossInputProbe", "AdamEpsProbe"} <= silent  # (SGD: Adam's probe is called, reads none)
+    assert {"GradientProbe", "LossInputProbe"} <= silent
+    # SGD, no attention module: the Adam and Transformer probes watch nothing and are never called (`watching`)
+    assert not {"AdamEpsProbe", "AttentionProbe", "OutputLogitsProbe"} & {name for name, _, _ in calls}
     # steps 0 (initialisation), 2 and 5 (every 3) are recorded (no histograms: no final step); 1, 3, 4, 6 only traced
     assert {step for name, step, _ in calls if name in silent} == {0, 2, 5}
     assert all(recorded for name, _, recorded in calls if name in silent)

@@ -99,6 +99,9 @@ class AdamEpsProbe(Probe):
             self.add_state(name, "sum", n)
         self.add_state("eps", "max", n)
 
+    def watching(self, trainer: pl.Trainer) -> bool:
+        return bool(self.names) and any(is_adam(o) for o in trainer.optimizers)
+
     def detach(self) -> None:
         self.names, self._index = [], {}
 

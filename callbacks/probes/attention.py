@@ -160,6 +160,9 @@ class AttentionProbe(Probe):
         self.add_state("query_rows", "sum", n)  # query rows of the calls, times heads and batch
         self.add_state("head_count", "max", n)
 
+    def watching(self, trainer: pl.Trainer) -> bool:
+        return bool(self.layers)  # no attention module: the tap never goes on
+
     def detach(self) -> None:
         self.stop()
         self.layers, self.tap = [], None

@@ -199,6 +199,13 @@ class Probe:
         recorder stops, at the end of fit and on an exception, which a step cut short never reaches ``end_step`` from.
         Safe to call at any time, and again."""
 
+    def watching(self, trainer: pl.Trainer) -> bool:
+        """Whether it has anything to record in this fit, asked at the start of each step it would record (after
+        :meth:`attach`; the same answer on every rank). False (a Transformer probe on a model without attention, the
+        Adam probe without an Adam optimizer): the recorder leaves it out of the step altogether (no states, no
+        readout; the judges that read it are not asked). True by default."""
+        return True
+
     def watched_modules(self) -> Sequence[tuple[str, nn.Module]]:
         """``(name, module)`` whose forward outputs go to :meth:`on_output` on recorded steps."""
         return ()

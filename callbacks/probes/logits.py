@@ -108,6 +108,9 @@ class OutputLogitsProbe(Probe):
                 last = (tag_name(name), module)
         self.watched = [last] if last is not None else []
 
+    def watching(self, trainer: pl.Trainer) -> bool:
+        return bool(self.watched)
+
     def detach(self) -> None:
         self.watched = []
 
