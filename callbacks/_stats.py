@@ -423,13 +423,14 @@ class Pool:
         sums = torch.zeros(k, N_SUM, dtype=_F64, device=device)
         maxes = torch.full((k, 4), -math.inf, dtype=_F64, device=device)
         try:
-            for i, t in enumerate(tags):
-                entry = self._entries.get(t)
-                if entry is not None:
-                    sums[i] = entry.sums
-                    maxes[i, :3] = entry.maxes
-            # the lowest rank with NaN/inf wins the max of -rank
-            maxes[:, NEG_RANK] = torch.where(sums[:, NONFINITE] > 0, float(-rank), -math.inf)
+            if k:  # one stack per vector (a tag no call added: the identities)
+                entries = [self._entries.get(t) for t in tags]
+                none_sums, none_maxes = sums[0], maxes[0, :3]
+                sums = torch.stack([_on(e.sums, device) if e is not None else none_sums for e in entries])
+                seen = torch.stack([_on(e.maxes, device) if e is not None else none_maxes for e in entries])
+                # the lowest rank with NaN/inf wins the max of -rank
+                neg_rank = torch.where(sums[:, NONFINITE] > 0, float(-rank), -math.inf)
+                maxes = torch.cat([seen, neg_rank.to(_F64).unsqueeze(1)], dim=1)
         except Exception as e:  # join the collectives anyway; raised below
             error = error or e
             sums.zero_()
@@ -481,6 +482,11 @@ class Pool:
                 " stopping every rank instead of waiting for it."
             )
         return host
+
+
+def _on(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` on ``device``, copied only when it is elsewhere (a model split over devices)."""
+    return x if x.device == device else x.to(device)
 
 
 def _coarsen(maxes: Tensor, grids: list[tuple[Tensor, Tensor, Tensor]], bins: int) -> tuple[Tensor, Tensor, Tensor]:
