@@ -954,6 +954,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--quick", action="store_true", help="a tiny model: checks that the script runs")
+    parser.add_argument(
+        "--small", action="store_true", help="a small GPT (4 blocks, width 128, 4 heads, context 128): issue 26's"
+    )
     parser.add_argument("--profile", choices=ROWS, help="one fit of this row under cProfile, top lines")
     parser.add_argument("--memory", action="store_true", help="peak memory of a recorded step (one process a case)")
     parser.add_argument("--memory-case", choices=MEMORY_CASES, help=argparse.SUPPRESS)
@@ -980,6 +983,8 @@ def main(argv: list[str] | None = None) -> None:
         memory(args)
         return
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16) if args.quick else GPTConfig()
+    if args.small:  # issue 26's model: about 85 ms a step on a 2-core AMD EPYC
+        cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128)
     if args.quick:
         args.batch = 4
     rows = args.rows or [
