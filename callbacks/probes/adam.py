@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch import Tensor
 
-#: elements of optimizer state read in one batch of whole-batch operations (about a dozen float64 temporaries of it)
-BATCH = CHUNK // 4
+#: elements of optimizer state read in one batch of whole-batch operations: about a dozen float64 temporaries of it
+#: (~7 MiB), so a recorded step's peak memory barely moves, while a model's many small parameters share a batch
+BATCH = CHUNK // 16
 
 
 @dataclass
