@@ -922,10 +922,11 @@ def code_path() -> str:
     return str(Path(callbacks.__file__).parent)
 
 
-def seconds_in_callbacks(stats: pstats.Stats) -> float:
-    """CPU seconds spent in the measured `callbacks/` package, counted where it is entered from outside it
-    (Lightning's hook calls, the modules' forward hooks, autograd's tensor hooks): each call into it once."""
-    package = code_path() + os.sep
+def seconds_in_callbacks(stats: pstats.Stats, package: str | None = None) -> float:
+    """CPU seconds spent in the measured `callbacks/` package (or in ``package``, a path prefix inside it), counted
+    where it is entered from outside it (Lightning's hook calls, the modules' forward hooks, autograd's tensor
+    hooks, the recorder calling a probe): each call into it once."""
+    package = package or code_path() + os.sep
     inside = 0.0
     for func, (_, _, _, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
         if not func[0].startswith(package):
@@ -934,6 +935,13 @@ def seconds_in_callbacks(stats: pstats.Stats) -> float:
             if not caller[0].startswith(package):
                 inside += edge[3]  # cumulative time of the calls along this edge
     return inside
+
+
+def seconds_by_probe(stats: pstats.Stats) -> dict[str, float]:
+    """CPU seconds inside each probe module of the measured package (``callbacks/probes/*.py``), as above."""
+    probes = Path(code_path()) / "probes"
+    seconds = {f.stem: seconds_in_callbacks(stats, str(f)) for f in sorted(probes.glob("*.py"))}
+    return {name: s for name, s in seconds.items() if s > 0}
 
 
 def has_health_monitor() -> bool:
@@ -1011,6 +1019,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"inside callbacks/ (entered from outside it): {inside:.3f} s CPU of the window's {x['cpu']:.2f} s"
                 f" ({100 * inside / x['cpu']:.2f} %); code: {code_path()}"
             )
+            by_probe = seconds_by_probe(stats)
+            print("of which in the probes: " + ", ".join(f"{name} {s:.3f} s" for name, s in by_probe.items()))
             if args.json:
                 args.json.write_text(json.dumps({"code": code_path(), "profile": args.profile, "inside": inside, **x}))
             stats.sort_stats("tottime").print_stats(25)  # torch ops show as built-in methods

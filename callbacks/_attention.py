@@ -185,20 +185,22 @@ def _accumulate(
 ) -> None:
     """Adds one block of logits ``s`` (nb, nh, m, S) to the per-head accumulators (in place)."""
     a = s.abs()
-    block_max = a.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3)).double()
+    left_out = ~allowed
+    block_max = a.masked_fill(left_out, -math.inf).amax(dim=(0, 2, 3)).double()
     max_abs[heads] = torch.maximum(max_abs[heads], block_max)
-    z = (s + bias if bias is not None else s).masked_fill(~allowed, -math.inf)
+    z = (s + bias if bias is not None else s).masked_fill_(left_out, -math.inf)
     n_allowed = allowed.sum(-1)  # (nb, nh, m)
-    has = n_allowed > 0
-    logp = torch.log_softmax(z.masked_fill(~has[..., None], 0.0), dim=-1)
-    ent = -(logp.exp() * logp).masked_fill(~allowed, 0.0).sum(-1)  # (nb, nh, m)
-    ent = ent.masked_fill(~has, 0.0)
+    # a row with no allowed key is all -inf: NaN here, and all of it left out below (entropy 0, not counted)
+    logp = torch.log_softmax(z, dim=-1)
+    ent = (logp.exp() * logp).masked_fill_(left_out, 0.0).sum(-1).neg_()  # (nb, nh, m)
     entropy[heads] += ent.double().sum(dim=(0, 2))
     uniform[heads] += n_allowed.clamp_min(1).double().log().sum(dim=(0, 2))
-    rows[heads] += has.double().sum(dim=(0, 2))
-    values = a[allowed]
-    pos = (torch.log2(values.clamp_min(2.0**LOW)).sub_(LOW).mul_(PER_OCTAVE)).floor_().clamp_(0, LOG_BINS - 1)
-    hist.scatter_add_(0, pos.long(), torch.ones_like(pos, dtype=torch.float64))
+    rows[heads] += (n_allowed > 0).double().sum(dim=(0, 2))
+    # the bin of every |s|; the left-out ones and NaNs in an extra bin past the last: one counting pass, no gather
+    pos = torch.log2(a.clamp_min_(2.0**LOW)).sub_(LOW).mul_(PER_OCTAVE).floor_().clamp_(0, LOG_BINS - 1)
+    pos = pos.nan_to_num_(nan=LOG_BINS).long()
+    counts = torch.bincount(pos.masked_fill_(left_out, LOG_BINS).flatten(), minlength=LOG_BINS + 1)
+    hist += counts[:LOG_BINS].double()
 
 
 # ------------------------------------------------------------------------------------------- the tap

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from callbacks._attention import attention_stats, quantile_from_hist
+from callbacks._attention import LOG_BINS, attention_stats, bin_edges, quantile_from_hist
 from callbacks._cadence import Cadence
 from callbacks._recorder import Part, Recorder
 from callbacks.judges.base import Judge
@@ -109,6 +109,22 @@ def test_stats_against_plain_torch(case):
     # the quantile from the log bins: within one bin (a factor 2**(1/8)) of the exact one
     exact = torch.quantile(ref["values"], 0.99).item()
     assert quantile_from_hist(st.hist.tolist(), 0.99) == pytest.approx(exact, rel=2 ** (1 / 8) - 1)
+
+
+def test_histogram_counts_each_allowed_logit_in_its_bin_and_a_nan_stops_nothing():
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 3, 10, 4) * 4, torch.randn(2, 3, 10, 4) * 4
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()
+    values = torch.matmul(q, k.transpose(-1, -2)).mul(0.5).abs()[..., allowed]  # d = 4: scale 1/2
+    inner = torch.tensor(bin_edges()[1:-1], dtype=torch.float64)  # bin i holds edges[i] <= |s| < edges[i + 1]
+    expected = torch.bincount(torch.bucketize(values.double().flatten(), inner, right=True), minlength=LOG_BINS)
+    st = attention_stats(q, k, is_causal=True)
+    assert st.hist.tolist() == expected.double().tolist()
+    # a NaN in one query (a diverged step): its row is counted nowhere, its head's max is NaN, nothing raises
+    q[0, 1, 3] = math.nan
+    st = attention_stats(q, k, is_causal=True)
+    assert st.hist.sum().item() == values.numel() - 4  # row 3 sees keys 0..3
+    assert math.isnan(st.max_abs[1].item()) and not st.max_abs[[0, 2]].isnan().any()
 
 
 # ----------------------------------------------------------------------------------------- through a fit
