@@ -157,17 +157,16 @@ def attention_stats(
                 qb = q4[b0:b1, h0:h1].index_select(2, idx).float()  # (nb, nh, m, E)
                 kb = k4[b0:b1, h0:h1].float()  # (nb, nh, S, E)
                 s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)  # (nb, nh, m, S)
-                allowed = torch.ones_like(s, dtype=torch.bool)
-                bias = None
+                allowed, bias = None, None  # None: every key; else broadcastable to s
                 if mask is not None:
                     mb = mask[b0:b1, h0:h1].index_select(2, idx)  # (nb, nh, m, S)
                     if mb.dtype == torch.bool:
-                        allowed &= mb
+                        allowed = mb
                     else:  # -inf, or the dtype's lowest value (Hugging Face's masks), leaves a key out
-                        allowed &= mb > torch.finfo(mb.dtype).min / 2
+                        allowed = mb > torch.finfo(mb.dtype).min / 2
                         bias = mb.float()
                 if causal is not None:
-                    allowed &= causal
+                    allowed = causal if allowed is None else allowed & causal
                 _accumulate(s, bias, allowed, slice(h0, h1), max_abs, entropy, uniform, rows, hist)
         return CallStats(max_abs, entropy, uniform, rows, hist, length, m, n)
 
@@ -175,7 +174,7 @@ def attention_stats(
 def _accumulate(
     s: Tensor,
     bias: Tensor | None,
-    allowed: Tensor,
+    allowed: Tensor | None,
     heads: slice,
     max_abs: Tensor,
     entropy: Tensor,
@@ -183,23 +182,34 @@ def _accumulate(
     rows: Tensor,
     hist: Tensor,
 ) -> None:
-    """Adds one block of logits ``s`` (nb, nh, m, S) to the per-head accumulators (in place)."""
+    """Adds one block of logits ``s`` (nb, nh, m, S) to the per-head accumulators (in place). ``allowed``: the
+    keys each row may attend to, broadcastable to ``s`` (a causal (m, S) pattern is not expanded); None: all."""
     a = s.abs()
-    left_out = ~allowed
-    block_max = a.masked_fill(left_out, -math.inf).amax(dim=(0, 2, 3)).double()
+    left_out = None if allowed is None else ~allowed
+    block_max = (a if left_out is None else a.masked_fill(left_out, -math.inf)).amax(dim=(0, 2, 3)).double()
     max_abs[heads] = torch.maximum(max_abs[heads], block_max)
-    z = (s + bias if bias is not None else s).masked_fill_(left_out, -math.inf)
-    n_allowed = allowed.sum(-1)  # (nb, nh, m)
+    z = s + bias if bias is not None else s
+    if left_out is not None:
+        z = z.masked_fill_(left_out, -math.inf)
+    if allowed is None:  # allowed keys per row (nb, nh, m)
+        n_allowed = torch.full(s.shape[:-1], s.shape[-1], dtype=torch.long, device=s.device)
+    else:
+        n_allowed = allowed.sum(-1).expand(s.shape[:-1]).contiguous()
     # a row with no allowed key is all -inf: NaN here, and all of it left out below (entropy 0, not counted)
     logp = torch.log_softmax(z, dim=-1)
-    ent = (logp.exp() * logp).masked_fill_(left_out, 0.0).sum(-1).neg_()  # (nb, nh, m)
+    plogp = logp.exp().mul_(logp)
+    if left_out is not None:
+        plogp = plogp.masked_fill_(left_out, 0.0)
+    ent = plogp.sum(-1).neg_()  # (nb, nh, m)
     entropy[heads] += ent.double().sum(dim=(0, 2))
     uniform[heads] += n_allowed.clamp_min(1).double().log().sum(dim=(0, 2))
     rows[heads] += (n_allowed > 0).double().sum(dim=(0, 2))
     # the bin of every |s|; the left-out ones and NaNs in an extra bin past the last: one counting pass, no gather
     pos = torch.log2(a.clamp_min_(2.0**LOW)).sub_(LOW).mul_(PER_OCTAVE).floor_().clamp_(0, LOG_BINS - 1)
     pos = pos.nan_to_num_(nan=LOG_BINS).long()
-    counts = torch.bincount(pos.masked_fill_(left_out, LOG_BINS).flatten(), minlength=LOG_BINS + 1)
+    if left_out is not None:
+        pos = pos.masked_fill_(left_out, LOG_BINS)
+    counts = torch.bincount(pos.flatten(), minlength=LOG_BINS + 1)
     hist += counts[:LOG_BINS].double()
 
 
