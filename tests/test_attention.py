@@ -240,6 +240,24 @@ def test_probe_through_a_fit(tmp_path, kind):
 
 
 # ----------------------------------------------------------------------------------------- Hugging Face
+class GoesNaN(TinyGPT):
+    """A TinyGPT whose first block's attention weights turn NaN before step 2 (a diverged update)."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step == 2:
+            with torch.no_grad():
+                self.blocks[0].c_attn.weight[0, 0] = math.nan
+
+
+def test_a_fit_whose_attention_turns_nan_goes_on_and_the_readout_says_nan(tmp_path):
+    torch.manual_seed(0)
+    probe = AttentionProbe(cadence=Cadence(every_n_steps=1, histogram_every_n_steps=0))
+    keep = fit(tmp_path, GoesNaN(), probe, steps=4, every=1)
+    assert sorted(keep.seen) == [0, 1, 2, 3]  # every step recorded, training not stopped by the probe
+    healthy, broken = keep.seen[1].layers[0], keep.seen[2].layers[0]
+    assert math.isfinite(healthy.logit_max) and math.isnan(broken.logit_max)
+
+
 class HFLM(L.LightningModule):
     """A Hugging Face causal LM in a LightningModule; the test's own pre-hooks keep each layer's q and k."""
 
