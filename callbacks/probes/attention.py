@@ -16,6 +16,7 @@ on recorded steps only), and keeps per layer and head:
 
 Exact or sampled (the readout says which): a call with at most ``max_queries`` query positions is measured on
 every row; a longer one on ``max_queries`` positions spread evenly (the maxima and entropies of those rows).
+A NaN logit (a diverged run) makes its head's maximum NaN and its row count in no bin; it never stops training.
 
 Which modules: ``nn.MultiheadAttention``, and every module whose class name says attention (``...Attention``,
 ``...Attn``: nanoGPT's ``CausalSelfAttention``, Hugging Face's ``GPT2Attention``, ``LlamaAttention``), or those
