@@ -239,7 +239,6 @@ def test_probe_through_a_fit(tmp_path, kind):
             assert layer.entropy == pytest.approx(ref["entropy"].sum().item() / (4 * 8 * 2), rel=1e-5)
 
 
-# ----------------------------------------------------------------------------------------- Hugging Face
 class GoesNaN(TinyGPT):
     """A TinyGPT whose first block's attention weights turn NaN before step 2 (a diverged update)."""
 
@@ -258,6 +257,7 @@ def test_a_fit_whose_attention_turns_nan_goes_on_and_the_readout_says_nan(tmp_pa
     assert math.isfinite(healthy.logit_max) and math.isnan(broken.logit_max)
 
 
+# ----------------------------------------------------------------------------------------- Hugging Face
 class HFLM(L.LightningModule):
     """A Hugging Face causal LM in a LightningModule; the test's own pre-hooks keep each layer's q and k."""
 
