@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from callbacks._attention import LOG_BINS, attention_stats, bin_edges, quantile_from_hist
+from callbacks._attention import BLOCK, LOG_BINS, attention_stats, bin_edges, quantile_from_hist
 from callbacks._cadence import Cadence
 from callbacks._recorder import Part, Recorder
 from callbacks.judges.base import Judge
@@ -75,7 +75,9 @@ def test_stats_by_hand():
 
 
 @pytest.mark.parametrize("case", ["none", "causal", "bool", "float", "gqa", "sampled"])
-def test_stats_against_plain_torch(case):
+@pytest.mark.parametrize("block", [BLOCK, 300, 20])  # one block; two heads a block; one (batch, head) a block
+def test_stats_against_plain_torch(case, block, monkeypatch):
+    monkeypatch.setattr("callbacks._attention.BLOCK", block)
     torch.manual_seed(0)
     B, H, L, S, E = 2, 4, 12, 12, 8
     q, k = torch.randn(B, H, L, E) * 3, torch.randn(B, H if case != "gqa" else 2, S, E) * 3
