@@ -922,18 +922,41 @@ def code_path() -> str:
     return str(Path(callbacks.__file__).parent)
 
 
-def seconds_in_callbacks(stats: pstats.Stats, package: str | None = None) -> float:
+#: the functions of ``callbacks/`` that run the model's own work for it: the attention tap's wrappers calling the
+#: original attention, the loss-input check's function mode calling every torch function of a checked forward. What
+#: they call outside the package is the model's training step, not the monitors' cost (file name, function name)
+PASS_THROUGH = frozenset(
+    {
+        ("_attention.py", "scaled_dot_product_attention"),
+        ("_attention.py", "multi_head_attention_forward"),
+        ("_attention.py", "eager_attention_forward"),
+        ("loss_input.py", "__torch_function__"),
+    }
+)
+
+
+def seconds_in_callbacks(
+    stats: pstats.Stats, package: str | None = None, pass_through: frozenset[tuple[str, str]] = PASS_THROUGH
+) -> float:
     """CPU seconds spent in the measured `callbacks/` package (or in ``package``, a path prefix inside it), counted
     where it is entered from outside it (Lightning's hook calls, the modules' forward hooks, autograd's tensor
-    hooks, the recorder calling a probe): each call into it once."""
+    hooks, the recorder calling a probe): each call into it once; less the model's own work that a
+    :data:`PASS_THROUGH` function runs for the model (its share called from outside the package)."""
     package = package or code_path() + os.sep
+    table = stats.stats  # type: ignore[attr-defined]
     inside = 0.0
-    for func, (_, _, _, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
-        if not func[0].startswith(package):
-            continue
+    handed_on: dict[tuple, float] = {}  # a pass-through function -> cumulative seconds of what it calls outside
+    for func, (_, _, _, _, callers) in table.items():
         for caller, edge in callers.items():
-            if not caller[0].startswith(package):
+            caller_in = caller[0].startswith(package)
+            if func[0].startswith(package) and not caller_in:
                 inside += edge[3]  # cumulative time of the calls along this edge
+            elif caller_in and not func[0].startswith(package) and (Path(caller[0]).name, caller[2]) in pass_through:
+                handed_on[caller] = handed_on.get(caller, 0.0) + edge[3]
+    for func, seconds in handed_on.items():
+        _, _, _, total, callers = table[func]
+        from_outside = sum(edge[3] for caller, edge in callers.items() if not caller[0].startswith(package))
+        inside -= seconds * (from_outside / total if total > 0 else 0.0)
     return inside
 
 

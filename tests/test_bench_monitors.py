@@ -6,7 +6,10 @@ of a `--memory` case recorded.
 """
 
 import argparse
+import cProfile
 import importlib.util
+import os
+import pstats
 import re
 import tempfile
 from pathlib import Path
@@ -60,3 +63,35 @@ def test_memory_cases_record_the_measured_step_or_not(bench) -> None:
         # wpe (16, 32) and per block c_attn (32, 96), c_proj (32, 32), c_fc (32, 128), c_proj (128, 32)
         assert x["largest_watched"] == 4 * 16 * 128 * 4
         assert x["watched_weights"] == 4 * (65 * 32 + 16 * 32 + 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32))
+
+
+def test_the_model_work_a_pass_through_runs_for_the_model_is_not_counted_as_ours(bench, tmp_path) -> None:
+    # a profile on a clock that moves only where the code says, so every function's time is known exactly
+    clock = [0]
+    package = tmp_path / "callbacks"
+    package.mkdir()
+    (package / "_attention.py").write_text(
+        "def scaled_dot_product_attention(clock, original):  # a tap's wrapper: 2 of its own, then the original\n"
+        "    clock[0] += 2\n"
+        "    return original(clock)\n"
+        "def hook(clock, original):  # our own work, which calls the wrapper too\n"
+        "    clock[0] += 1\n"
+        "    return scaled_dot_product_attention(clock, original)\n"
+    )
+    spec = importlib.util.spec_from_file_location("fake_attention", package / "_attention.py")
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+
+    def attention(clock: list) -> None:  # the model's own work: outside the package
+        clock[0] += 10
+
+    def step() -> None:  # a training step, outside the package
+        fake.scaled_dot_product_attention(clock, attention)  # the model calls the wrapper: 2 ours + 10 the model's
+        fake.hook(clock, attention)  # a hook of ours: 1 + 2 + 10, all ours
+
+    profiler = cProfile.Profile(lambda: float(clock[0]))
+    profiler.runcall(step)
+    stats = pstats.Stats(profiler)
+    prefix = str(package) + os.sep
+    assert bench.seconds_in_callbacks(stats, prefix, pass_through=frozenset()) == 25  # everything entered from outside
+    assert bench.seconds_in_callbacks(stats, prefix) == 2 + 13  # less the model's 10 behind the model's own call
