@@ -999,12 +999,25 @@ def main(argv: list[str] | None = None) -> None:
         " or more mapped on its own and given back when freed, so RSS follows live memory); 0: the allocator's default",
     )
     parser.add_argument("--json", type=Path, help="also write the measurements here (for comparisons)")
+    parser.add_argument(
+        "--health-parts",
+        nargs="+",
+        metavar="PART",
+        help="the rows `health`/`trace`: build only these of HealthMonitor's parts (`diagnoses`, `transformer`,"
+        " `loss_input`; default: all), e.g. `diagnoses` alone to compare with code older than issues 24 and 25",
+    )
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.steps % CADENCE:
         parser.error(f"Expected --steps to be a positive multiple of {CADENCE}, but got {args.steps}.")
     if args.warmup <= 0 or args.warmup % CADENCE:
         # the first logged step (and the monitors' first figure, drawn once per fit) stays in the warm-up
         parser.error(f"Expected --warmup to be a positive multiple of {CADENCE}, but got {args.warmup}.")
+    if args.health_parts:
+        import callbacks.health
+
+        unknown = sorted(set(args.health_parts) - set(callbacks.health.PARTS))
+        if unknown:
+            parser.error(f"Expected --health-parts among {', '.join(callbacks.health.PARTS)}, but got {unknown[0]!r}.")
     if args.memory_case:
         print(json.dumps(memory_child(args.memory_case, args)))
         return
@@ -1076,6 +1089,10 @@ def main(argv: list[str] | None = None) -> None:
 def _benchmark_scope(args: argparse.Namespace) -> Iterator[Path]:
     """A temp folder for the logs; the clock hook, torch threads, W&B env and warnings, undone on exit."""
     threads = torch.get_num_threads()
+    health = sys.modules.get("callbacks.health")
+    parts = getattr(health, "PARTS", None)
+    if args.health_parts:  # checked by `main`
+        health.PARTS = tuple(args.health_parts)  # type: ignore[union-attr]  # read when a HealthMonitor is built
     keys = ("WANDB_SILENT", "WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
     env = {k: os.environ.get(k) for k in keys}
     handle = register_optimizer_step_post_hook(CLOCK)
@@ -1095,6 +1112,8 @@ def _benchmark_scope(args: argparse.Namespace) -> Iterator[Path]:
 
                 wandb.teardown()  # before the folder goes: the wandb-core service writes in it
             torch.set_num_threads(threads)
+            if parts is not None:
+                health.PARTS = parts  # type: ignore[union-attr]
             for k, v in env.items():
                 if v is None:
                     os.environ.pop(k, None)

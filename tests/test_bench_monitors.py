@@ -95,3 +95,18 @@ def test_the_model_work_a_pass_through_runs_for_the_model_is_not_counted_as_ours
     prefix = str(package) + os.sep
     assert bench.seconds_in_callbacks(stats, prefix, pass_through=frozenset()) == 25  # everything entered from outside
     assert bench.seconds_in_callbacks(stats, prefix) == 2 + 13  # less the model's 10 behind the model's own call
+
+
+def test_health_parts_are_checked_and_put_back_after_the_run(bench) -> None:
+    import callbacks.health
+    from callbacks import HealthMonitor
+
+    every = callbacks.health.PARTS
+    with pytest.raises(SystemExit, match="2"):  # argparse's error: one line naming the parts
+        bench.main(["--quick", "--health-parts", "transformers"])
+    args = argparse.Namespace(health_parts=["diagnoses"], device="cpu", threads=1)
+    with bench._benchmark_scope(args):
+        recorded = HealthMonitor().recorder.parts
+    assert len(recorded) == 4 + 1  # the four monitors' parts and the diagnoses: no Transformer or loss-input part
+    assert callbacks.health.PARTS is every
+    assert len(HealthMonitor().recorder.parts) == 4 + len(every)
