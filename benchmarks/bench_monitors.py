@@ -947,11 +947,12 @@ def seconds_in_callbacks(
     inside = 0.0
     handed_on: dict[tuple, float] = {}  # a pass-through function -> cumulative seconds of what it calls outside
     for func, (_, _, _, _, callers) in table.items():
+        func_in = func[0].startswith(package)
         for caller, edge in callers.items():
             caller_in = caller[0].startswith(package)
-            if func[0].startswith(package) and not caller_in:
+            if func_in and not caller_in:
                 inside += edge[3]  # cumulative time of the calls along this edge
-            elif caller_in and not func[0].startswith(package) and (Path(caller[0]).name, caller[2]) in pass_through:
+            elif caller_in and not func_in and (Path(caller[0]).name, caller[2]) in pass_through:
                 handed_on[caller] = handed_on.get(caller, 0.0) + edge[3]
     for func, seconds in handed_on.items():
         _, _, _, total, callers = table[func]
@@ -1089,10 +1090,11 @@ def main(argv: list[str] | None = None) -> None:
 def _benchmark_scope(args: argparse.Namespace) -> Iterator[Path]:
     """A temp folder for the logs; the clock hook, torch threads, W&B env and warnings, undone on exit."""
     threads = torch.get_num_threads()
-    health = sys.modules.get("callbacks.health")
-    parts = getattr(health, "PARTS", None)
     if args.health_parts:  # checked by `main`
-        health.PARTS = tuple(args.health_parts)  # type: ignore[union-attr]  # read when a HealthMonitor is built
+        import callbacks.health as health
+
+        every_part = health.PARTS
+        health.PARTS = tuple(args.health_parts)  # read when a HealthMonitor is built
     keys = ("WANDB_SILENT", "WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
     env = {k: os.environ.get(k) for k in keys}
     handle = register_optimizer_step_post_hook(CLOCK)
@@ -1112,8 +1114,8 @@ def _benchmark_scope(args: argparse.Namespace) -> Iterator[Path]:
 
                 wandb.teardown()  # before the folder goes: the wandb-core service writes in it
             torch.set_num_threads(threads)
-            if parts is not None:
-                health.PARTS = parts  # type: ignore[union-attr]
+            if args.health_parts:
+                health.PARTS = every_part
             for k, v in env.items():
                 if v is None:
                     os.environ.pop(k, None)
