@@ -18,7 +18,7 @@ from callbacks.judges.health import (
     VanishingParameterGradients,
 )
 from callbacks.judges.init import InitCheck
-from callbacks.judges.lr import LearningRateAdvice, typical_ratio
+from callbacks.judges.lr import SLOW, LearningRateAdvice, slow_descent, typical_ratio
 from callbacks.judges.outliers import OutlierActivations
 from callbacks.judges.spikes import LossSpikes, robust_z
 from callbacks.probes.activation import Activations, Layer
@@ -321,6 +321,65 @@ def test_lr_advice_for_one_layer_and_the_output_layers_exception():
     (f,) = LearningRateAdvice().conclude(99, _ratios(history, output="blocks.4.weight"))
     assert f.severity == "note" and "output layer" in f.message
     assert LearningRateAdvice().conclude(99, _ratios({"a": [-3.0] * 20, "b": [-2.7] * 20})) == []  # healthy
+
+
+def _judged(losses: list[float], start: float = 3.3, lr: float = 0.1) -> LearningRateAdvice:
+    """A LearningRateAdvice that saw step 0's loss ``start`` (27 classes: ln 27 = 3.30) and then ``losses``."""
+    judge = LearningRateAdvice()
+    judge.observe(0, Readouts.of(Loss(0, start, 27, "given")))
+    for i, loss in enumerate(losses, 1):
+        judge.observe(i, Readouts.of(Loss(i, loss, 27, "given")))
+    return judge
+
+
+def test_slow_descent_by_hand():
+    # fifths of two points: medians 3.175, 3.075, 2.975, 2.875, 2.775; late drop 3.075 - 2.775 = 0.3 over the
+    # early drop 3.3 - 3.075 = 0.225
+    line = [3.2, 3.15, 3.1, 3.05, 3.0, 2.95, 2.9, 2.85, 2.8, 2.75]
+    assert slow_descent(line, 3.3) == pytest.approx(0.3 / 0.225)
+    # a loss that levels off: medians 2.45, 2.325, 2.3, 2.3, 2.3: 0.025 / 0.975
+    assert slow_descent([2.5, 2.4, 2.35, 2.3, 2.3, 2.3, 2.3, 2.3, 2.3, 2.3], 3.3) == pytest.approx(0.025 / 0.975)
+    assert slow_descent([3.3] * 10, 3.3) is None  # not falling: no late drop
+    assert slow_descent(line[:8], 3.3) is None  # fewer than two points a fifth
+    # a late drop within the noise: alternating +-0.3 around a line falling 0.01 a point
+    noisy = [3.0 - 0.01 * i + (0.3 if i % 2 else -0.3) for i in range(40)]
+    assert slow_descent(noisy, 3.3) is None
+
+
+def test_lr_from_the_loss_alone_when_the_ratio_is_in_the_band():
+    in_band = _ratios({"a": [-3.2] * 20, "b": [-3.0] * 20})
+    # the fault zoo's AdamW GPT at lr / 100 (its recorded fifths): falling as fast at the end as at the start
+    slow = [3.2, 3.13, 3.1, 3.1, 3.02, 3.01, 2.94, 2.93, 2.92, 2.91]
+    (f,) = _judged(slow).conclude(99, in_band)
+    assert f.severity == "problem" and f.key == "lr/model" and "as fast at the end" in f.message
+    assert "10^-3.1" in f.message and "within the lecture's band" in f.message
+    assert f.action == Action("scale_lr", (), 10.0, f.action.evidence)
+    # a healthy fit's loss levels off (the zoo's GPT base: 0.22 of its early drop late): nothing
+    assert _judged([2.65, 2.63, 2.6, 2.59, 2.46, 2.44, 2.27, 2.26, 2.44, 2.43]).conclude(99, in_band) == []
+    # a loss that ended above where it started: too high, whatever the ratio (the zoo's deep net at lr x 100)
+    (f,) = _judged([180.0, 240, 210, 200, 220, 230, 225, 215, 222, 224]).conclude(99, in_band)
+    assert f.severity == "problem" and "above where it started (3.30)" in f.fix + f.message
+    assert f.action.value == pytest.approx(0.1)
+    (f,) = _judged([3.0, math.nan] * 5).conclude(99, in_band)
+    assert "non-finite" in f.message and f.action.value == pytest.approx(0.1)
+    # swinging by more than all it fell (the zoo's blobs MLP at lr x 100 ended below its start, 1.8)
+    (f,) = _judged([0.6, 2.9, 0.5, 3.0, 0.7, 2.8, 0.4, 3.1, 0.6, 2.9], start=1.8).conclude(99, in_band)
+    assert "swung" in f.message and f.action.value == pytest.approx(0.1)
+    # no ratio at all (a diverged fit records none): the loss still decides
+    (f,) = _judged([3.0, math.nan] * 5).conclude(99, _ratios({"a": [math.nan] * 20}))
+    assert f.action.value == pytest.approx(0.1)
+
+
+def test_the_loss_alone_never_contradicts_the_ratio():
+    slow = [3.2, 3.13, 3.1, 3.1, 3.02, 3.01, 2.94, 2.93, 2.92, 2.91]
+    assert slow_descent(slow, 3.3) >= SLOW
+    # the ratio says too high (and the loss did not rise): the slow loss does not turn it into "too low"
+    (f,) = _judged(slow).conclude(99, _ratios({"a": [-1.9] * 20, "b": [-1.8] * 20}))
+    assert f.severity == "note" and "too high" in f.message and f.action is None
+    # the ratio says too low and the loss is slow but its last fifth fell less than FALL ("plateaued"): the slow
+    # descent is the loss's evidence, and the advice becomes a problem
+    (f,) = _judged(slow).conclude(99, _ratios({"a": [-5.1] * 20, "b": [-5.0] * 20}))
+    assert f.severity == "problem" and f.action.value == pytest.approx(10.0)
 
 
 # ---------------------------------------------------------------------------------------- loss spikes

@@ -12,7 +12,7 @@ It holds for any optimizer: the updates are measured, not computed from the grad
 The update:data factor is a hypothesis, judged against the loss's own evidence (issue 24): following "divide the
 learning rate by 58" on a net whose loss fell as far as the healthy nets' cost 0.14 nats. So a learning rate above
 the line is a **problem** only when the loss shows it at the peak learning rate (the training loss rose from its
-best, ended above where it started, or went non-finite);
+best, ended above where it started, swung by more than all it fell, or went non-finite);
 otherwise it is a note, with no action. When it is a problem the advice moves the learning rate by one decade at
 most (:data:`MAX_STEP_DOWN`): the sweeps in ``benchmarks/results/lr_calibration.md`` show the loss flat over a
 decade below a too-high rate and worse two decades below. Too low (below -4) is a problem while the loss is still
@@ -52,14 +52,26 @@ MAX_STEP_DOWN, MAX_STEP_UP = 10.0, 100.0
 RISE = 0.05
 #: the loss is "still falling" when its last fifth's median is this many nats below the fifth before it
 FALL = 0.02
+#: "oscillating": the loss's step-to-step noise (robust, from successive differences) is at least this many times
+#: all it fell (from where it started to its best fifth): the steps throw it about more than training moved it. The
+#: fault zoo's healthy bases: 0.01-0.23; SGD at lr x 100 on the blobs MLP 1.8 (it ended below where it started, so
+#: "blown up" misses it); batch 2 on the names MLP 2.4
+OSCILLATION = 1.0
+#: "slow": over the last three fifths of the peak-lr phase the loss fell at least this share of what it fell over
+#: the first two (from where it started), clearly beyond its noise: it descends as fast at the end as at the start,
+#: so the fit ends far from where a larger step would take it. Measured on the fault zoo's bases
+#: (benchmarks/results/fault_zoo.md): healthy fits 0.01-0.22 (a loss that levels off), learning rate / 100 0.75-1.02
+#: (SGD and AdamW alike, where the update:data ratio of AdamW does not move out of the lecture's band)
+SLOW = 0.5
 
 
 def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     """What the recorded training losses say about the learning rate: ``"diverged"`` (a non-finite loss),
     ``"blown up"`` (the last fifth's median above ``start``, the loss the fit started from: training made it
-    worse), ``"rising"`` (the last fifth's median above the best earlier fifth's beyond their noise), ``"falling"``
-    (the last fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or ``"unknown"`` (too
-    few points).
+    worse), ``"oscillating"`` (its step-to-step noise at least :data:`OSCILLATION` times all it fell, from ``start``
+    to its best fifth), ``"rising"`` (the last fifth's median above the best earlier fifth's beyond their noise),
+    ``"falling"`` (the last fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or
+    ``"unknown"`` (too few points).
 
     Example::
 
@@ -67,6 +79,8 @@ def loss_evidence(losses: list[float], start: float = math.nan) -> str:
         ('plateaued', 'diverged')
         >>> loss_evidence([40.0, 31, 30, 31, 32], start=3.3)
         'blown up'
+        >>> loss_evidence([0.6, 2.9, 0.5, 3.0, 0.7, 2.8, 0.4, 3.1, 0.6, 2.9], start=1.8)
+        'oscillating'
     """
     if any(not math.isfinite(v) for v in losses):
         return "diverged"
@@ -81,12 +95,39 @@ def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     # differ by up to ~0.2 by chance (the lecture's nets at SGD lr 0.1-3: +0.07 to +0.2, all as healthy)
     # sigma from successive differences: a trend does not count as noise
     sigma = 1.4826 * statistics.median(abs(b - a) for a, b in itertools.pairwise(losses[n:])) / math.sqrt(2)
+    if sigma >= OSCILLATION * (start - min(fifths)):
+        return "oscillating"
     rise = max(RISE, 3 * math.sqrt(2) * 1.2533 * sigma / math.sqrt(n))
     if fifths[-1] > min(fifths[:-1]) + rise:
         return "rising"
     if fifths[-1] < fifths[-2] - FALL:
         return "falling"
     return "plateaued"
+
+
+def slow_descent(losses: list[float], start: float) -> float | None:
+    """How much of its early drop the loss still makes late: ``(f1 - f4) / (start - f1)`` over the medians of the
+    fifths ``f0..f4`` of ``losses``, when the late drop ``f1 - f4`` is beyond 3 standard errors of the noise (None:
+    too few points, not finite, or no clear late drop). Compare with :data:`SLOW`.
+
+    Example::
+
+        >>> round(slow_descent([3.2, 3.15, 3.1, 3.05, 3.0, 2.95, 2.9, 2.85, 2.8, 2.75], start=3.3), 2)  # a line
+        1.33
+        >>> round(slow_descent([2.5, 2.4, 2.35, 2.3, 2.3, 2.3, 2.3, 2.3, 2.3, 2.3], start=3.3), 2)  # levelling off
+        0.03
+        >>> slow_descent([3.3] * 10, start=3.3) is None  # not falling at all
+        True
+    """
+    n = len(losses) // 5
+    if n < 2 or not all(math.isfinite(v) for v in losses) or not math.isfinite(start):
+        return None
+    fifths = [statistics.median(losses[i * n : (i + 1) * n]) for i in range(4)] + [statistics.median(losses[4 * n :])]
+    sigma = 1.4826 * statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) / math.sqrt(2)
+    late, early = fifths[1] - fifths[4], start - fifths[1]
+    if late <= max(FALL, 3 * math.sqrt(2) * 1.2533 * sigma / math.sqrt(n)) or early <= 0:
+        return None
+    return late / early
 
 
 def typical_ratio(history: list[float], lrs: list[float]) -> float | None:
@@ -158,6 +199,47 @@ class LearningRateAdvice(Judge):
         peak = max(known)
         return [v for v, lr in zip(self.losses, self.lrs, strict=True) if not lr * PEAK_BAND < peak * (1 - 1e-9)]
 
+    def _peak_start(self) -> float:
+        """Where the loss stood when the peak-lr phase began: :attr:`start` when the fit began at its peak, else the
+        phase's first recorded loss (after a warm-up)."""
+        known = [lr for lr in self.lrs if math.isfinite(lr)]
+        if not known or not self.lrs or not math.isfinite(self.lrs[0]) or self.lrs[0] * PEAK_BAND >= max(known):
+            return self.start
+        peak = self._peak_losses()
+        return peak[0] if peak else math.nan
+
+    def _from_loss(self, step: int, median: float) -> Finding | None:
+        """The model-wide learning rate judged from the training loss alone (AutoTrainer's exploding, oscillating
+        and slow-convergence symptoms), when the update:data ratio does not point the other way: a loss that went
+        non-finite, ended above where it started or oscillates (:func:`loss_evidence`; too high: divide by
+        :data:`MAX_STEP_DOWN`), or one that still descends as fast at the end as at the start (too low,
+        :func:`slow_descent` >= :data:`SLOW`: times 10)."""
+        ratio = "" if not math.isfinite(median) else f" (the median update:data ratio, 10^{median:.1f}, is"
+        ratio += " within the lecture's band)" if ratio and abs(median - TARGET) <= TOLERANCE else ")" if ratio else ""
+        peak = self._peak_losses()
+        evidence = loss_evidence(peak, self.start)
+        if evidence in ("diverged", "blown up", "oscillating") and not median < TARGET - TOLERANCE:
+            went = {
+                "diverged": "went non-finite",
+                "blown up": f"ended above where it started ({self.start:.2f})",
+                "oscillating": "swung from one recorded step to the next by more than all it fell",
+            }[evidence]
+            message = f"The training loss {went} at the peak learning rate{ratio}: the steps are too large."
+            fix = f"Divide the learning rate by about {MAX_STEP_DOWN:.0f} (one step of the loop)."
+            action = Action("scale_lr", (), 1 / MAX_STEP_DOWN, f"loss {evidence}")
+            return Finding("lr/model", step, "", message, fix, "update_ratio/history", action=action)
+        slow = slow_descent(peak, self._peak_start())
+        if slow is not None and slow >= SLOW and not median > TARGET + TOLERANCE:
+            message = (
+                f"The training loss still falls as fast at the end as at the start (over the last three fifths of the"
+                f" peak-lr phase it fell {slow:.2f}x what it fell over the first two){ratio}: the fit ends far from"
+                " converged, and larger steps would go further in the same budget."
+            )
+            fix = "Multiply the learning rate by about 10 (one step of the loop), or train for longer."
+            action = Action("scale_lr", (), 10.0, f"loss slow ({slow:.2f})")
+            return Finding("lr/model", step, "", message, fix, "loss", action=action)
+        return None
+
     def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
         ratios = readouts[UpdateRatios]
         typical = {
@@ -165,15 +247,19 @@ class LearningRateAdvice(Judge):
             for n, history in ratios.history.items()
             if (r := typical_ratio(history, ratios.lrs.get(n, []))) is not None
         }
-        if not typical:
-            return []
-        found = []
-        median = statistics.median(typical.values())
+        found: list[Finding] = []
+        median = statistics.median(typical.values()) if typical else math.nan
         if abs(median - TARGET) > TOLERANCE:
             high = median > TARGET
             # too high: how the loss fared at the peak learning rate; too low: whether it still falls at the end
             evidence = loss_evidence(self._peak_losses(), self.start) if high else loss_evidence(self.losses)
             found.append(self._model_wide(step, median, evidence))
+        if not found or found[0].severity == "note":
+            # the ratio says nothing, or the loss did not bear it out: the loss's own evidence, where it is clear
+            from_loss = self._from_loss(step, median)
+            found = [from_loss] if from_loss is not None else found
+        if not typical:
+            return found
         for name, r in typical.items():
             if abs(r - TARGET) <= TOLERANCE or abs(r - median) <= APART:
                 continue
@@ -214,7 +300,11 @@ class LearningRateAdvice(Judge):
             f" the training loss: {evidence}."
         )
         suggested = 10 ** abs(median - TARGET)
-        problem = evidence in ("rising", "blown up", "diverged") if high else evidence in ("falling", "unknown")
+        problem = (
+            evidence in ("rising", "blown up", "diverged", "oscillating")
+            if high
+            else evidence in ("falling", "unknown")
+        )
         if not problem:
             fix = (
                 f"The loss shows no sign of it ({evidence}): nothing to change. The ratio alone suggests about"
