@@ -10,6 +10,7 @@ from callbacks._report import Report
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
 from callbacks.judges.centring import NotZeroCentred
+from callbacks.judges.data import NoisyLabels, SmallBatch
 from callbacks.judges.init import InitCheck
 from callbacks.judges.loss_input import LossInputCheck
 from callbacks.judges.lr import LearningRateAdvice
@@ -117,7 +118,9 @@ class HealthMonitor(CallbackGroup):
             warn=warn,
         )
         #: what the loss is given (probabilities to `cross_entropy`...): a bug in the code, warned at once
-        self.loss_input = Part(type(self).__name__, [LossInputProbe(scalars)], [LossInputCheck()], warn=warn)
+        self.loss_input = Part(
+            type(self).__name__, [LossInputProbe(scalars)], [LossInputCheck(), SmallBatch(), NoisyLabels()], warn=warn
+        )
         # one recorder of the four monitors' parts and these (`CallbackGroup`), made once, with them all
         super().__init__(
             monitors,

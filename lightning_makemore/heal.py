@@ -71,10 +71,14 @@ def format_fix(action: Action) -> str:
 
 
 def flags_for(
-    actions: list[Action], model: dict[str, Any], trainer: dict[str, Any], fix: str | None = None
+    actions: list[Action],
+    model: dict[str, Any],
+    trainer: dict[str, Any],
+    fix: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """``(flags, skipped)``: the `train.py` flags that apply ``actions`` to a run with these ``model`` and
-    ``trainer`` settings (its config's sections) and ``--fix`` value, and a phrase for each action that would
+    """``(flags, skipped)``: the `train.py` flags that apply ``actions`` to a run with these ``model``, ``trainer``
+    and ``data`` settings (its config's sections) and ``--fix`` value, and a phrase for each action that would
     change nothing."""
     flags: list[str] = []
     skipped: list[str] = []
@@ -105,6 +109,13 @@ def flags_for(
                 skipped.append(f"{a.describe()} (already clipped)")
             else:
                 flags += ["--trainer.gradient_clip_val", f"{float(a.value):g}"]  # type: ignore[arg-type]
+        elif a.kind == "batch_size":
+            if int((data or {}).get("batch_size") or 0) >= int(a.value):  # type: ignore[arg-type]
+                skipped.append(f"{a.describe()} (already {data['batch_size']})")  # type: ignore[index]
+            else:
+                flags += ["--data.batch_size", str(int(a.value))]  # type: ignore[arg-type]
+        elif a.kind == "clean_labels":
+            skipped.append(f"{a.describe()} (an edit of the data, not a flag)")
         elif a.kind == "loss_logits":  # train.py's model gives the loss its logits: nothing to change here
             skipped.append(f"{a.describe()} (an edit of the model's code, not a flag)")
         else:  # named parameters' lr, a hidden layer's scale: the generic callback
@@ -178,7 +189,10 @@ def rerun_section(findings: list[Finding], config: Any, config_path: str) -> str
 
 def _flags(actions: list[Action], config: Any) -> tuple[list[str], list[str]]:
     """:func:`flags_for` on a `fit` config (a jsonargparse namespace or a dict)."""
-    return flags_for(actions, dict(config["model"]), dict(config["trainer"]), config.get("fix"))
+    data = config.get("data")
+    return flags_for(
+        actions, dict(config["model"]), dict(config["trainer"]), config.get("fix"), dict(data) if data else None
+    )
 
 
 def append_rerun(cli: Any, log_dir: str | None) -> None:

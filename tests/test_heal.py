@@ -106,6 +106,10 @@ def test_flags_for_each_action_and_fix_strings():
     )
     with pytest.raises(ValueError, match="Expected --fix KIND:TARGETS:VALUE"):
         parse_fix("scale_lr:0.1")
+    # too few examples per step: the data module's batch size, unless it is already that large
+    batch = Action("batch_size", (), 32)
+    assert flags_for([batch], model, {}, data={"batch_size": 2}) == (["--data.batch_size", "32"], [])
+    assert flags_for([batch], model, {}, data={"batch_size": 64}) == ([], ["batch size 32 (already 64)"])
 
 
 def test_a_bad_fix_flag_fails_in_one_line(tmp_path, small_corpus):

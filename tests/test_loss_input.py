@@ -237,3 +237,124 @@ def test_a_resumed_fit_keeps_the_finding_and_does_not_warn_it_again(tmp_path):
         trainer.fit(Classifier("softmax then cross_entropy"), loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert not [w for w in caught if "is given probabilities" in str(w.message)]
     assert [(f.key, f.step) for f in loss_findings(resumed)] == [("loss_input/cross_entropy", 0)]
+
+
+# ---------------------------------------------------------------------------------------- too few examples a step
+def small_loader(batch: int):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8 * batch, 8, generator=g), torch.randint(0, CLASSES, (8 * batch,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+@pytest.mark.parametrize(
+    ("batch", "accumulate", "found"),
+    [(2, 1, "2 examples (one batch"), (7, 1, "7 examples"), (8, 1, None), (2, 4, None), (2, 3, "6 examples (2 per")],
+)
+def test_too_few_examples_per_optimizer_step_is_a_problem_with_a_batch_size_action(tmp_path, batch, accumulate, found):
+    monitor = HealthMonitor(report=False, warn=False)
+    trainer = L.Trainer(
+        max_steps=4, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, accumulate_grad_batches=accumulate,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier("logits to cross_entropy"), small_loader(batch))
+    small = [f for f in monitor.findings if f.key == "batch/size"]
+    if found is None:  # 8 rows, or 2 rows x 4 micro-batches: 8 examples a step
+        assert small == []
+        return
+    (f,) = small
+    assert (
+        f.severity == "problem" and found in f.message and f.action == Action("batch_size", (), 32, f.action.evidence)
+    )
+
+
+# ---------------------------------------------------------------------------------------- wrong labels
+def test_late_rows_are_counted_from_the_rows_own_losses(tmp_path):
+    """lr 0: the model never changes, so each late row's loss is known beforehand; the probe's counts must match."""
+    keep = Readouts()
+    monitor = Monitor(LossInputProbe(Cadence(every_n_steps=1), checked_steps=0), [keep], warn=False)
+    model = Classifier("logits to cross_entropy")
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        model.net[2].weight.mul_(30)  # confident logits: some rows fit well, some worse than uniform
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4 * BATCH, 8, generator=g), torch.randint(0, CLASSES, (4 * BATCH,), generator=g)
+    with torch.no_grad():
+        losses = F.cross_entropy(model.net(x), y, reduction="none")
+    trainer = L.Trainer(
+        max_steps=10, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH))
+    late = [r for r in keep.seen if r.late_rows]
+    # the last fifth of 10 steps: global steps 8 and 9, the 1st and 2nd batches of the third epoch (4 a epoch)
+    assert [r.step for r in late] == [8, 9]
+    for r, batch in zip(late, (0, 1), strict=True):
+        rows = losses[batch * BATCH : (batch + 1) * BATCH]
+        assert r.late_rows == BATCH
+        assert r.late_good_rows == int((rows < 0.5 * math.log(CLASSES)).sum())
+        assert r.late_bad_rows == int((rows > math.log(CLASSES)).sum())
+    assert 0 < late[0].late_bad_rows < BATCH and 0 < late[0].late_good_rows < BATCH  # both kinds present
+    assert all(r.late_rows == 0 for r in keep.seen if r.step < 8)
+
+
+class Blobs(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 4))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_wrong_labels_are_found_late_with_a_clean_labels_action(tmp_path, noisy):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (2000,), generator=g)
+    centres = torch.tensor([[4.0, 0], [-4, 0], [0, 4], [0, -4]])
+    x = centres[y] + torch.randn(2000, 2, generator=g)  # four separate blobs: a clean task is learnt to ~100 %
+    if noisy:  # 40 % of the labels shuffled, as the fault zoo's operator
+        wrong = torch.rand(2000, generator=g) < 0.4
+        y = y.clone()
+        y[wrong] = y[wrong][torch.randperm(int(wrong.sum()), generator=g)]
+    monitor = HealthMonitor(every_n_steps=5, report=False, warn=False)
+    trainer = L.Trainer(
+        max_steps=300, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Blobs(), data)
+    found = [f for f in monitor.findings if f.key == "data/labels"]
+    if not noisy:
+        assert found == []
+        return
+    (f,) = found
+    assert f.severity == "problem" and f.action.kind == "clean_labels" and "worse than a uniform guess" in f.message
+
+
+def test_the_wrong_labels_judge_by_hand():
+    from callbacks.judges.base import Readouts as Readings
+    from callbacks.judges.data import MIN_ROWS, NoisyLabels
+
+    def judged(rows: int, good: int, bad: int) -> list:
+        judge = NoisyLabels()
+        r = LossInputs(9, False, 0, 0, 0, 0, 0, math.nan, 5, 1, rows, good, bad)
+        judge.observe(9, Readings.of(r))
+        state = judge.state_dict()
+        resumed = NoisyLabels()
+        resumed.load_state_dict(state)  # a resumed fit judges the rows read before it too
+        return resumed.conclude(9, Readings.of(r))
+
+    assert [f.key for f in judged(1000, 600, 150)] == ["data/labels"]  # 60 % fit well, 15 % worse than uniform
+    assert judged(1000, 600, 149) == []  # under 15 %
+    assert judged(1000, 500, 300) == []  # no well-fit majority: a task uncertain by nature
+    assert judged(MIN_ROWS - 1, 150, 40) == []  # too few rows read

@@ -106,8 +106,20 @@ class Readouts(Mapping[str, Any]):
 #: what an :class:`Action` can change: the learning rate (of the model or named parameters) by ``value``, a named
 #: layer's weights (scaled by ``value``, or re-initialised with its activation's gain: ``init``), normalisation
 #: switched on, the activation swapped for ``value``, gradients clipped at norm ``value``, the logits (not
-#: probabilities) given to the loss named in ``targets`` (a change to the model's code: no program applies it)
-ActionKind = Literal["scale_lr", "scale_layer", "init", "normalise", "activation", "clip_gradients", "loss_logits"]
+#: probabilities) given to the loss named in ``targets`` (a change to the model's code: no program applies it), the
+#: examples per optimizer step raised to ``value`` (the data loader's batch size), the training labels cleaned (an edit
+#: of the data: the examples the trained model fits worse than a uniform guess fixed or dropped)
+ActionKind = Literal[
+    "scale_lr",
+    "scale_layer",
+    "init",
+    "normalise",
+    "activation",
+    "clip_gradients",
+    "loss_logits",
+    "batch_size",
+    "clean_labels",
+]
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,10 @@ class Action:
             return f"activation {self.value}"
         if self.kind == "loss_logits":
             return f"logits to {where or 'the loss'} (no softmax before it)"
+        if self.kind == "batch_size":
+            return f"batch size {self.value}"
+        if self.kind == "clean_labels":
+            return "clean the labels (drop the examples fit worse than uniform)"
         return "normalise (BatchNorm)" + (f" before {where}" if where else "")
 
 

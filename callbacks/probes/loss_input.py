@@ -14,7 +14,13 @@ on only during the first :data:`CHECKED_STEPS` steps it records, from the start 
 (Lightning's ``on_before_backward``: the first micro-batch's forward, with gradient accumulation), and counts
 the input rows (one per sample and position) that are probabilities (each ``>= 0``, summing to 1) or, for
 ``nll_loss``, not log-probabilities (``logsumexp`` over the classes not 0). The counts are ``"sum"`` states: every
-rank's rows add up. It writes nothing; :class:`callbacks.judges.loss_input.LossInputCheck` reads it.
+rank's rows add up. It writes nothing; :class:`callbacks.judges.loss_input.LossInputCheck` reads it, and
+:class:`callbacks.judges.data.SmallBatch` the rows per step.
+
+The mode is also on for the steps it records in the last fifth of the fit (:data:`LATE`, when the fit's length is
+known), where it reads the loss of up to :data:`LATE_ROWS` rows given to ``cross_entropy`` with class-index targets:
+how many the model fits well (below ``ln(C) / 2``) and worse than a uniform guess (above ``ln(C)``), for
+:class:`callbacks.judges.data.NoisyLabels` (wrong labels).
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ if TYPE_CHECKING:
 
 #: the first recorded steps on which the loss's inputs are checked (the bug is in the code: it shows on step 0)
 CHECKED_STEPS = 3
+#: the share of the fit after which the rows' own losses are read as well (for wrong labels: the model has learnt
+#: what it can by then), and the most rows read a step (evenly spaced: a language model's vocabulary is large)
+LATE, LATE_ROWS = 0.8, 256
 #: how far from 1 (from 0) a row's sum (its logsumexp) may be and still count as probabilities (log-probabilities):
 #: a float32 softmax sums to 1 within 1e-6, a bfloat16 one within 1e-2
 TOLERANCE = 2e-2
@@ -56,12 +65,18 @@ class LossInputs:
     nll_not_log_rows: int  # of which not log-probabilities (logsumexp over the classes not 0)
     nll_mean_logsumexp: float  # the mean logsumexp of those (NaN: none)
     classes: int  # C, the size of the class dimension (the largest seen)
+    micro_batches: int = 1  # the Trainer's accumulate_grad_batches: the rows above are the first micro-batch's
+    # the last fifth of the fit (:data:`LATE`): sampled rows given to cross_entropy with class-index targets, and of
+    # those, the ones the model fits well (loss below half of ln C) and worse than a uniform guess (above ln C)
+    late_rows: int = 0
+    late_good_rows: int = 0
+    late_bad_rows: int = 0
 
 
 class _Watch(TorchFunctionMode):
     """Hands the inputs of the watched loss functions to ``on_call``; every call goes on unchanged."""
 
-    def __init__(self, on_call: Callable[[Callable[..., Any], Tensor], None]) -> None:
+    def __init__(self, on_call: Callable[[Callable[..., Any], Tensor, Any], None]) -> None:
         super().__init__()
         self.on_call = on_call
 
@@ -69,8 +84,9 @@ class _Watch(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.cross_entropy or func is F.nll_loss:
             x = args[0] if args else kwargs.get("input")
+            target = args[1] if len(args) > 1 else kwargs.get("target")
             if isinstance(x, Tensor) and x.is_floating_point() and x.numel() > 0:
-                self.on_call(func, x)
+                self.on_call(func, x, target)
         return func(*args, **kwargs)
 
 
@@ -87,6 +103,8 @@ class LossInputProbe(Probe):
         self.checked_steps = checked_steps
         for name in ("ce_rows", "ce_prob_rows", "nll_rows", "nll_prob_rows", "nll_not_log_rows", "nll_lse_sum"):
             self.add_state(name, "sum")
+        for name in ("late_rows", "late_good_rows", "late_bad_rows"):
+            self.add_state(name, "sum")
         self.add_state("classes", "max")
         self.reset()
 
@@ -96,11 +114,23 @@ class LossInputProbe(Probe):
         self._mode: _Watch | None = None
         self._checking = False
         self._usable = True
+        self._micro_batches = 1
+        self._late = False
+        self._trainer: pl.Trainer | None = None
+        self._late_from = math.inf  # the first global step of the last fifth (inf: the fit's length is not known)
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a compiled model runs eagerly on recorded steps only where torch has `set_stance`: elsewhere a function mode
         # inside its graphs is not something to impose
         self._usable = HAS_STANCE or not is_compiled(pl_module)
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        self._micro_batches = accumulate if isinstance(accumulate, int) and accumulate > 0 else 1
+        self._trainer = trainer
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # an iterable without a length and no max_steps: no last fifth to find
+            total = math.inf
+        self._late_from = LATE * total if math.isfinite(total) and total > 0 else math.inf
 
     def detach(self) -> None:
         self.stop()
@@ -109,8 +139,11 @@ class LossInputProbe(Probe):
     def start_states(self, device: torch.device) -> None:
         super().start_states(device)
         self._checking = self._usable and self._checks < self.checked_steps
+        step = self._trainer.global_step if self._trainer is not None else -1
+        self._late = self._usable and step >= self._late_from
         if self._checking:
             self._checks += 1
+        if self._checking or self._late:
             self._mode = _Watch(self._on_call)
             self._mode.__enter__()
 
@@ -127,9 +160,13 @@ class LossInputProbe(Probe):
         if self in rec.moments:
             self.stop()
 
-    def _on_call(self, func: Callable[..., Any], x: Tensor) -> None:
+    def _on_call(self, func: Callable[..., Any], x: Tensor, target: Any) -> None:
         with torch.no_grad():
             x = x.detach()
+            if self._late and func is F.cross_entropy:
+                self._late_losses(x, target)
+            if not self._checking:
+                return
             dim = 1 if x.dim() >= 2 else 0  # (C,), (N, C) or (N, C, d1, ...): the class dimension
             classes = x.shape[dim]
             sums = x.sum(dim, dtype=torch.float64)
@@ -147,6 +184,29 @@ class LossInputProbe(Probe):
             self.nll_not_log_rows += int(not_log.sum())
             self.nll_lse_sum += lse[not_log].sum()
 
+    def _late_losses(self, x: Tensor, target: Any) -> None:
+        """Counts, over up to :data:`LATE_ROWS` rows, how many the model fits well and worse than a uniform guess
+        (class-index targets only; rows whose target is negative, e.g. an ``ignore_index`` of -100, left out)."""
+        if x.dim() < 2 or not isinstance(target, Tensor) or target.is_floating_point():
+            return
+        classes = x.shape[1]
+        rows = x.movedim(1, -1).reshape(-1, classes)
+        labels = target.reshape(-1)
+        if len(labels) != len(rows) or classes < 2:
+            return
+        if len(rows) > LATE_ROWS:
+            pick = torch.linspace(0, len(rows) - 1, LATE_ROWS, device=rows.device).long()
+            rows, labels = rows[pick], labels[pick]
+        keep = (labels >= 0) & (labels < classes)
+        rows, labels = rows[keep].float(), labels[keep]
+        if len(labels) == 0:
+            return
+        losses = F.cross_entropy(rows, labels, reduction="none")
+        uniform = math.log(classes)
+        self.late_rows += len(labels)
+        self.late_good_rows += (losses < 0.5 * uniform).sum()
+        self.late_bad_rows += (losses > uniform).sum()
+
     def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> LossInputs:
         not_log, classes = int(self.nll_not_log_rows.item()), self.classes.item()
         return LossInputs(
@@ -159,4 +219,8 @@ class LossInputProbe(Probe):
             nll_not_log_rows=not_log,
             nll_mean_logsumexp=self.nll_lse_sum.item() / not_log if not_log else float("nan"),
             classes=int(classes) if math.isfinite(classes) else 0,
+            micro_batches=self._micro_batches,
+            late_rows=int(self.late_rows.item()),
+            late_good_rows=int(self.late_good_rows.item()),
+            late_bad_rows=int(self.late_bad_rows.item()),
         )

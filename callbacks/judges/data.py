@@ -1,0 +1,114 @@
+"""What the data does to training, read from :class:`callbacks.probes.loss_input.LossInputProbe`: too few examples
+per optimizer step (:class:`SmallBatch`), and wrong labels (:class:`NoisyLabels`).
+
+**Too few examples per step.**
+
+Each step's gradient is the mean of its examples' gradients, so its noise falls as ``1 / sqrt(N)`` with ``N``
+examples per step; with a handful, the step is mostly noise, and a fit of a fixed number of steps sees a small part
+of the data. BatchNorm suffers twice: its batch statistics come from those few examples (Wu & He, "Group
+Normalization", 2018: BatchNorm's error rises steeply below 16 examples per batch). ``N`` is what the loss is
+averaged over: the rows given to ``cross_entropy`` or ``nll_loss`` in a checked step (samples x positions, summed over
+the ranks), times the Trainer's ``accumulate_grad_batches``. Below :data:`MIN_EXAMPLES` it is a problem, with a
+``batch_size`` action (``train.py``'s ``--data.batch_size``; any other program changes its data loader, or
+accumulates gradients).
+
+**Wrong labels.** A network learns the examples that agree with each other first (the "early learning" of
+Arpit et al., 2017, and Liu et al., 2020), so late in a fit a dataset with wrong labels shows two groups: most
+examples fit well, and a minority fit worse than a uniform guess would, because the model contradicts their label.
+A clean task leaves few such examples; a task that is uncertain by nature (the next character of a name) has no
+well-fit majority. In the last fifth of the fit (``LATE``) the probe reads the rows' own losses: when over half are
+below ``ln(C) / 2`` and at least :data:`NOISY` of them above ``ln(C)``, it is a problem, with a ``clean_labels``
+action (an edit of the data: find the mislabelled examples, e.g. cleanlab's ``find_label_issues`` with out-of-sample
+probabilities, and fix or drop them). Measured on the fault zoo's bases (benchmarks/results/fault_zoo.md): clean
+blobs and digits 0.2 % worse than uniform, with 40 % of the labels shuffled 30-31 %; the names (no well-fit
+majority: a median loss of 0.67 ln C) are left alone, clean or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.probes.loss_input import LossInputs
+
+#: fewer loss rows than this per optimizer step is a problem (a language model's rows are its tokens: thousands)
+MIN_EXAMPLES = 8
+#: the batch the action asks for: the lecture's
+BATCH = 32
+#: wrong labels: at least this share of the late rows fit worse than a uniform guess, while over half fit well
+NOISY = 0.15
+#: late rows needed before judging
+MIN_ROWS = 200
+
+
+class SmallBatch(Judge):
+    """Says when an optimizer step averages the loss over fewer than :data:`MIN_EXAMPLES` examples."""
+
+    reads = (LossInputs,)
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        r = readouts[LossInputs]
+        rows = r.cross_entropy_rows + r.nll_rows
+        if not r.checked or rows == 0:
+            return []
+        examples = rows * max(r.micro_batches, 1)
+        if examples >= MIN_EXAMPLES:
+            return []
+        per = f"{rows} per micro-batch x {r.micro_batches} micro-batches" if r.micro_batches > 1 else "one batch"
+        message = (
+            f"Each optimizer step averages the loss over only {examples} examples ({per}, all ranks): its gradient's"
+            f" noise is 1/sqrt({examples}) of one example's, so the steps are mostly noise, and a fit of a fixed"
+            " number of steps sees little of the data (BatchNorm's statistics from so few are noise as well)."
+        )
+        fix = (
+            f"Use batches of {BATCH} (the lecture's), or accumulate gradients"
+            " (`Trainer(accumulate_grad_batches=...)`) to reach it."
+        )
+        action = Action("batch_size", (), BATCH, f"{examples} examples per step")
+        return [Finding("batch/size", step, "", message, fix, "loss", action=action)]
+
+
+class NoisyLabels(Judge):
+    """At the end of fit: a well-fit majority and a minority fit worse than a uniform guess (wrong labels)."""
+
+    reads = (LossInputs,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows = self.good = self.bad = 0  # summed over the late recorded steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "good": self.good, "bad": self.bad}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rows, self.good, self.bad = (int(state.get(k, 0)) for k in ("rows", "good", "bad"))
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        r = readouts[LossInputs]
+        self.rows += r.late_rows
+        self.good += r.late_good_rows
+        self.bad += r.late_bad_rows
+        return []
+
+    def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
+        if self.rows < MIN_ROWS:
+            return []
+        good, bad = self.good / self.rows, self.bad / self.rows
+        if good <= 0.5 or bad < NOISY:
+            return []
+        message = (
+            f"In the last fifth of the fit the model fits {good:.0%} of the training rows it was given well (a loss"
+            f" below half of ln C) but {bad:.0%} worse than a uniform guess (above ln C), of {self.rows} read: a"
+            " minority it contradicts, the signature of wrong labels (clean tasks: under 1 %)."
+        )
+        fix = (
+            "Look at the examples the trained model fits worse than a uniform guess: find the mislabelled ones"
+            " (cleanlab's `find_label_issues`, with out-of-sample probabilities) and fix or drop them, or train with a"
+            " loss robust to label noise."
+        )
+        action = Action("clean_labels", (), None, f"{bad:.0%} of rows worse than uniform, {good:.0%} fit well")
+        return [Finding("data/labels", step, "", message, fix, "loss", action=action)]
