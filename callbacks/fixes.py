@@ -9,7 +9,12 @@ beside its sentence. Four kinds are generic, applicable to a model this package 
 - ``scale_layer``: a named module's parameters (weight and bias) times ``value``;
 - ``init``: the layer feeding each named activation (itself, if it has a weight matrix) re-initialised at
   ``std = gain / sqrt(fan_in)`` (Kaiming, the activation's gain), its bias zeroed; with no names, every hidden
-  ``Linear``/``Conv`` (the last ``Linear``, the output layer, is left alone);
+  ``Linear``/``Conv`` (the last ``Linear``, the output layer, is left alone). A layer with a normalisation
+  (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) between it and its activation is re-initialised by its own
+  ``reset_parameters()`` instead: the normalisation makes the forward pass blind to the weight's scale, so the gain
+  is moot there, while the scale still sets the effective learning rate (``lr / |w|^2``); the layer's default is
+  the scale the model was built and tuned with (the fault zoo's CNN: Kaiming's larger weights there trained worse
+  than the zeroed layer they replaced);
 - ``clip_gradients``: the Trainer's ``gradient_clip_val`` (by norm).
 
 The other kinds (``normalise``, ``activation``) change the architecture: the model must be rebuilt (``train.py``
@@ -46,6 +51,11 @@ GAINS: dict[type[nn.Module], float] = {
     nn.SiLU: math.sqrt(2.0),
 }
 _ACTIVATIONS = (nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid)
+#: normalisation layers: the forward pass after one does not depend on the scale of the weights before it
+_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
 
 
 def actions_of(findings: Iterable[Finding]) -> list[Action]:
@@ -230,10 +240,15 @@ def _scale_layer(module: nn.Module, action: Action) -> Callable:
 
 def _init(module: nn.Module, action: Action, generator: torch.Generator) -> Callable:
     layers = [_feeding(module, name) for name in action.targets] if action.targets else _hidden_layers(module)
-    params = [p for layer, _ in layers for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
+    params = [p for layer, *_ in layers for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for layer, gain in layers:
+        for layer, gain, normalised in layers:
+            if normalised and callable(getattr(layer, "reset_parameters", None)):
+                with torch.random.fork_rng(devices=[]):  # the layer's default, drawn from `generator`'s stream
+                    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                    layer.reset_parameters()
+                continue
             fan_in = layer.weight[0].numel()  # inputs per output unit (a Conv's in_channels * kernel size)
             new = torch.randn(layer.weight.shape, generator=generator) * gain / math.sqrt(fan_in)
             layer.weight.copy_(new)
@@ -270,25 +285,29 @@ def _weighted(m: nn.Module) -> bool:
     )
 
 
-def _feeding(module: nn.Module, name: str) -> tuple[nn.Module, float]:
-    """The layer with a weight matrix that feeds ``name`` (itself if it has one), and the gain of ``name``."""
+def _feeding(module: nn.Module, name: str) -> tuple[nn.Module, float, bool]:
+    """The layer with a weight matrix that feeds ``name`` (itself if it has one), the gain of ``name``, and whether
+    a normalisation layer sits between them (in the order the modules are registered)."""
     target = _module(module, name)
     gain = GAINS.get(type(target), 1.0)
     if _weighted(target):
-        return target, gain
-    before = None
+        return target, gain, False
+    before, normalised = None, False
     for n, m in module.named_modules():
         if n == name:
             break
         if _weighted(m):
-            before = m
+            before, normalised = m, False
+        elif isinstance(m, _NORMS):
+            normalised = True
     if before is None:
         raise ValueError(f"Expected a layer with weights before {name!r}, but found none.")
-    return before, gain
+    return before, gain, normalised
 
 
-def _hidden_layers(module: nn.Module) -> list[tuple[nn.Module, float]]:
-    """Every Linear/Conv but the last Linear, each with the gain of the first activation after it (1 if none)."""
+def _hidden_layers(module: nn.Module) -> list[tuple[nn.Module, float, bool]]:
+    """Every Linear/Conv but the last Linear, each with the gain of the first activation after it (1 if none), and
+    whether a normalisation layer comes before that activation."""
     modules = list(module.modules())
     layers = [m for m in modules if _weighted(m)]
     if layers and isinstance(layers[-1], nn.Linear):
@@ -296,12 +315,14 @@ def _hidden_layers(module: nn.Module) -> list[tuple[nn.Module, float]]:
     found = []
     for layer in layers:
         after = modules[modules.index(layer) + 1 :]
-        gain = 1.0
+        gain, normalised = 1.0, False
         for m in after:
             if _weighted(m):
                 break
+            if isinstance(m, _NORMS):
+                normalised = True
             if isinstance(m, _ACTIVATIONS):
                 gain = GAINS.get(type(m), 1.0)
                 break
-        found.append((layer, gain))
+        found.append((layer, gain, normalised))
     return found

@@ -87,6 +87,31 @@ def test_init_of_the_whole_model_leaves_the_output_layer():
     torch.testing.assert_close(net[4].weight.detach(), before["4.weight"])
 
 
+def test_init_before_a_normalisation_restores_the_layers_own_default():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3))
+    with torch.no_grad():
+        net[0].weight.zero_()  # the fault zoo's "zeros": every ReLU after the BatchNorm dead
+    before = _state(net)
+    applied = apply_actions(net, [Action("init", ("2",), "kaiming")], seed=7)
+    # PyTorch's own default (kaiming_uniform with a = sqrt(5): bound 1 / sqrt(fan_in)) drawn from the seed the
+    # action takes from its generator: the same numbers
+    g = torch.Generator().manual_seed(7)
+    twin = nn.Conv2d(1, 8, 3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        twin.reset_parameters()
+    torch.testing.assert_close(net[0].weight.detach(), twin.weight.detach())
+    torch.testing.assert_close(net[0].bias.detach(), twin.bias.detach())
+    assert net[0].weight.abs().max() <= 1 / 3 and net[0].weight.std() < math.sqrt(2) / 3 / 2  # not Kaiming's
+    # the whole model's init: the conv (BatchNorm after it) by its default, the output layer left alone
+    apply_actions(net, [Action("init", (), "kaiming")], seed=7)
+    torch.testing.assert_close(net[0].weight.detach(), twin.weight.detach())
+    torch.testing.assert_close(net[4].weight.detach(), before["4.weight"])
+    applied.undo()
+    torch.testing.assert_close(net[0].weight.detach(), before["0.weight"])
+
+
 class _Tiny(pl.LightningModule):
     def __init__(self, lr: float = 1.0) -> None:
         super().__init__()
