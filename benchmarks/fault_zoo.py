@@ -19,9 +19,10 @@ noise (2 x the std over seeds, at least 0.01); the others are equivalent mutants
 Scores: a run is **flagged** when its health report has a problem finding; precision = sick flagged / all flagged
 among sick mutants and healthy bases; recall = sick flagged / sick; right layer = flagged sick mutants with a known
 layer whose findings name it (or its block); heal = sick mutants the repair loop (the report's generic actions,
-``callbacks.fixes``, and the ones a user applies by changing the model: the activation, the logits to the loss;
-applied to a refit of the same seed and budget, kept only when the val loss improves by more than the noise, 3
-rounds at most) leaves within noise of their base; harmful = kept changes that made a model worse (never kept by
+``callbacks.fixes``, and the ones a user applies by changing the model or the data: the activation, the logits to
+the loss, the batch size, the training examples its sick model fits worse than a uniform guess dropped (the label
+issues); applied to a refit of the same seed and budget, each round all together and each alone, the best kept
+only when the val loss improves by more than the noise, 3 rounds at most) leaves within noise of their base; harmful = kept changes that made a model worse (never kept by
 construction; the rejected ones are counted); fixes proposed on healthy bases; compute = the loop's training time
 (the sick run and every round) over the sick run's.
 
@@ -280,7 +281,7 @@ def _data(base: Base) -> Data:
 
 #: the action kinds the zoo applies by rebuilding the model (as `train.py heal` does with its `--model.*` flags): a
 #: generic callback cannot swap a model's activations, the model's own settings can
-REBUILT = ("activation", "loss_logits")
+REBUILT = ("activation", "loss_logits", "batch_size", "clean_labels")
 
 
 def usable(actions: list[Action]) -> list[Action]:
@@ -288,16 +289,25 @@ def usable(actions: list[Action]) -> list[Action]:
     return [a for a in actions if a in applicable(actions) or a.kind in REBUILT]
 
 
-def build(base: Base, seed: int, operator: str, rebuilt: list[Action] | None = None) -> tuple[Module, Data, int]:
-    """The (mutated) model, its data and batch size; ``rebuilt``: :data:`REBUILT` actions, applied here."""
+def build(
+    base: Base, seed: int, operator: str, rebuilt: list[Action] | None = None, keep: Tensor | None = None
+) -> tuple[Module, Data, int]:
+    """The (mutated) model, its data and batch size; ``rebuilt``: :data:`REBUILT` actions, applied here; ``keep``:
+    the training examples kept (``clean_labels``: see :func:`label_issues`)."""
     torch.manual_seed(seed)
     act = "sigmoid" if operator == "sigmoid" else base.act
     softmax = operator == "softmax"
+    batch = 2 if operator == "batch 2" else base.batch
+    clean = False
     for a in rebuilt or []:
         if a.kind == "activation":
             act = str(a.value)  # every hidden activation, as the model's one setting (train.py --model.activation)
         elif a.kind == "loss_logits":
             softmax = False  # the user's edit: the loss gets the logits (the softmax kept for predictions)
+        elif a.kind == "batch_size":
+            batch = max(batch, int(a.value))  # type: ignore[arg-type]  # the loader's (train.py --data.batch_size)
+        elif a.kind == "clean_labels":
+            clean = True
     net = base.build(base.norm and operator != "no norm", act)
     xt, yt, xv, yv = _data(base)
     lr = base.lr * {"lr x10": 10, "lr x100": 100, "lr /100": 0.01}.get(operator, 1)
@@ -323,13 +333,28 @@ def build(base: Base, seed: int, operator: str, rebuilt: list[Action] | None = N
         noisy = torch.rand(len(yt), generator=g) < 0.4
         yt = yt.clone()
         yt[noisy] = yt[noisy][torch.randperm(int(noisy.sum()), generator=g)]
-    batch = 2 if operator == "batch 2" else base.batch
+    if clean and keep is not None:  # the user's edit of the data: the label issues dropped
+        xt, yt = xt[keep], yt[keep]
     return Module(net, lr, base.optimizer, softmax=softmax), (xt, yt, xv, yv), batch
 
 
-def fit(base: Base, seed: int, operator: str, actions: list[Action], root: str) -> tuple[float, list[Finding], float]:
-    """``(val loss, findings, seconds)`` of one run (with ``actions`` applied when training starts)."""
-    model, (xt, yt, xv, yv), batch = build(base, seed, operator, [a for a in actions if a.kind in REBUILT])
+def label_issues(base: Base, seed: int, operator: str, model: Module) -> Tensor:
+    """The training examples a trained ``model`` fits no worse than a uniform guess (loss <= ln C): what a user
+    keeps after dropping the label issues its report points to (cleanlab would use out-of-sample probabilities;
+    the zoo uses the sick run's own model, which has not memorised the wrong labels in its short fit)."""
+    _, (xt, yt, _, _), _ = build(base, seed, operator)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model.net(xt[i : i + 4096]) for i in range(0, len(xt), 4096)])
+        losses = nn.functional.cross_entropy(logits, yt, reduction="none")
+    return losses <= math.log(logits.shape[-1])
+
+
+def fit(
+    base: Base, seed: int, operator: str, actions: list[Action], root: str, keep: Tensor | None = None
+) -> tuple[float, list[Finding], float, Module]:
+    """``(val loss, findings, seconds, model)`` of one run (with ``actions`` applied when training starts)."""
+    model, (xt, yt, xv, yv), batch = build(base, seed, operator, [a for a in actions if a.kind in REBUILT], keep)
     actions = applicable(actions)
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(xt, yt), batch_size=batch, shuffle=True, generator=g, drop_last=True)
@@ -352,7 +377,7 @@ def fit(base: Base, seed: int, operator: str, actions: list[Action], root: str) 
         val = nn.functional.cross_entropy(logits, yv).item()
     if not math.isfinite(val):
         val = 100.0  # a diverged run: worse than any
-    return val, monitor.findings, seconds
+    return val, monitor.findings, seconds, model
 
 
 def _problems(findings: list[Finding]) -> list[Finding]:
@@ -371,31 +396,48 @@ def _names_layer(findings: list[Finding], layer: str) -> bool:
     return False
 
 
-def heal(base: Base, run: Run, findings: list[Finding], noise: float, root: str, rounds: int = 3) -> None:
-    """The repair loop with the usable actions (:func:`usable`): refit with all of them, then each alone if that was
-    not better (as `train.py heal`); keep only an improvement beyond the noise."""
-    best_val, kept, tried = run.val, [], set()
-    current = findings
+def _key(a: Action) -> tuple[str, tuple[str, ...], Any]:
+    """What makes two actions the same try (a learning-rate scaling by another factor is another try)."""
+    return (a.kind, a.targets, a.value if a.kind == "scale_lr" else None)
+
+
+def heal(
+    base: Base, run: Run, findings: list[Finding], model: Module, noise: float, root: str, rounds: int = 3
+) -> None:
+    """The repair loop with the usable actions (:func:`usable`): each round refits with all the new ones together
+    and, when there are several, with each alone, and keeps the best of those fits if it improves on the best so
+    far beyond the noise. An action not kept is not tried again, nor one of a kind and targets already kept, except
+    a learning-rate scaling: the next round's findings may move it again (a decade at most per round)."""
+    best_val, kept, rejected = run.val, [], set()
+    current, keep = findings, None
     for number in range(1, rounds + 1):
-        new = [a for a in usable(actions_of(current)) if (a.kind, a.targets) not in tried]
+        done = {(a.kind, a.targets) for a in kept if a.kind != "scale_lr"}
+        proposed = [
+            a for a in usable(actions_of(current)) if _key(a) not in rejected and (a.kind, a.targets) not in done
+        ]
+        # one of each change the zoo makes: its activation is the model's one setting, whichever layer asked
+        new = list({a.describe(): a for a in proposed}.values())
         if not new:
             break
-        tried.update((a.kind, a.targets) for a in new)
-        # as `train.py heal`: all of them together, then each alone if that was not better
-        together = True
+        if keep is None and any(a.kind == "clean_labels" for a in new):
+            keep = label_issues(base, run.seed, run.operator, model)  # from the model the findings came from
+        choice: tuple[float, list[Action], list[Finding], int, Module] | None = None
         for changes in [new] + ([[a] for a in new] if len(new) > 1 else []):
-            val, found, seconds = fit(base, run.seed, run.operator, [*kept, *changes], root)
+            val, found, seconds, fitted = fit(base, run.seed, run.operator, [*kept, *changes], root, keep)
             run.heal_seconds += seconds
-            better = val < best_val - noise
             changed = ", ".join(a.describe() for a in changes)
-            run.heal_rounds.append({"round": number, "changed": changed, "val": round(val, 4), "kept": better})
-            if better:
-                best_val, kept, current = val, [*kept, *changes], found
+            run.heal_rounds.append({"round": number, "changed": changed, "val": round(val, 4), "kept": False})
+            if val < best_val - noise and (choice is None or val < choice[0]):
+                choice = (val, changes, found, len(run.heal_rounds) - 1, fitted)
             elif val > best_val + noise:
                 run.rejected_worse += 1
-            if together and better:
-                break  # all of them helped: no need to try them one by one
-            together = False
+        if choice is None:
+            break  # nothing helped: the next round's findings would propose the same
+        best_val, changes, current, index, model = choice
+        run.heal_rounds[index]["kept"] = True
+        chosen = {a.describe() for a in changes}
+        rejected.update(_key(a) for a in proposed if a.describe() not in chosen)
+        kept = [*kept, *changes]
     run.heal_rounds.append({"final": round(best_val, 4)})
 
 
@@ -444,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 base = Base(**{**asdict(base), "steps": 300})  # type: ignore[arg-type]
             base_runs = []
             for seed in range(seeds):
-                val, found, seconds = fit(base, seed, "", [], root)
+                val, found, seconds, _ = fit(base, seed, "", [], root)
                 r = Run(name, seed, "", "", val, seconds)
                 r.problems = [{"key": f.key, "where": f.where} for f in _problems(found)]
                 r.actions = [a.describe() for a in actions_of(found)]
@@ -465,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue  # its LayerNorms and GELUs are built in (bench_monitors' GPT)
                 # named as the findings name it: inside the LightningModule, whose network is `net`
                 r = Run(name, 0, op, f"net.{base.hidden}" if op in LAYER_OPS else "")
-                r.val, found, r.seconds = fit(base, 0, op, [], root)
+                r.val, found, r.seconds, model = fit(base, 0, op, [], root)
                 r.problems = [{"key": f.key, "where": f.where} for f in _problems(found)]
                 r.actions = [a.describe() for a in actions_of(found)]
                 r.sick = r.val > noise[name]["mean"] + threshold
@@ -473,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if r.sick and r.flagged and r.layer:
                     r.layer_right = _names_layer(found, r.layer)
                 if r.sick and r.flagged:
-                    heal(base, r, found, threshold, root)
+                    heal(base, r, found, model, threshold, root)
                     final = r.heal_rounds[-1]["final"]
                     r.healed = final <= noise[name]["mean"] + threshold
                 runs.append(r)
