@@ -20,7 +20,7 @@ Scores: a run is **flagged** when its health report has a problem finding; preci
 among sick mutants and healthy bases; recall = sick flagged / sick; right layer = flagged sick mutants with a known
 layer whose findings name it (or its block); heal = sick mutants the repair loop (the report's generic actions,
 ``callbacks.fixes``, and the ones a user applies by changing the model or the data: the activation, the logits to
-the loss, the batch size, the training examples its sick model fits worse than a uniform guess dropped (the label
+the loss, the batch size, the training examples whose label its sick model does not predict dropped (the label
 issues); applied to a refit of the same seed and budget, each round all together and each alone, the best kept
 only when the val loss improves by more than the noise, 3 rounds at most) leaves within noise of their base; harmful = kept changes that made a model worse (never kept by
 construction; the rejected ones are counted); fixes proposed on healthy bases; compute = the loop's training time
@@ -339,15 +339,15 @@ def build(
 
 
 def label_issues(base: Base, seed: int, operator: str, model: Module) -> Tensor:
-    """The training examples a trained ``model`` fits no worse than a uniform guess (loss <= ln C): what a user
-    keeps after dropping the label issues its report points to (cleanlab would use out-of-sample probabilities;
-    the zoo uses the sick run's own model, which has not memorised the wrong labels in its short fit)."""
+    """The training examples whose label a trained ``model`` predicts: what a user keeps after dropping the label
+    issues its report points to, as cleanlab's ``find_label_issues(filter_by="predicted_neq_given")`` does (cleanlab
+    would use out-of-sample probabilities; the zoo uses the sick run's own model, which has not memorised the wrong
+    labels in its short fit)."""
     _, (xt, yt, _, _), _ = build(base, seed, operator)
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model.net(xt[i : i + 4096]) for i in range(0, len(xt), 4096)])
-        losses = nn.functional.cross_entropy(logits, yt, reduction="none")
-    return losses <= math.log(logits.shape[-1])
+    return logits.argmax(-1) == yt
 
 
 def fit(

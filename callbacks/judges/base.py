@@ -155,7 +155,7 @@ class Action:
         if self.kind == "batch_size":
             return f"batch size {self.value}"
         if self.kind == "clean_labels":
-            return "clean the labels (drop the examples fit worse than uniform)"
+            return "clean the labels (fix or drop the mislabelled examples)"
         return "normalise (BatchNorm)" + (f" before {where}" if where else "")
 
 
