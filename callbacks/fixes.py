@@ -59,11 +59,23 @@ _NORMS = (
 
 
 def actions_of(findings: Iterable[Finding]) -> list[Action]:
-    """The actions of the problem findings, each once (same kind and targets: the first), in the order found."""
+    """The actions of the problem findings, each once (same kind and targets: the first), in the order found.
+
+    Two learning-rate scalings of the same parameters (a loss spike's ``× 0.3`` during the fit, the end-of-fit
+    advice's ``× 0.1``) become one: the larger move when they agree in direction, else the later (the end-of-fit
+    advice weighs the whole fit).
+    """
     seen: dict[tuple[str, tuple[str, ...]], Action] = {}
     for f in findings:
-        if f.severity == "problem" and f.action is not None:
-            seen.setdefault((f.action.kind, f.action.targets), f.action)
+        if f.severity != "problem" or f.action is None:
+            continue
+        a, key = f.action, (f.action.kind, f.action.targets)
+        if key not in seen:
+            seen[key] = a
+        elif a.kind == "scale_lr":
+            old, new = math.log(float(seen[key].value)), math.log(float(a.value))  # type: ignore[arg-type]
+            if old * new <= 0 or abs(new) > abs(old):
+                seen[key] = a
     return list(seen.values())
 
 

@@ -9,8 +9,9 @@
 - :func:`rerun_command` is the line that ends a `train.py fit` run's ``health.md``: the run's own config plus those
   flags.
 - :func:`heal` is ``python train.py heal [fit flags]``: train; while the verdict names problems with fixes, retrain
-  with them (same seed, same budget), a few rounds at most; a change is kept only when the validation loss
-  improves by more than the seed noise (:data:`NOISE`, measured); the table of rounds is printed and written to
+  with them (same seed, same budget), a few rounds at most, each round all of them together and each alone; the
+  round's best is kept only when the validation loss improves by more than the seed noise (:data:`NOISE`,
+  measured); the table of rounds is printed and written to
   ``heal.md`` in the first run's folder after every round (so Ctrl-C leaves every finished round in it).
 
 Left out on purpose: searching hyperparameters (only the report's own fixes are tried) and fixes that need new
@@ -231,7 +232,7 @@ class Round:
     val: float = float("nan")
     seconds: float = 0.0
     folder: str = ""
-    outcome: str = ""  # "start", "kept", "worse", "no better", "interrupted"
+    outcome: str = ""  # "start", "kept", "better, not the best", "worse", "no better"
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -330,7 +331,13 @@ def _candidates(r: Round, tried: set[str]) -> list[tuple[str, list[str]]]:
     out = [(", ".join(a.describe() for a in useful), together)] if together else []
     if len(useful) > 1:
         out += [(a.describe(), _flags([a], config)[0]) for a in useful]
-    return [(what, flags) for what, flags in out if shlex.join(flags) not in tried]
+    seen = set(tried)
+    unique = []
+    for what, flags in out:  # e.g. one activation flag asked for by several layers: one fit
+        if shlex.join(flags) not in seen:
+            seen.add(shlex.join(flags))
+            unique.append((what, flags))
+    return unique
 
 
 def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Round]:
@@ -346,7 +353,7 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
     done.append(first)
     path = Path(first.folder) / "heal.md" if first.folder else None
     best, tried = first, set()
-    note, interrupted = "", False
+    note, interrupted, number = "", False, 1
     try:
         for number in range(1, rounds + 1):
             options = _candidates(best, tried)
@@ -360,20 +367,31 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
                         else "The run is healthy: nothing to fix."
                     )
                 break
-            what, flags = options[0]
-            tried.add(shlex.join(flags))
-            merged = merge_flags(best.flags, flags)
-            r = _fit(merged)
-            r.number, r.changed, r.flags = number, what, merged
-            if r.val < best.val - 2 * noise:
-                r.outcome, best = "kept", r
-            else:
-                r.outcome = "worse" if r.val > best.val + 2 * noise else "no better"
-            done.append(r)
+            # all of them together, then each alone: the best of the round is kept if it beats the best so far
+            start, winner = best, None
+            for what, flags in options:
+                tried.add(shlex.join(flags))
+                merged = merge_flags(start.flags, flags)
+                r = _fit(merged)
+                r.number, r.changed, r.flags = number, what, merged
+                if r.val < start.val - 2 * noise:
+                    r.outcome = "better"
+                    if winner is None or r.val < winner.val:
+                        winner = r
+                else:
+                    r.outcome = "worse" if r.val > start.val + 2 * noise else "no better"
+                done.append(r)
+                _write(path, render(done, noise))
+            if winner is None:
+                break  # nothing of this round helped: the next would propose the same
+            for r in done:
+                if r.number == number and r.outcome == "better":
+                    r.outcome = "kept" if r is winner else "better, not the best"
+            best = winner
             _write(path, render(done, noise))
     except KeyboardInterrupt:
         interrupted = True
-        note = f"Interrupted during round {len(done)}: the rounds above finished and are kept as they were."
+        note = f"Interrupted during round {number}: the rounds above finished and are kept as they were."
     _write(path, render(done, noise, note))
     print("\n" + _table(done))
     if note:

@@ -170,6 +170,18 @@ def test_actions_of_findings_and_bad_input():
     ]
     assert actions_of(findings) == [scale, Action("normalise")]
     assert applicable(actions_of(findings)) == [scale]
+    # the learning rate asked twice: the larger move when both go the same way (a spike's x 0.3 during the fit,
+    # then the end-of-fit advice's x 0.1), the later one when they disagree
+    spike, advice = Action("scale_lr", (), 0.3, "spike"), Action("scale_lr", (), 0.1, "advice")
+    up = Action("scale_lr", (), 10.0, "slow")
+    assert actions_of([Finding("s", 5, "", "m", action=spike), Finding("l", 9, "", "m", action=advice)]) == [advice]
+    assert actions_of([Finding("l", 9, "", "m", action=advice), Finding("s", 5, "", "m", action=spike)]) == [advice]
+    assert actions_of([Finding("s", 5, "", "m", action=spike), Finding("l", 9, "", "m", action=up)]) == [up]
+    named = Action("scale_lr", ("head.weight",), 0.1)  # other parameters: its own action
+    assert actions_of([Finding("s", 5, "", "m", action=spike), Finding("n", 9, "", "m", action=named)]) == [
+        spike,
+        named,
+    ]
     with pytest.raises(ValueError, match="rebuild the model"):
         apply_actions(_net(), [Action("normalise")])
     with pytest.raises(ValueError, match="Expected a module name of the model, but got 'nope'"):
