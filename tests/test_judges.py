@@ -370,6 +370,18 @@ def test_lr_from_the_loss_alone_when_the_ratio_is_in_the_band():
     assert f.action.value == pytest.approx(0.1)
 
 
+def test_no_layer_advice_against_the_models_own():
+    # the loss blew up (the lr is too high for the model): the layers whose ratio sits low beside the others get no
+    # "raise its learning rate" (the fault zoo's deep net at lr x 100 was told x 100 for two of its layers)
+    history = {"a": [-3.0] * 20, "b": [-3.1] * 20, "c": [-4.6] * 20, "d": [-1.2] * 20}
+    blown = _judged([180.0, 240, 210, 200, 220, 230, 225, 215, 222, 224])
+    found = blown.conclude(99, _ratios(history))
+    assert [(f.key, f.action.value) for f in found] == [("lr/model", pytest.approx(0.1)), ("lr/d", pytest.approx(0.1))]
+    # no model-wide problem: the same layers get their own advice, both ways
+    found = LearningRateAdvice().conclude(99, _ratios(history))
+    assert [f.key for f in found] == ["lr/c", "lr/d"]
+
+
 def test_the_loss_alone_never_contradicts_the_ratio():
     slow = [3.2, 3.13, 3.1, 3.1, 3.02, 3.01, 2.94, 2.93, 2.92, 2.91]
     assert slow_descent(slow, 3.3) >= SLOW

@@ -260,10 +260,15 @@ class LearningRateAdvice(Judge):
             found = [from_loss] if from_loss is not None else found
         if not typical:
             return found
+        # the model's learning rate is a problem one way: a layer's ratio pointing the other way is not advice (in a
+        # fit whose loss blew up, the layers that look slow beside the median are no reason to raise their lr)
+        model_wide = next((f.action for f in found if f.action is not None), None)
         for name, r in typical.items():
             if abs(r - TARGET) <= TOLERANCE or abs(r - median) <= APART:
                 continue
             high = r > TARGET
+            if model_wide is not None and high != (float(model_wide.value) < 1):  # type: ignore[arg-type]
+                continue
             if high and name == ratios.output:  # the lecture's expected exception
                 message = (
                     f"`{name}`, the output layer: updates are 10^{r:.1f} of the weight, {_times(r)} the lecture's"
