@@ -18,7 +18,7 @@ from callbacks.judges.health import (
     VanishingParameterGradients,
 )
 from callbacks.judges.init import InitCheck
-from callbacks.judges.lr import SLOW, LearningRateAdvice, slow_descent, typical_ratio
+from callbacks.judges.lr import SLOW, LearningRateAdvice, slow_descent, trend, typical_ratio
 from callbacks.judges.outliers import OutlierActivations
 from callbacks.judges.spikes import LossSpikes, robust_z
 from callbacks.probes.activation import Activations, Layer
@@ -323,13 +323,15 @@ def test_lr_advice_for_one_layer_and_the_output_layers_exception():
     assert LearningRateAdvice().conclude(99, _ratios({"a": [-3.0] * 20, "b": [-2.7] * 20})) == []  # healthy
 
 
-def _judged(losses: list[float], start: float = 3.3, lr: float = 0.1) -> LearningRateAdvice:
+def _judged(losses: list[float], start: float = 3.3, classes: int = 27) -> LearningRateAdvice:
     """A LearningRateAdvice that saw step 0's loss ``start`` (27 classes: ln 27 = 3.30) and then ``losses``."""
     judge = LearningRateAdvice()
-    judge.observe(0, Readouts.of(Loss(0, start, 27, "given")))
+    judge.observe(0, Readouts.of(Loss(0, start, classes, "given")))
     for i, loss in enumerate(losses, 1):
-        judge.observe(i, Readouts.of(Loss(i, loss, 27, "given")))
-    return judge
+        judge.observe(i, Readouts.of(Loss(i, loss, classes, "given")))
+    restored = LearningRateAdvice()  # a resumed fit judges the same: everything it needs is in its state
+    restored.load_state_dict(judge.state_dict())
+    return restored
 
 
 def test_slow_descent_by_hand():
@@ -368,6 +370,32 @@ def test_lr_from_the_loss_alone_when_the_ratio_is_in_the_band():
     # no ratio at all (a diverged fit records none): the loss still decides
     (f,) = _judged([3.0, math.nan] * 5).conclude(99, _ratios({"a": [math.nan] * 20}))
     assert f.action.value == pytest.approx(0.1)
+
+
+def test_trend_is_the_t_statistic_of_the_least_squares_slope():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(0)
+    for losses in ([2.0, 1.9, 2.1, 1.8, 1.9, 1.7], [3.0 - 0.002 * i + rng.gauss(0, 0.05) for i in range(60)]):
+        fit = stats.linregress(range(len(losses)), losses)
+        assert trend(losses) == pytest.approx(fit.slope / fit.stderr)
+    assert trend([1.0, 2.0]) == 0.0 and trend([1.0, 1.0, 1.0]) == 0.0
+
+
+def test_a_fresh_classifier_whose_loss_barely_moved_is_too_low_a_learning_rate():
+    in_band = _ratios({"a": [-3.2] * 20, "b": [-3.0] * 20})
+    # 10 classes (ln 10 = 2.30), started at 2.33: 0.06 down over the first fifth, then 0.015 more over the rest (not
+    # "slow"), 3.2 % in all, creeping down all along (the fault zoo's CNN at SGD lr / 100 fell 4.5 %, too noisy for
+    # the slow-descent rule)
+    rng = random.Random(1)
+    creeping = [2.33 - 0.06 * min(i, 12) / 12 - 0.015 * max(i - 12, 0) / 48 + rng.gauss(0, 0.005) for i in range(60)]
+    assert (slow_descent(creeping, 2.33) or 0) < SLOW and trend(creeping) < -3
+    (f,) = _judged(creeping, start=2.33, classes=10).conclude(99, in_band)
+    assert f.severity == "problem" and "barely moved" in f.message and f.action.value == pytest.approx(10.0)
+    # a fine-tuned model (step 0 far below ln C) creeping down the same way: not judged so
+    assert _judged([v - 1.5 for v in creeping], start=0.83, classes=10).conclude(99, in_band) == []
+    # flat (no trend): nothing to say about the learning rate
+    flat = [2.3 + rng.gauss(0, 0.04) for _ in range(60)]
+    assert _judged(flat, start=2.33, classes=10).conclude(99, in_band) == []
 
 
 def test_no_layer_advice_against_the_models_own():

@@ -53,7 +53,8 @@ RISE = 0.05
 #: the loss is "still falling" when its last fifth's median is this many nats below the fifth before it
 FALL = 0.02
 #: "oscillating": the loss's step-to-step noise (robust, from successive differences) is at least this many times
-#: all it fell (from where it started to its best fifth): the steps throw it about more than training moved it. The
+#: all it fell (from where it started to its best fifth) and a tenth of where it started (a loss that never fell
+#: does not swing for a little noise): the steps throw it about more than training moved it. The
 #: fault zoo's healthy bases: 0.01-0.23; SGD at lr x 100 on the blobs MLP 1.8 (it ended below where it started, so
 #: "blown up" misses it); batch 2 on the names MLP 2.4
 OSCILLATION = 1.0
@@ -63,13 +64,19 @@ OSCILLATION = 1.0
 #: (benchmarks/results/fault_zoo.md): healthy fits 0.01-0.22 (a loss that levels off), learning rate / 100 0.75-1.02
 #: (SGD and AdamW alike, where the update:data ratio of AdamW does not move out of the lecture's band)
 SLOW = 0.5
+#: "stuck": a fit that started as a fresh classifier (step 0's loss within 25 % of ln C) whose best fifth is less
+#: than this share below where it started, while the loss creeps down (a least-squares slope below zero by
+#: :data:`TREND` standard errors): it barely moved, and not for want of a gradient. The fault zoo's CNN at lr / 100
+#: fell 4.5 % in 600 steps, too little for :func:`slow_descent` to tell from its noise (t = -5.5 over the fit);
+#: its healthy bases fell 28-99 %. A fine-tuned model starts far below ln C and is never judged by it.
+STUCK, TREND = 0.1, 3.0
 
 
 def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     """What the recorded training losses say about the learning rate: ``"diverged"`` (a non-finite loss),
     ``"blown up"`` (the last fifth's median above ``start``, the loss the fit started from: training made it
     worse), ``"oscillating"`` (its step-to-step noise at least :data:`OSCILLATION` times all it fell, from ``start``
-    to its best fifth), ``"rising"`` (the last fifth's median above the best earlier fifth's beyond their noise),
+    to its best fifth, and a tenth of ``start``), ``"rising"`` (the last fifth's median above the best earlier fifth's beyond their noise),
     ``"falling"`` (the last fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or
     ``"unknown"`` (too few points).
 
@@ -95,7 +102,9 @@ def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     # differ by up to ~0.2 by chance (the lecture's nets at SGD lr 0.1-3: +0.07 to +0.2, all as healthy)
     # sigma from successive differences: a trend does not count as noise
     sigma = 1.4826 * statistics.median(abs(b - a) for a, b in itertools.pairwise(losses[n:])) / math.sqrt(2)
-    if sigma >= OSCILLATION * (start - min(fifths)):
+    if sigma >= OSCILLATION * max(
+        start - min(fifths), 0.1 * start
+    ):  # and a tenth of the start: a stuck loss is no swing
         return "oscillating"
     rise = max(RISE, 3 * math.sqrt(2) * 1.2533 * sigma / math.sqrt(n))
     if fifths[-1] > min(fifths[:-1]) + rise:
@@ -128,6 +137,27 @@ def slow_descent(losses: list[float], start: float) -> float | None:
     if late <= max(FALL, 3 * math.sqrt(2) * 1.2533 * sigma / math.sqrt(n)) or early <= 0:
         return None
     return late / early
+
+
+def trend(losses: list[float]) -> float:
+    """The t statistic of the least-squares slope of ``losses`` over their index (negative: falling); 0 for fewer
+    than 3 points or a perfect fit with no slope.
+
+    Example::
+
+        >>> round(trend([2.0, 1.9, 2.1, 1.8, 1.9, 1.7]), 1)
+        -1.9
+    """
+    n = len(losses)
+    if n < 3:
+        return 0.0
+    mx, my = (n - 1) / 2, statistics.fmean(losses)
+    sxx = sum((i - mx) ** 2 for i in range(n))
+    slope = sum((i - mx) * (v - my) for i, v in enumerate(losses)) / sxx
+    residual = sum((v - my - slope * (i - mx)) ** 2 for i, v in enumerate(losses)) / (n - 2)
+    if residual <= 0:
+        return 0.0 if slope == 0 else math.copysign(math.inf, slope)
+    return slope / math.sqrt(residual / sxx)
 
 
 def typical_ratio(history: list[float], lrs: list[float]) -> float | None:
@@ -167,15 +197,25 @@ class LearningRateAdvice(Judge):
         self.losses: list[float] = []  # the training loss of each recorded step after the first (the loss probe's)
         self.lrs: list[float] = []  # the highest learning rate of any parameter at each of those steps
         self.start = math.nan  # where the loss started: the larger of step 0's loss and ln(C), when known
+        self.first = math.nan  # step 0's loss itself
+        self.uniform = math.nan  # ln(C), when C is known
 
     def state_dict(self) -> dict[str, Any]:
         # a resumed fit judges the loss of the whole fit
-        return {"losses": list(self.losses), "lrs": list(self.lrs), "start": self.start}
+        return {
+            "losses": list(self.losses),
+            "lrs": list(self.lrs),
+            "start": self.start,
+            "first": self.first,
+            "uniform": self.uniform,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.losses = [float(v) for v in state.get("losses", [])]
         self.lrs = [float(v) for v in state.get("lrs", [math.nan] * len(self.losses))]
         self.start = float(state.get("start", math.nan))
+        self.first = float(state.get("first", math.nan))
+        self.uniform = float(state.get("uniform", math.nan))
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         loss = readouts.get(Loss)
@@ -184,6 +224,7 @@ class LearningRateAdvice(Judge):
         if step == 0:
             uniform = math.log(loss.classes) if loss.classes else math.nan
             self.start = max((v for v in (loss.value, uniform) if math.isfinite(v)), default=math.nan)
+            self.first, self.uniform = float(loss.value), uniform
             return []
         ratios = readouts.get(UpdateRatios)
         lrs = [h[-1] for h in (ratios.lrs.values() if ratios else []) if h and math.isfinite(h[-1])]
@@ -238,7 +279,27 @@ class LearningRateAdvice(Judge):
             fix = "Multiply the learning rate by about 10 (one step of the loop), or train for longer."
             action = Action("scale_lr", (), 10.0, f"loss slow ({slow:.2f})")
             return Finding("lr/model", step, "", message, fix, "loss", action=action)
+        moved = self._stuck(peak)
+        if moved is not None and not median > TARGET + TOLERANCE:
+            message = (
+                f"The training loss barely moved: from {self.start:.2f} (a fresh classifier's, ln C ="
+                f" {self.uniform:.2f}) its best fifth is {moved:.1%} lower, though it keeps creeping down{ratio}: the"
+                " steps are too small to get anywhere in this budget."
+            )
+            fix = "Multiply the learning rate by about 10 (one step of the loop)."
+            action = Action("scale_lr", (), 10.0, f"loss stuck ({moved:.1%} down)")
+            return Finding("lr/model", step, "", message, fix, "loss", action=action)
         return None
+
+    def _stuck(self, peak: list[float]) -> float | None:
+        """How far (a share of the start) the loss's best fifth got, when the fit is "stuck" (:data:`STUCK`)."""
+        n = len(peak) // 5
+        fresh = 0.9 * self.uniform <= self.first <= 1.25 * self.uniform  # False when either is NaN
+        if n < 2 or not fresh or not all(math.isfinite(v) for v in peak):
+            return None
+        best = min(statistics.median(peak[i * n : (i + 1) * n]) for i in range(5))
+        moved = (self.start - best) / self.start
+        return moved if moved < STUCK and trend(peak) <= -TREND else None
 
     def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
         ratios = readouts[UpdateRatios]
