@@ -20,8 +20,8 @@ Scores: a run is **flagged** when its health report has a problem finding; preci
 among sick mutants and healthy bases; recall = sick flagged / sick; right layer = flagged sick mutants with a known
 layer whose findings name it (or its block); heal = sick mutants the repair loop (the report's generic actions,
 ``callbacks.fixes``, and the ones a user applies by changing the model or the data: the activation, the logits to
-the loss, the batch size, the training examples whose label its sick model does not predict dropped (the label
-issues); applied to a refit of the same seed and budget, each round all together and each alone, the best kept
+the loss, the batch size, the inputs standardised, the training examples whose label its sick model does not
+predict dropped (the label issues); applied to a refit of the same seed and budget, each round all together and each alone, the best kept
 only when the val loss improves by more than the noise, 3 rounds at most) leaves within noise of their base; harmful = kept changes that made a model worse (never kept by
 construction; the rejected ones are counted); fixes proposed on healthy bases; compute = the loop's training time
 (the sick run and every round) over the sick run's.
@@ -281,7 +281,7 @@ def _data(base: Base) -> Data:
 
 #: the action kinds the zoo applies by rebuilding the model (as `train.py heal` does with its `--model.*` flags): a
 #: generic callback cannot swap a model's activations, the model's own settings can
-REBUILT = ("activation", "loss_logits", "batch_size", "clean_labels")
+REBUILT = ("activation", "loss_logits", "batch_size", "clean_labels", "normalise_inputs")
 
 
 def usable(actions: list[Action]) -> list[Action]:
@@ -298,7 +298,7 @@ def build(
     act = "sigmoid" if operator == "sigmoid" else base.act
     softmax = operator == "softmax"
     batch = 2 if operator == "batch 2" else base.batch
-    clean = False
+    clean = standardise = False
     for a in rebuilt or []:
         if a.kind == "activation":
             act = str(a.value)  # every hidden activation, as the model's one setting (train.py --model.activation)
@@ -308,6 +308,8 @@ def build(
             batch = max(batch, int(a.value))  # type: ignore[arg-type]  # the loader's (train.py --data.batch_size)
         elif a.kind == "clean_labels":
             clean = True
+        elif a.kind == "normalise_inputs":
+            standardise = True
     net = base.build(base.norm and operator != "no norm", act)
     xt, yt, xv, yv = _data(base)
     lr = base.lr * {"lr x10": 10, "lr x100": 100, "lr /100": 0.01}.get(operator, 1)
@@ -333,6 +335,9 @@ def build(
         noisy = torch.rand(len(yt), generator=g) < 0.4
         yt = yt.clone()
         yt[noisy] = yt[noisy][torch.randperm(int(noisy.sum()), generator=g)]
+    if standardise:  # the user's edit of the data: each feature at the training set's mean 0 and std 1
+        mean, std = xt.mean(0), xt.std(0).clamp_min(1e-8)
+        xt, xv = (xt - mean) / std, (xv - mean) / std
     if clean and keep is not None:  # the user's edit of the data: the label issues dropped
         xt, yt = xt[keep], yt[keep]
     return Module(net, lr, base.optimizer, softmax=softmax), (xt, yt, xv, yv), batch

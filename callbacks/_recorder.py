@@ -186,17 +186,21 @@ class Recorder(Callback):
         self._trace = Trace(flat, trainer.strategy.root_device) if flat else None
 
     def _forward_hook(self, targets: list[tuple[Probe, str]]) -> Callable[..., None]:
+        # the probes that read the module's input as well (they override `on_input`)
+        inputs = {p for p, _ in targets if type(p).on_input is not Probe.on_input}
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             rec = self._rec
             if rec is None or self._in_backward or rec.error is not None:
                 return  # (in backward: activation checkpointing runs the forward again; each forward counts once)
             t = first_tensor(output)
-            if t is None:
-                return
             try:
                 for probe, name in targets:
                     if probe in rec.moments or probe in self._tracers:
-                        probe.on_output(rec, name, t)
+                        if probe in inputs and (x := first_tensor(args)) is not None:
+                            probe.on_input(rec, name, x)
+                        if t is not None:
+                            probe.on_output(rec, name, t)
             except Exception as error:  # raised on every rank after the reduction
                 rec.error = error
 

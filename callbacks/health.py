@@ -10,7 +10,7 @@ from callbacks._report import Report
 from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
 from callbacks.judges.centring import NotZeroCentred
-from callbacks.judges.data import NoisyLabels, SmallBatch
+from callbacks.judges.data import NoisyLabels, SmallBatch, UnnormalisedInputs
 from callbacks.judges.init import InitCheck
 from callbacks.judges.loss_input import LossInputCheck
 from callbacks.judges.lr import LearningRateAdvice
@@ -25,6 +25,7 @@ from callbacks.judges.transformer import (
 from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
 from callbacks.probes.adam import AdamEpsProbe
 from callbacks.probes.attention import AttentionProbe
+from callbacks.probes.inputs import InputProbe
 from callbacks.probes.logits import OutputLogitsProbe
 from callbacks.probes.loss import LossProbe
 from callbacks.probes.loss_input import LossInputProbe
@@ -119,7 +120,10 @@ class HealthMonitor(CallbackGroup):
         )
         #: what the loss is given (probabilities to `cross_entropy`...): a bug in the code, warned at once
         self.loss_input = Part(
-            type(self).__name__, [LossInputProbe(scalars)], [LossInputCheck(), SmallBatch(), NoisyLabels()], warn=warn
+            type(self).__name__,
+            [LossInputProbe(scalars), InputProbe(scalars)],
+            [LossInputCheck(), SmallBatch(), NoisyLabels(), UnnormalisedInputs()],
+            warn=warn,
         )
         # one recorder of the four monitors' parts and these (`CallbackGroup`), made once, with them all
         super().__init__(

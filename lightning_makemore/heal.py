@@ -115,7 +115,7 @@ def flags_for(
                 skipped.append(f"{a.describe()} (already {data['batch_size']})")  # type: ignore[index]
             else:
                 flags += ["--data.batch_size", str(int(a.value))]  # type: ignore[arg-type]
-        elif a.kind == "clean_labels":
+        elif a.kind in ("clean_labels", "normalise_inputs"):
             skipped.append(f"{a.describe()} (an edit of the data, not a flag)")
         elif a.kind == "loss_logits":  # train.py's model gives the loss its logits: nothing to change here
             skipped.append(f"{a.describe()} (an edit of the model's code, not a flag)")

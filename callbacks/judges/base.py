@@ -108,7 +108,8 @@ class Readouts(Mapping[str, Any]):
 #: switched on, the activation swapped for ``value``, gradients clipped at norm ``value``, the logits (not
 #: probabilities) given to the loss named in ``targets`` (a change to the model's code: no program applies it), the
 #: examples per optimizer step raised to ``value`` (the data loader's batch size), the training labels cleaned (an edit
-#: of the data: the examples the trained model fits worse than a uniform guess fixed or dropped)
+#: of the data: the examples the trained model fits worse than a uniform guess fixed or dropped), the inputs
+#: standardised (an edit of the data: each feature's training mean subtracted, divided by its std)
 ActionKind = Literal[
     "scale_lr",
     "scale_layer",
@@ -119,6 +120,7 @@ ActionKind = Literal[
     "loss_logits",
     "batch_size",
     "clean_labels",
+    "normalise_inputs",
 ]
 
 
@@ -154,6 +156,8 @@ class Action:
             return f"logits to {where or 'the loss'} (no softmax before it)"
         if self.kind == "batch_size":
             return f"batch size {self.value}"
+        if self.kind == "normalise_inputs":
+            return "standardise the inputs"
         if self.kind == "clean_labels":
             return "clean the labels (fix or drop the mislabelled examples)"
         return "normalise (BatchNorm)" + (f" before {where}" if where else "")

@@ -1,5 +1,6 @@
-"""What the data does to training, read from :class:`callbacks.probes.loss_input.LossInputProbe`: too few examples
-per optimizer step (:class:`SmallBatch`), and wrong labels (:class:`NoisyLabels`).
+"""What the data does to training: too few examples per optimizer step (:class:`SmallBatch`) and wrong labels
+(:class:`NoisyLabels`), read from :class:`callbacks.probes.loss_input.LossInputProbe`, and inputs left unnormalised
+(:class:`UnnormalisedInputs`), from :class:`callbacks.probes.inputs.InputProbe`.
 
 **Too few examples per step.**
 
@@ -26,10 +27,12 @@ majority: a median loss of 0.67 ln C) are left alone, clean or not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.probes.inputs import Inputs
 from callbacks.probes.loss_input import LossInputs
 
 #: fewer loss rows than this per optimizer step is a problem (a language model's rows are its tokens: thousands)
@@ -40,6 +43,9 @@ BATCH = 32
 NOISY = 0.15
 #: late rows needed before judging
 MIN_ROWS = 200
+#: the first layer's inputs are "unnormalised" when their root mean square is above this (standardised: 1; images in
+#: [0, 1]: ~0.5; raw pixels in [0, 255]: ~100; the fault zoo's operator, x * 50 + 20: 54)
+MAX_INPUT_RMS = 10.0
 
 
 class SmallBatch(Judge):
@@ -112,3 +118,26 @@ class NoisyLabels(Judge):
         )
         action = Action("clean_labels", (), None, f"{bad:.0%} of rows worse than uniform, {good:.0%} fit well")
         return [Finding("data/labels", step, "", message, fix, "loss", action=action)]
+
+
+class UnnormalisedInputs(Judge):
+    """Says when the model's first weighted layer gets inputs far from unit scale (RMS above :data:`MAX_INPUT_RMS`)."""
+
+    reads = (Inputs,)
+
+    def observe(self, step: int, readouts: Readouts) -> list[Finding]:
+        r = readouts[Inputs]
+        if not r.rms > MAX_INPUT_RMS:
+            return []
+        std = math.sqrt(max(r.rms**2 - r.mean**2, 0.0))
+        message = (
+            f"The model's first layer, `{r.layer}`, is given inputs of mean {r.mean:.3g} and std {std:.3g} (root mean"
+            f" square {r.rms:.3g}): an init scaled for unit inputs (Kaiming assumes them) makes its pre-activations"
+            f" ~{r.rms:.0f}x too large, saturating what follows, and scales its gradients by as much."
+        )
+        fix = (
+            "Standardise the inputs: subtract the training set's mean and divide by its std, per feature (in the data"
+            " module or a transform), and apply the same to validation and test."
+        )
+        action = Action("normalise_inputs", (r.layer.split(" ")[0],), None, f"input rms {r.rms:.3g}")
+        return [Finding("data/inputs", step, r.layer, message, fix, "activation/distribution", action=action)]

@@ -76,9 +76,9 @@ def loss_evidence(losses: list[float], start: float = math.nan) -> str:
     """What the recorded training losses say about the learning rate: ``"diverged"`` (a non-finite loss),
     ``"blown up"`` (the last fifth's median above ``start``, the loss the fit started from: training made it
     worse), ``"oscillating"`` (its step-to-step noise at least :data:`OSCILLATION` times all it fell, from ``start``
-    to its best fifth, and a tenth of ``start``), ``"rising"`` (the last fifth's median above the best earlier fifth's beyond their noise),
-    ``"falling"`` (the last fifth's median below the previous fifth's by :data:`FALL`), ``"plateaued"``, or
-    ``"unknown"`` (too few points).
+    to its best fifth, and a tenth of ``start``), ``"rising"`` (the last fifth's median above the best earlier
+    fifth's beyond their noise), ``"falling"`` (the last fifth's median below the previous fifth's by :data:`FALL`),
+    ``"plateaued"``, or ``"unknown"`` (too few points).
 
     Example::
 

@@ -228,6 +228,10 @@ class Probe:
         ``self not in rec.moments`` (a step that is only traced).
         """
 
+    def on_input(self, rec: Recording, name: str, input: Tensor) -> None:
+        """A watched module's forward input (the first tensor of its positional arguments), on the same steps as
+        :meth:`on_output`: called only for a probe that overrides it."""
+
     def before_backward(self, rec: Recording) -> None:
         """The loss of a micro-batch is computed and its backward is about to start."""
 
