@@ -21,9 +21,10 @@ among sick mutants and healthy bases; recall = sick flagged / sick; right layer 
 layer whose findings name it (or its block); heal = sick mutants the repair loop (the report's generic actions,
 ``callbacks.fixes``, and the ones a user applies by changing the model or the data: the activation, the logits to
 the loss, the batch size, the inputs standardised, the training examples whose label its sick model does not
-predict dropped (the label issues); applied to a refit of the same seed and budget, each round all together and each alone, the best kept
-only when the val loss improves by more than the noise, 3 rounds at most) leaves within noise of their base; harmful = kept changes that made a model worse (never kept by
-construction; the rejected ones are counted); fixes proposed on healthy bases; compute = the loop's training time
+predict dropped (the label issues); applied to a refit of the same seed and budget, each round all together and
+each alone, the best kept only when the val loss improves by more than the noise, 3 rounds at most) leaves within
+noise of their base; harmful = kept changes that made a model worse (never kept by construction; the rejected ones
+are counted); fixes proposed on healthy bases; compute = the loop's training time
 (the sick run and every round) over the sick run's.
 
 The Transformer sweep's 50 runs (``benchmarks/transformer_sweep.py``) are folded into precision and recall: sick when
