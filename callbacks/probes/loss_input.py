@@ -10,7 +10,7 @@ opposite: it wants *log-probabilities* (``log_softmax`` first); given probabilit
 
 The probe sees every call of those two functions in the training step, whoever makes it (``F.cross_entropy``,
 ``nn.CrossEntropyLoss``, a ``from torch.nn.functional import cross_entropy``), through a ``TorchFunctionMode`` that is
-on only during the first :data:`CHECKED_STEPS` steps it records, from the start of the step until its loss is computed
+on during the first :data:`CHECKED_STEPS` steps it records, from the start of the step until its loss is computed
 (Lightning's ``on_before_backward``: the first micro-batch's forward, with gradient accumulation), and counts
 the input rows (one per sample and position) that are probabilities (each ``>= 0``, summing to 1) or, for
 ``nll_loss``, not log-probabilities (``logsumexp`` over the classes not 0). The counts are ``"sum"`` states: every
@@ -134,6 +134,7 @@ class LossInputProbe(Probe):
 
     def detach(self) -> None:
         self.stop()
+        self._trainer = None
 
     # -- a recorded step: the mode is on from its start until the backward (or an exception)
     def start_states(self, device: torch.device) -> None:
@@ -197,15 +198,12 @@ class LossInputProbe(Probe):
         if len(rows) > LATE_ROWS:
             pick = torch.linspace(0, len(rows) - 1, LATE_ROWS, device=rows.device).long()
             rows, labels = rows[pick], labels[pick]
-        keep = (labels >= 0) & (labels < classes)
-        rows, labels = rows[keep].float(), labels[keep]
-        if len(labels) == 0:
-            return
-        losses = F.cross_entropy(rows, labels, reduction="none")
+        valid = (labels >= 0) & (labels < classes)  # masked, not indexed: no device sync
+        losses = F.cross_entropy(rows.float(), labels.clamp(0, classes - 1), reduction="none")
         uniform = math.log(classes)
-        self.late_rows += len(labels)
-        self.late_good_rows += (losses < 0.5 * uniform).sum()
-        self.late_bad_rows += (losses > uniform).sum()
+        self.late_rows += valid.sum()
+        self.late_good_rows += ((losses < 0.5 * uniform) & valid).sum()
+        self.late_bad_rows += ((losses > uniform) & valid).sum()
 
     def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> LossInputs:
         not_log, classes = int(self.nll_not_log_rows.item()), self.classes.item()
