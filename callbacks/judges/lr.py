@@ -17,6 +17,13 @@ otherwise it is a note, with no action. When it is a problem the advice moves th
 most (:data:`MAX_STEP_DOWN`): the sweeps in ``benchmarks/results/lr_calibration.md`` show the loss flat over a
 decade below a too-high rate and worse two decades below. Too low (below -4) is a problem while the loss is still
 falling at the end of fit (it would go on improving with larger steps), moved by at most :data:`MAX_STEP_UP`.
+
+Where the ratio is within its band (or unknown: a diverged fit), or its verdict was only a note, the loss alone can
+still say it (AutoTrainer's symptoms, Zhang et al. 2021), never against a ratio pointing the other way: too high
+(divide by 10) when it went non-finite, ended above where it started or oscillates (:func:`loss_evidence`); too low
+(times 10) when it still falls as fast at the end as at the start (:func:`slow_descent`) or, for a fresh classifier,
+barely moved while creeping down (:data:`STUCK`). Their thresholds are measured on the fault zoo's bases and
+mutants (``benchmarks/results/fault_zoo.md``). No per-layer advice goes against a model-wide problem's direction.
 """
 
 from __future__ import annotations
