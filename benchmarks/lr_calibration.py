@@ -55,12 +55,16 @@ def main() -> None:
                 "new": "",
             }
             if f is not None:
-                median = float(re.search(r"updates are 10\^(-?\d+\.\d)", f.message).group(1))
-                row["ratio"] = f"{median:.1f}"
-                row["evidence"] = re.search(r"the training loss: (\w+)", f.message).group(1)
-                old = 10 ** (TARGET - median)  # the former rule: straight to 1e-3
+                # the ratio's finding says "updates are 10^x ... the training loss: y"; one from the loss alone names
+                # the ratio (when there is one) and its evidence is its action's
+                ratio = re.search(r"10\^(-?\d+\.\d)", f.message)
+                evidence = re.search(r"the training loss: (\w+)", f.message)
+                row["ratio"] = ratio.group(1) if ratio else ""
+                row["evidence"] = evidence.group(1) if evidence else (f.action.evidence if f.action else "")
                 row["advice"] = f"{f.severity}" + (f", lr × {f.action.value:.3g}" if f.action else "")
-                row["old"] = f"{_fit([*base, '--model.lr', f'{lr * old:.4g}']).val:.4f} (lr {lr * old:.3g})"
+                if ratio is not None:
+                    old = 10 ** (TARGET - float(ratio.group(1)))  # the former rule: straight to 1e-3
+                    row["old"] = f"{_fit([*base, '--model.lr', f'{lr * old:.4g}']).val:.4f} (lr {lr * old:.3g})"
                 if f.action is not None:
                     new = lr * float(f.action.value)
                     row["new"] = f"{_fit([*base, '--model.lr', f'{new:.4g}']).val:.4f} (lr {new:.3g})"
@@ -76,8 +80,9 @@ def main() -> None:
         "",
         "The former rule moved the lr all the way to an update:data of 1e-3 whenever the median ratio was more than"
         " a decade away; the calibrated rule (callbacks/judges/lr.py) calls a too-high lr a problem only when the"
-        " training loss rose or diverged, a too-low one only while the loss still falls, and moves a decade at most"
-        " down (100x up).",
+        " training loss rose, oscillated, blew up or diverged, a too-low one only while the loss still falls, and"
+        " moves a decade at most down (100x up); where the ratio is within its band, the loss alone can still call"
+        " it (blown up, oscillating: / 10; still falling as fast as at the start, or a fresh classifier stuck: x 10).",
         "",
         "| net | lr | val | median log10 update:data | loss evidence | calibrated advice | val after the ratio's"
         " full factor | val after the calibrated action |",
