@@ -336,7 +336,7 @@ def build(
         noisy = torch.rand(len(yt), generator=g) < 0.4
         yt = yt.clone()
         yt[noisy] = yt[noisy][torch.randperm(int(noisy.sum()), generator=g)]
-    if standardise:  # the user's edit of the data: each feature at the training set's mean 0 and std 1
+    if standardise and xt.is_floating_point():  # the user's edit of the data: each feature at mean 0, std 1
         mean, std = xt.mean(0), xt.std(0).clamp_min(1e-8)
         xt, xv = (xt - mean) / std, (xv - mean) / std
     if clean and keep is not None:  # the user's edit of the data: the label issues dropped

@@ -99,3 +99,35 @@ def test_the_inputs_judge_by_hand():
     assert "mean 20 and std 50" in f.message and "~54x" in f.message
     assert judged(0.0, MAX_INPUT_RMS) == []  # at the limit: not above it
     assert judged(127.0, 150.0) != []  # raw pixels
+
+
+class Embedded(L.LightningModule):
+    """Indices in, an embedding first: its Linear is given learnt features (huge here), not the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.embedding.weight.mul_(100)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.embedding(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_model_that_starts_with_an_embedding_is_not_judged_on_its_inputs(tmp_path):
+    monitor = HealthMonitor(report=False, warn=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 10, (4 * BATCH,), generator=g), torch.randint(0, 3, (4 * BATCH,), generator=g)
+    trainer = L.Trainer(
+        max_steps=4, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Embedded(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH))
+    assert [f for f in monitor.findings if f.key == "data/inputs"] == []

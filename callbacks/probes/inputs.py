@@ -4,8 +4,9 @@ An init scaled for unit inputs (Kaiming's ``gain / sqrt(fan_in)`` assumes them) 
 pre-activations ``s`` times too large: a tanh or sigmoid after it saturates, and the first layer's gradients (and so
 its effective learning rate) scale with ``s`` too. The fault studies' "inputs left unnormalised" (DeepCrime). The probe
 reads, on the first :data:`CHECKED_STEPS` steps it records, the floating-point input of the model's first layer with
-weights (its first ``Linear`` or ``Conv``, not an ``Embedding``, whose input is indices): its mean and its root
-mean square over every element, as ``"sum"`` states (every micro-batch and rank of the step). It writes nothing;
+weights (its first ``Linear`` or ``Conv``; nothing in a model whose first such layer is an ``Embedding``: its input
+is indices, and what follows it is given learnt features): its mean and its root mean square over every element,
+as ``"sum"`` states (every micro-batch and rank of the step). It writes nothing;
 :class:`callbacks.judges.data.UnnormalisedInputs` reads it.
 """
 
@@ -60,8 +61,10 @@ class InputProbe(Probe):
         self._checks = 0
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        first = next(((n, m) for n, m in pl_module.named_modules() if isinstance(m, _LAYERS)), None)
-        self.watched = [(tag_name(first[0]), first[1])] if first is not None else []
+        first = next(((n, m) for n, m in pl_module.named_modules() if isinstance(m, (*_LAYERS, nn.Embedding))), None)
+        # a model that starts with an embedding takes indices: its first Linear is given learnt features, not data
+        watch = first is not None and not isinstance(first[1], nn.Embedding)
+        self.watched = [(tag_name(first[0]), first[1])] if watch else []  # type: ignore[index]
 
     def detach(self) -> None:
         self.watched = []
