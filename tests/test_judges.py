@@ -410,6 +410,19 @@ def test_no_layer_advice_against_the_models_own():
     assert [f.key for f in found] == ["lr/c", "lr/d"]
 
 
+def test_a_loss_that_blew_up_wins_over_a_ratio_that_reads_low():
+    # the fault zoo's deep net at lr x 100: the loss went from 3.3 to ~200, its saturated units pass no gradient, so
+    # the updates read 10^-6.4: still a learning rate too high, not too low
+    low = _ratios({"a": [-6.4] * 20, "b": [-6.3] * 20, "c": [-7.3] * 20})
+    found = _judged([155.5, 196.6, 181.8, 178.8, 185.5, 178.5, 150.9, 172.4, 197.7, 165.8]).conclude(99, low)
+    (f,) = [f for f in found if f.key == "lr/model"]
+    assert f.severity == "problem" and f.action.value == pytest.approx(0.1) and "reads low, 10^-6.4" in f.message
+    assert [g.key for g in found] == ["lr/model"]  # and no layer is told to go faster
+    # an oscillating loss with a low ratio: no verdict from the loss (they disagree)
+    swinging = _judged([0.6, 2.9, 0.5, 3.0, 0.7, 2.8, 0.4, 3.1, 0.6, 2.9], start=1.8)
+    assert all(f.action is None or f.action.value > 1 for f in swinging.conclude(99, low))
+
+
 def test_the_loss_alone_never_contradicts_the_ratio():
     slow = [3.2, 3.13, 3.1, 3.1, 3.02, 3.01, 2.94, 2.93, 2.92, 2.91]
     assert slow_descent(slow, 3.3) >= SLOW

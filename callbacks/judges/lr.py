@@ -20,7 +20,8 @@ falling at the end of fit (it would go on improving with larger steps), moved by
 
 Where the ratio is within its band (or unknown: a diverged fit), or its verdict was only a note, the loss alone can
 still say it (AutoTrainer's symptoms, Zhang et al. 2021), never against a ratio pointing the other way: too high
-(divide by 10) when it went non-finite, ended above where it started or oscillates (:func:`loss_evidence`); too low
+(divide by 10) when it went non-finite or ended above where it started, whatever the ratio (a wrecked net's ratio
+reads low), or oscillates (:func:`loss_evidence`); too low
 (times 10) when it still falls as fast at the end as at the start (:func:`slow_descent`) or, for a fresh classifier,
 barely moved while creeping down (:data:`STUCK`). Their thresholds are measured on the fault zoo's bases and
 mutants (``benchmarks/results/fault_zoo.md``). No per-layer advice goes against a model-wide problem's direction.
@@ -266,7 +267,15 @@ class LearningRateAdvice(Judge):
         ratio += " within the lecture's band)" if ratio and abs(median - TARGET) <= TOLERANCE else ")" if ratio else ""
         peak = self._peak_losses()
         evidence = loss_evidence(peak, self.start)
-        if evidence in ("diverged", "blown up", "oscillating") and not median < TARGET - TOLERANCE:
+        low = median < TARGET - TOLERANCE
+        if low and evidence in ("diverged", "blown up"):
+            # a loss that left its start behind upward wrecked the net: its saturated or dead units pass little
+            # gradient, so its updates read small now (the fault zoo's deep net at lr x 100: 10^-6.4); the loss wins
+            ratio = (
+                f" (the median update:data ratio reads low, 10^{median:.1f}: a wrecked net's units pass little"
+                " gradient)"
+            )
+        if evidence in ("diverged", "blown up") or (evidence == "oscillating" and not low):
             went = {
                 "diverged": "went non-finite",
                 "blown up": f"ended above where it started ({self.start:.2f})",
