@@ -402,33 +402,30 @@ def _names_layer(findings: list[Finding], layer: str) -> bool:
     return False
 
 
-def _key(a: Action) -> tuple[str, tuple[str, ...], Any]:
-    """What makes two actions the same try (a learning-rate scaling by another factor is another try)."""
-    return (a.kind, a.targets, a.value if a.kind == "scale_lr" else None)
-
-
 def heal(
     base: Base, run: Run, findings: list[Finding], model: Module, noise: float, root: str, rounds: int = 3
 ) -> None:
-    """The repair loop with the usable actions (:func:`usable`): each round refits with all the new ones together
-    and, when there are several, with each alone, and keeps the best of those fits if it improves on the best so
-    far beyond the noise. An action not kept is not tried again, nor one of a kind and targets already kept, except
-    a learning-rate scaling: the next round's findings may move it again (a decade at most per round)."""
-    best_val, kept, rejected = run.val, [], set()
+    """The repair loop with the usable actions (:func:`usable`), as `train.py heal`: each round refits with all the
+    new ones together and, when there are several, with each alone, and keeps the best of those fits if it improves
+    on the best so far beyond the noise. A fit whose whole set of changes was fitted before is not fitted again (a
+    fix not kept in one round is tried again on top of the next round's kept change); a change of a kind and
+    targets already kept is not proposed again, except a learning-rate scaling (a decade at most per round)."""
+    best_val, kept, tried = run.val, [], set()
     current, keep = findings, None
     for number in range(1, rounds + 1):
         done = {(a.kind, a.targets) for a in kept if a.kind != "scale_lr"}
-        proposed = [
-            a for a in usable(actions_of(current)) if _key(a) not in rejected and (a.kind, a.targets) not in done
-        ]
+        proposed = [a for a in usable(actions_of(current)) if (a.kind, a.targets) not in done]
         # one of each change the zoo makes: its activation is the model's one setting, whichever layer asked
         new = list({a.describe(): a for a in proposed}.values())
-        if not new:
+        options = [new] + ([[a] for a in new] if len(new) > 1 else [])
+        options = [o for o in options if _config(kept, o) not in tried]
+        if not options:
             break
         if keep is None and any(a.kind == "clean_labels" for a in new):
             keep = label_issues(base, run.seed, run.operator, model)  # from the model the findings came from
         choice: tuple[float, list[Action], list[Finding], int, Module] | None = None
-        for changes in [new] + ([[a] for a in new] if len(new) > 1 else []):
+        for changes in options:
+            tried.add(_config(kept, changes))
             val, found, seconds, fitted = fit(base, run.seed, run.operator, [*kept, *changes], root, keep)
             run.heal_seconds += seconds
             changed = ", ".join(a.describe() for a in changes)
@@ -441,10 +438,13 @@ def heal(
             break  # nothing helped: the next round's findings would propose the same
         best_val, changes, current, index, model = choice
         run.heal_rounds[index]["kept"] = True
-        chosen = {a.describe() for a in changes}
-        rejected.update(_key(a) for a in proposed if a.describe() not in chosen)
         kept = [*kept, *changes]
     run.heal_rounds.append({"final": round(best_val, 4)})
+
+
+def _config(kept: list[Action], changes: list[Action]) -> tuple[str, ...]:
+    """What a fit changes from the sick run, in any order (a learning-rate scaling twice is another fit)."""
+    return tuple(sorted(a.describe() for a in [*kept, *changes]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -323,7 +323,8 @@ def _write(path: Path | None, text: str) -> None:
 
 
 def _candidates(r: Round, tried: set[str]) -> list[tuple[str, list[str]]]:
-    """What to try after run ``r``: all its applicable fixes together, then each alone (not tried before)."""
+    """What to try after run ``r``: all its applicable fixes together, then each alone; a fit whose whole command
+    was run before is left out (a fix tried on the first run is tried again on top of a kept change)."""
     config = r.config  # type: ignore[attr-defined]
     actions = actions_of(r.findings)
     together, _ = _flags(actions, config)
@@ -334,8 +335,9 @@ def _candidates(r: Round, tried: set[str]) -> list[tuple[str, list[str]]]:
     seen = set(tried)
     unique = []
     for what, flags in out:  # e.g. one activation flag asked for by several layers: one fit
-        if shlex.join(flags) not in seen:
-            seen.add(shlex.join(flags))
+        command = shlex.join(merge_flags(r.flags, flags))
+        if command not in seen:
+            seen.add(command)
             unique.append((what, flags))
     return unique
 
@@ -352,7 +354,7 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
     first.changed, first.outcome = "(the run as given)", "start"
     done.append(first)
     path = Path(first.folder) / "heal.md" if first.folder else None
-    best, tried = first, set()
+    best, tried = first, {shlex.join(first.flags)}
     note, interrupted, number = "", False, 1
     try:
         for number in range(1, rounds + 1):
@@ -370,8 +372,8 @@ def heal(args: list[str], rounds: int = ROUNDS, noise: float = NOISE) -> list[Ro
             # all of them together, then each alone: the best of the round is kept if it beats the best so far
             start, winner = best, None
             for what, flags in options:
-                tried.add(shlex.join(flags))
                 merged = merge_flags(start.flags, flags)
+                tried.add(shlex.join(merged))
                 r = _fit(merged)
                 r.number, r.changed, r.flags = number, what, merged
                 if r.val < start.val - 2 * noise:
