@@ -15,7 +15,9 @@ beside its sentence. Four kinds are generic, applicable to a model this package 
   is moot there, while the scale still sets the effective learning rate (``lr / |w|^2``); the layer's default is
   the scale the model was built and tuned with (the fault zoo's CNN: Kaiming's larger weights there trained worse
   than the zeroed layer they replaced);
-- ``clip_gradients``: the Trainer's ``gradient_clip_val`` (by norm).
+- ``clip_gradients``: the Trainer's ``gradient_clip_val`` (by norm);
+- ``unfreeze``: the named modules' parameters get ``requires_grad=True``; one that is in no parameter group of an
+  optimizer joins a new group with the first group's settings (its LR scheduler's per-group lists follow).
 
 The other kinds (``normalise``, ``activation``) change the architecture: the model must be rebuilt (``train.py``
 has a flag for each, see ``lightning_makemore/heal.py``); :func:`applicable` leaves them out.
@@ -41,7 +43,7 @@ from typing_extensions import override
 from callbacks.judges.base import Action, Finding
 
 #: the kinds applied here; the others need the model rebuilt
-GENERIC = ("scale_lr", "scale_layer", "init", "clip_gradients")
+GENERIC = ("scale_lr", "scale_layer", "init", "clip_gradients", "unfreeze")
 #: Kaiming's gain per activation module (the lecture's), 1 for anything else
 GAINS: dict[type[nn.Module], float] = {
     nn.Tanh: 5 / 3,
@@ -146,6 +148,8 @@ def apply_actions(
                 undo = _init(module, action, generator)
             elif action.kind == "clip_gradients":
                 undo = _clip(trainer, action)
+            elif action.kind == "unfreeze":
+                undo = _unfreeze(module, action, optimizers, schedulers)
             else:
                 raise ValueError(
                     f"Expected a generic action ({', '.join(GENERIC)}), but got {action.kind!r}: it changes the"
@@ -236,6 +240,37 @@ def _scale_lr(module: nn.Module, action: Action, optimizers: Sequence[Any], sche
         for s, lists in saved_scheds:
             for key, values in lists.items():
                 setattr(s, key, list(values))
+
+    return undo
+
+
+def _unfreeze(module: nn.Module, action: Action, optimizers: Sequence[Any], schedulers: Sequence[Any]) -> Callable:
+    params = [p for name in action.targets for p in _module(module, name).parameters()]
+    flags = [p.requires_grad for p in params]
+    saved_groups = [(opt, len(opt.param_groups)) for opt in optimizers]
+    saved_scheds = [(s, {k: list(getattr(s, k)) for k in ("base_lrs", "lr_lambdas", "_last_lr") if hasattr(s, k)})
+                    for s in schedulers]  # fmt: skip
+    for p in params:
+        p.requires_grad_(True)
+    for opt in optimizers:
+        present = {id(q) for g in opt.param_groups for q in g["params"]}
+        missing = [p for p in params if id(p) not in present]
+        if not missing:
+            continue
+        opt.add_param_group(dict({k: v for k, v in opt.param_groups[0].items() if k != "params"}, params=missing))
+        for sched in (s for s in schedulers if getattr(s, "optimizer", None) is opt):
+            for key in ("base_lrs", "lr_lambdas", "_last_lr"):
+                if hasattr(sched, key):
+                    getattr(sched, key).append(getattr(sched, key)[0])
+
+    def undo() -> None:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        for opt, n in saved_groups:
+            del opt.param_groups[n:]
+        for sched, lists in saved_scheds:
+            for key, values in lists.items():
+                setattr(sched, key, list(values))
 
     return undo
 

@@ -11,6 +11,7 @@ from callbacks.activation import ActivationMonitor, GradientMonitor
 from callbacks.group import CallbackGroup
 from callbacks.judges.centring import NotZeroCentred
 from callbacks.judges.data import NoisyLabels, SmallBatch, UnnormalisedInputs
+from callbacks.judges.frozen import FrozenLayers
 from callbacks.judges.init import InitCheck
 from callbacks.judges.loss_input import LossInputCheck
 from callbacks.judges.lr import LearningRateAdvice
@@ -25,6 +26,7 @@ from callbacks.judges.transformer import (
 from callbacks.parameter import ParameterMonitor, UpdateRatioMonitor
 from callbacks.probes.adam import AdamEpsProbe
 from callbacks.probes.attention import AttentionProbe
+from callbacks.probes.frozen import FrozenProbe
 from callbacks.probes.inputs import InputProbe
 from callbacks.probes.logits import OutputLogitsProbe
 from callbacks.probes.loss import LossProbe
@@ -106,8 +108,9 @@ class HealthMonitor(CallbackGroup):
         scalars = Cadence(every_n_steps, 0, 0)  # the diagnoses' probes: scalars only, on the monitors' steps
         self.loss = LossProbe(scalars, num_classes)
         judges = [InitCheck(), LearningRateAdvice(), LossSpikes(), OutlierActivations(), NotZeroCentred()]
+        judges.append(FrozenLayers())
         #: the diagnoses: the loss probe and the judges that read every probe; reported, not warned one by one
-        self.diagnoses = Part(type(self).__name__, [self.loss], judges, warn=False)
+        self.diagnoses = Part(type(self).__name__, [self.loss, FrozenProbe(scalars)], judges, warn=False)
         #: the Transformer instabilities (a model with attention modules, an Adam optimizer; else they watch
         #: nothing): warned as they happen, so that a run can be stopped before it diverges
         transformer = [AttentionProbe(cadence=scalars), OutputLogitsProbe(cadence=scalars, require_attention=True)]

@@ -117,6 +117,8 @@ def flags_for(
                 flags += ["--data.batch_size", str(int(a.value))]  # type: ignore[arg-type]
         elif a.kind in ("clean_labels", "normalise_inputs"):
             skipped.append(f"{a.describe()} (an edit of the data, not a flag)")
+        elif a.kind == "unfreeze":
+            skipped.append(f"{a.describe()} (train.py's model freezes nothing)")
         elif a.kind == "loss_logits":  # train.py's model gives the loss its logits: nothing to change here
             skipped.append(f"{a.describe()} (an edit of the model's code, not a flag)")
         else:  # named parameters' lr, a hidden layer's scale: the generic callback

@@ -109,7 +109,8 @@ class Readouts(Mapping[str, Any]):
 #: probabilities) given to the loss named in ``targets`` (a change to the model's code: no program applies it), the
 #: examples per optimizer step raised to ``value`` (the data loader's batch size), the training labels cleaned (an edit
 #: of the data: the examples the trained model fits worse than a uniform guess fixed or dropped), the inputs
-#: standardised (an edit of the data: each feature's training mean subtracted, divided by its std)
+#: standardised (an edit of the data: each feature's training mean subtracted, divided by its std), frozen modules
+#: unfrozen
 ActionKind = Literal[
     "scale_lr",
     "scale_layer",
@@ -121,6 +122,7 @@ ActionKind = Literal[
     "batch_size",
     "clean_labels",
     "normalise_inputs",
+    "unfreeze",
 ]
 
 
@@ -156,6 +158,8 @@ class Action:
             return f"logits to {where or 'the loss'} (no softmax before it)"
         if self.kind == "batch_size":
             return f"batch size {self.value}"
+        if self.kind == "unfreeze":
+            return f"unfreeze {where}"
         if self.kind == "normalise_inputs":
             return "standardise the inputs"
         if self.kind == "clean_labels":
