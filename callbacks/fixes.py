@@ -204,14 +204,37 @@ def _module(module: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"Expected a module name of the model, but got {name!r}.") from None
 
 
+#: an LR scheduler's lists with one entry per parameter group
+_PER_GROUP = ("base_lrs", "lr_lambdas", "_last_lr")
+
+
+def _restore_schedulers(schedulers: Sequence[Any]) -> Callable[[], None]:
+    """What puts back the schedulers' per-group lists as they are now."""
+    saved = [(s, {k: list(getattr(s, k)) for k in _PER_GROUP if hasattr(s, k)}) for s in schedulers]
+
+    def undo() -> None:
+        for sched, lists in saved:
+            for key, values in lists.items():
+                setattr(sched, key, list(values))
+
+    return undo
+
+
+def _new_group(opt: Any, schedulers: Sequence[Any], like: int) -> None:
+    """The schedulers of ``opt`` follow a group just appended to it: its entries copied from group ``like``."""
+    for sched in (s for s in schedulers if getattr(s, "optimizer", None) is opt):
+        for key in _PER_GROUP:
+            if hasattr(sched, key):
+                getattr(sched, key).append(getattr(sched, key)[like])
+
+
 def _scale_lr(module: nn.Module, action: Action, optimizers: Sequence[Any], schedulers: Sequence[Any]) -> Callable:
     if not optimizers:
         raise ValueError("scale_lr needs the optimizers: pass `optimizers=` (a Trainer's `trainer.optimizers`).")
     factor = float(action.value)  # type: ignore[arg-type]
     chosen = {id(p) for p in _parameters(module, action.targets)} if action.targets else None
     saved_groups = [(opt, [dict(g, params=list(g["params"])) for g in opt.param_groups]) for opt in optimizers]
-    saved_scheds = [(s, {k: list(getattr(s, k)) for k in ("base_lrs", "lr_lambdas", "_last_lr") if hasattr(s, k)})
-                    for s in schedulers]  # fmt: skip
+    restore_schedulers = _restore_schedulers(schedulers)
     for opt in optimizers:
         sched = [s for s in schedulers if getattr(s, "optimizer", None) is opt]
         for i, group in enumerate(list(opt.param_groups)):
@@ -222,10 +245,7 @@ def _scale_lr(module: nn.Module, action: Action, optimizers: Sequence[Any], sche
                 group["params"] = [p for p in group["params"] if id(p) not in chosen]  # type: ignore[operator]
                 group = dict(group, params=moved)
                 opt.param_groups.append(group)
-                for s in sched:
-                    for key in ("base_lrs", "lr_lambdas", "_last_lr"):
-                        if hasattr(s, key):
-                            getattr(s, key).append(getattr(s, key)[i])
+                _new_group(opt, schedulers, i)
                 i = len(opt.param_groups) - 1
             group["lr"] *= factor
             if "initial_lr" in group:
@@ -237,9 +257,7 @@ def _scale_lr(module: nn.Module, action: Action, optimizers: Sequence[Any], sche
     def undo() -> None:
         for opt, groups in saved_groups:
             opt.param_groups[:] = [dict(g, params=list(g["params"])) for g in groups]
-        for s, lists in saved_scheds:
-            for key, values in lists.items():
-                setattr(s, key, list(values))
+        restore_schedulers()
 
     return undo
 
@@ -248,8 +266,7 @@ def _unfreeze(module: nn.Module, action: Action, optimizers: Sequence[Any], sche
     params = [p for name in action.targets for p in _module(module, name).parameters()]
     flags = [p.requires_grad for p in params]
     saved_groups = [(opt, len(opt.param_groups)) for opt in optimizers]
-    saved_scheds = [(s, {k: list(getattr(s, k)) for k in ("base_lrs", "lr_lambdas", "_last_lr") if hasattr(s, k)})
-                    for s in schedulers]  # fmt: skip
+    restore_schedulers = _restore_schedulers(schedulers)
     for p in params:
         p.requires_grad_(True)
     for opt in optimizers:
@@ -258,19 +275,14 @@ def _unfreeze(module: nn.Module, action: Action, optimizers: Sequence[Any], sche
         if not missing:
             continue
         opt.add_param_group(dict({k: v for k, v in opt.param_groups[0].items() if k != "params"}, params=missing))
-        for sched in (s for s in schedulers if getattr(s, "optimizer", None) is opt):
-            for key in ("base_lrs", "lr_lambdas", "_last_lr"):
-                if hasattr(sched, key):
-                    getattr(sched, key).append(getattr(sched, key)[0])
+        _new_group(opt, schedulers, 0)
 
     def undo() -> None:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         for opt, n in saved_groups:
             del opt.param_groups[n:]
-        for sched, lists in saved_scheds:
-            for key, values in lists.items():
-                setattr(sched, key, list(values))
+        restore_schedulers()
 
     return undo
 

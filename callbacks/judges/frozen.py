@@ -3,8 +3,9 @@
 A model trained from scratch starts as a uniform guesser: its loss at step 0 is near ``ln(C)``. A hidden layer with
 ``requires_grad=False`` there keeps its random init for the whole fit: the rest of the network must work around a
 fixed random projection (the fault studies' "layer frozen by mistake"). That is a **problem**, with an ``unfreeze``
-action (``callbacks.fixes``). A pretrained model being fine-tuned starts far below ``ln(C)``: its frozen layers are
-most likely frozen on purpose, a **note**. Without a loss or a class count, a note as well.
+action (``callbacks.fixes``). A pretrained model being fine-tuned starts far below ``ln(C)``
+(:func:`callbacks.judges.lr.fresh`): its frozen layers are most likely frozen on purpose, a **note**. Without a
+loss or a class count, a note as well.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import math
 
 from callbacks.judges.base import Action, Finding, Judge, Readouts
+from callbacks.judges.lr import fresh
 from callbacks.probes.frozen import FrozenModules
 from callbacks.probes.loss import Loss
-
-#: a loss at step 0 within these factors of ln(C) is a fresh classifier's (the lr judge's "fresh" test)
-FRESH = (0.9, 1.25)
 
 
 class FrozenLayers(Judge):
@@ -29,9 +28,8 @@ class FrozenLayers(Judge):
         loss = readouts.get(Loss)
         uniform = math.log(loss.classes) if loss is not None and loss.classes else math.nan
         value = loss.value if loss is not None else math.nan
-        fresh = step == 0 and FRESH[0] * uniform <= value <= FRESH[1] * uniform
         names = ", ".join(f"`{m}`" for m in r.modules)
-        if fresh:
+        if step == 0 and fresh(value, uniform):
             message = (
                 f"{names} {'is' if len(r.modules) == 1 else 'are'} frozen (requires_grad=False) in a model trained from"
                 f" scratch (its loss at step 0, {value:.2f}, is a uniform guess's, ln C = {uniform:.2f}): "

@@ -78,6 +78,20 @@ SLOW = 0.5
 #: fell 4.5 % in 600 steps, too little for :func:`slow_descent` to tell from its noise (t = -5.5 over the fit);
 #: its healthy bases fell 28-99 %. A fine-tuned model starts far below ln C and is never judged by it.
 STUCK, TREND = 0.1, 3.0
+#: a loss at step 0 within these factors of ln(C) is a fresh classifier's: a model trained from scratch, not one
+#: being fine-tuned (which starts far below ln C)
+FRESH = (0.9, 1.25)
+
+
+def fresh(first: float, uniform: float) -> bool:
+    """Whether step 0's loss ``first`` is a fresh classifier's, against ``uniform = ln(C)`` (False when either is NaN).
+
+    Example::
+
+        >>> fresh(3.4, math.log(27)), fresh(0.8, math.log(27)), fresh(3.4, float("nan"))
+        (True, False, False)
+    """
+    return FRESH[0] * uniform <= first <= FRESH[1] * uniform
 
 
 def loss_evidence(losses: list[float], start: float = math.nan) -> str:
@@ -310,8 +324,7 @@ class LearningRateAdvice(Judge):
     def _stuck(self, peak: list[float]) -> float | None:
         """How far (a share of the start) the loss's best fifth got, when the fit is "stuck" (:data:`STUCK`)."""
         n = len(peak) // 5
-        fresh = 0.9 * self.uniform <= self.first <= 1.25 * self.uniform  # False when either is NaN
-        if n < 2 or not fresh or not all(math.isfinite(v) for v in peak):
+        if n < 2 or not fresh(self.first, self.uniform) or not all(math.isfinite(v) for v in peak):
             return None
         best = min(statistics.median(peak[i * n : (i + 1) * n]) for i in range(5))
         moved = (self.start - best) / self.start
