@@ -54,14 +54,14 @@ def data(scale: float, shift: float):
     return x, y
 
 
-def fit(tmp_path, callbacks, x, y, steps=6):
+def fit(tmp_path, callbacks, x, y, steps=6, model=None):
     trainer = L.Trainer(
         max_steps=steps, logger=CSVLogger(tmp_path), callbacks=callbacks, accelerator="cpu", enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Net(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH))
+        trainer.fit(model or Net(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH))
 
 
 def test_the_first_layers_input_is_read_on_the_first_recorded_steps(tmp_path):
@@ -123,11 +123,5 @@ def test_a_model_that_starts_with_an_embedding_is_not_judged_on_its_inputs(tmp_p
     monitor = HealthMonitor(report=False, warn=False)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 10, (4 * BATCH,), generator=g), torch.randint(0, 3, (4 * BATCH,), generator=g)
-    trainer = L.Trainer(
-        max_steps=4, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Embedded(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH))
+    fit(tmp_path, [monitor], x, y, steps=4, model=Embedded())
     assert [f for f in monitor.findings if f.key == "data/inputs"] == []

@@ -78,14 +78,16 @@ def loader(sequences: bool = False):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
 
 
-def fit(model, tmp_path, callbacks, steps=8, sequences=False):
+def fit(model, tmp_path, callbacks, steps=8, sequences=False, data=None, **settings):
+    """A quiet fit of ``steps``: on ``data`` (default: :func:`loader`), with more Trainer ``settings``."""
+    settings = {"log_every_n_steps": 2, **settings}
     trainer = L.Trainer(
-        max_steps=steps, log_every_n_steps=2, logger=CSVLogger(tmp_path), callbacks=callbacks, accelerator="cpu",
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=steps, logger=CSVLogger(tmp_path), callbacks=callbacks, accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, **settings,
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, loader(sequences))
+        trainer.fit(model, data if data is not None else loader(sequences))
 
 
 def loss_findings(monitor: HealthMonitor) -> list:
@@ -252,13 +254,16 @@ def small_loader(batch: int):
 )
 def test_too_few_examples_per_optimizer_step_is_a_problem_with_a_batch_size_action(tmp_path, batch, accumulate, found):
     monitor = HealthMonitor(report=False, warn=False)
-    trainer = L.Trainer(
-        max_steps=4, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, accumulate_grad_batches=accumulate,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier("logits to cross_entropy"), small_loader(batch))
+    model = Classifier("logits to cross_entropy")
+    fit(
+        model,
+        tmp_path,
+        [monitor],
+        4,
+        data=small_loader(batch),
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=50,
+    )
     small = [f for f in monitor.findings if f.key == "batch/size"]
     if found is None:  # 8 rows, or 2 rows x 4 micro-batches: 8 examples a step
         assert small == []
@@ -283,13 +288,8 @@ def test_late_rows_are_counted_from_the_rows_own_losses(tmp_path):
     y[::5] = -100  # cross_entropy's ignore_index: left out of the loss, and of the counts
     with torch.no_grad():
         losses = F.cross_entropy(model.net(x), y.clamp(min=0), reduction="none").masked_fill(y < 0, float("nan"))
-    trainer = L.Trainer(
-        max_steps=10, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    fit(model, tmp_path, [monitor], 10, data=data, log_every_n_steps=50)
     late = [r for r in keep.seen if r.late_rows]
     # the last fifth of 10 steps: global steps 8 and 9, the 1st and 2nd batches of the third epoch (4 a epoch)
     assert [r.step for r in late] == [8, 9]
@@ -327,14 +327,8 @@ def test_wrong_labels_are_found_late_with_a_clean_labels_action(tmp_path, noisy)
         y = y.clone()
         y[wrong] = y[wrong][torch.randperm(int(wrong.sum()), generator=g)]
     monitor = HealthMonitor(every_n_steps=5, report=False, warn=False)
-    trainer = L.Trainer(
-        max_steps=300, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
-    )  # fmt: skip
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True, generator=g)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Blobs(), data)
+    fit(Blobs(), tmp_path, [monitor], 300, data=data, log_every_n_steps=50)
     found = [f for f in monitor.findings if f.key == "data/labels"]
     if not noisy:
         assert found == []

@@ -299,27 +299,27 @@ class LearningRateAdvice(Judge):
             fix = f"Divide the learning rate by about {MAX_STEP_DOWN:.0f} (one step of the loop)."
             action = Action("scale_lr", (), 1 / MAX_STEP_DOWN, f"loss {evidence}")
             return Finding("lr/model", step, "", message, fix, "update_ratio/history", action=action)
+        if median > TARGET + TOLERANCE:
+            return None  # the ratio says too high: the loss's signs of too low are not taken against it
         slow = slow_descent(peak, self._peak_start())
-        if slow is not None and slow >= SLOW and not median > TARGET + TOLERANCE:
+        if slow is not None and slow >= SLOW:
             message = (
                 f"The training loss still falls as fast at the end as at the start (over the last three fifths of the"
                 f" peak-lr phase it fell {slow:.2f}x what it fell over the first two){ratio}: the fit ends far from"
                 " converged, and larger steps would go further in the same budget."
             )
-            fix = "Multiply the learning rate by about 10 (one step of the loop), or train for longer."
-            action = Action("scale_lr", (), 10.0, f"loss slow ({slow:.2f})")
-            return Finding("lr/model", step, "", message, fix, "loss", action=action)
-        moved = self._stuck(peak)
-        if moved is not None and not median > TARGET + TOLERANCE:
+            fix, evidence = ", or train for longer.", f"loss slow ({slow:.2f})"
+        elif (moved := self._stuck(peak)) is not None:
             message = (
                 f"The training loss barely moved: from {self.start:.2f} (a fresh classifier's, ln C ="
                 f" {self.uniform:.2f}) its best fifth is {moved:.1%} lower, though it keeps creeping down{ratio}: the"
                 " steps are too small to get anywhere in this budget."
             )
-            fix = "Multiply the learning rate by about 10 (one step of the loop)."
-            action = Action("scale_lr", (), 10.0, f"loss stuck ({moved:.1%} down)")
-            return Finding("lr/model", step, "", message, fix, "loss", action=action)
-        return None
+            fix, evidence = ".", f"loss stuck ({moved:.1%} down)"
+        else:
+            return None
+        fix = "Multiply the learning rate by about 10 (one step of the loop)" + fix
+        return Finding("lr/model", step, "", message, fix, "loss", action=Action("scale_lr", (), 10.0, evidence))
 
     def _stuck(self, peak: list[float]) -> float | None:
         """How far (a share of the start) the loss's best fifth got, when the fit is "stuck" (:data:`STUCK`)."""
