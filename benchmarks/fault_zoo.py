@@ -246,6 +246,10 @@ class Module(L.LightningModule):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))  # the mean over the batches (one here)
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -368,14 +372,17 @@ def fit(
     callbacks: list[Any] = [monitor]
     if actions:
         callbacks.append(ApplyFixes(actions, seed=seed))
+    # one validation at the last step, as a user's loop has (the label judge compares it with the training loss)
+    val_loader = DataLoader(TensorDataset(xv, yv), batch_size=len(yv))
     trainer = L.Trainer(
         max_steps=base.steps, logger=CSVLogger(root), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, accelerator="cpu", deterministic=False,
+        check_val_every_n_epoch=None, val_check_interval=base.steps, num_sanity_val_steps=0,
     )  # fmt: skip
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, loader)
+        trainer.fit(model, loader, val_loader)
     seconds = time.perf_counter() - started
     model.eval()
     with torch.no_grad():

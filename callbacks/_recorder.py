@@ -417,6 +417,15 @@ class Recorder(Callback):
         except Exception as error:  # raised on every rank by the next reduction
             self._pending = self._pending or error
 
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for p in self.probes:
+            readout = p.validated(trainer)
+            if readout is not None:
+                self._last[p.prefix] = readout
+
     # ------------------------------------------------------------------ the end of fit
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

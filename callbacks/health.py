@@ -31,6 +31,7 @@ from callbacks.probes.inputs import InputProbe
 from callbacks.probes.logits import OutputLogitsProbe
 from callbacks.probes.loss import LossProbe
 from callbacks.probes.loss_input import LossInputProbe
+from callbacks.probes.validation import ValidationProbe
 
 #: HealthMonitor's own parts (beside the four monitors'), by attribute and checkpoint key
 PARTS = ("diagnoses", "transformer", "loss_input")
@@ -124,7 +125,7 @@ class HealthMonitor(CallbackGroup):
         #: what the loss is given (probabilities to `cross_entropy`...): a bug in the code, warned at once
         self.loss_input = Part(
             type(self).__name__,
-            [LossInputProbe(scalars), InputProbe(scalars)],
+            [LossInputProbe(scalars), InputProbe(scalars), ValidationProbe()],
             [LossInputCheck(), SmallBatch(), NoisyLabels(), UnnormalisedInputs()],
             warn=warn,
         )

@@ -299,6 +299,9 @@ def test_late_rows_are_counted_from_the_rows_own_losses(tmp_path):
         assert r.late_rows == len(rows) < BATCH
         assert r.late_good_rows == int((rows < 0.5 * math.log(CLASSES)).sum())
         assert r.late_bad_rows == int((rows > math.log(CLASSES)).sum())
+        assert r.late_loss_sum == pytest.approx(rows.sum().item(), rel=1e-5)
+        assert r.late_loss_squares == pytest.approx(rows.square().sum().item(), rel=1e-5)
+        assert r.dropout is False
     assert 0 < late[0].late_bad_rows < BATCH and 0 < late[0].late_good_rows < BATCH  # both kinds present
     assert all(r.late_rows == 0 for r in keep.seen if r.step < 8)
 
@@ -354,3 +357,133 @@ def test_the_wrong_labels_judge_by_hand():
     assert judged(1000, 600, 149) == []  # under 15 %
     assert judged(1000, 500, 300) == []  # no well-fit majority: a task uncertain by nature
     assert judged(MIN_ROWS - 1, 150, 40) == []  # too few rows read
+
+
+def test_the_wrong_labels_judge_from_the_validation_loss_by_hand():
+    """An uncertain task (no well-fit majority): the late rows' mean loss against the logged validation loss."""
+    from callbacks.judges.base import Readouts as Readings
+    from callbacks.judges.data import NoisyLabels
+    from callbacks.probes.validation import Validation
+
+    def judged(mean: float, std: float, val: float | None, rows: int = 1000, dropout: bool = False) -> list:
+        judge = NoisyLabels()
+        sums = (mean * rows, (std**2 + mean**2) * rows)  # rows whose losses have this mean and std
+        r = LossInputs(9, False, 0, 0, 0, 0, 0, math.nan, 27, 1, rows, 300, 100, *sums, dropout=dropout)
+        judge.observe(9, Readings.of(r))
+        resumed = NoisyLabels()
+        resumed.load_state_dict(judge.state_dict())
+        readouts = [r] + ([Validation(10, val, "val_loss")] if val is not None else [])
+        return resumed.conclude(10, Readings.of(*readouts))
+
+    # 1000 rows of std 1: a standard error of 1 / sqrt(1000) = 0.0316, so 2.5 of them is 0.079 < the 0.12 nats
+    (f,) = judged(2.7, 1.0, 2.5)
+    assert f.key == "data/labels" and f.action.kind == "clean_labels"
+    assert "2.700 (± 0.032, 1000 rows)" in f.message and "2.500 (`val_loss`)" in f.message and "0.200 nats" in f.message
+    assert judged(2.7, 1.0, 2.59) == []  # 0.11 nats: under GAP
+    assert judged(3.4, 1.0, 3.0) == []  # above ln 27 = 3.30, a uniform guess's: a fit that blew up, not the labels
+    assert judged(2.7, 4.0, 2.5) == []  # std 4: 2.5 standard errors are 0.316 nats, above the gap of 0.2
+    assert judged(2.7, 1.0, 2.5, dropout=True) == []  # dropout raises the training loss by design
+    assert judged(2.7, 1.0, None) == []  # no validation loss logged
+    assert judged(2.4, 1.0, 2.5) == []  # below the validation loss: a model that fits what it trains on
+
+
+class Uncertain(L.LightningModule):
+    """Ten classes drawn from a softmax of a random linear map (no well-fit majority), validated on clean labels."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Dropout(dropout), nn.Linear(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
+def uncertain_data(n: int, noisy: bool, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 8, generator=g)
+    logits = 0.5 * x @ torch.randn(8, 10, generator=torch.Generator().manual_seed(1))  # the same task in all splits
+    y = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+    if noisy:  # 40 % of the labels shuffled, as the fault zoo's operator
+        wrong = torch.rand(n, generator=g) < 0.4
+        y[wrong] = y[wrong][torch.randperm(int(wrong.sum()), generator=g)]
+    return x, y
+
+
+@pytest.mark.parametrize(("noisy", "dropout", "found"), [(False, 0.0, False), (True, 0.0, True), (True, 0.5, False)])
+def test_wrong_labels_of_an_uncertain_task_are_found_from_the_validation_loss(tmp_path, noisy, dropout, found):
+    g = torch.Generator().manual_seed(0)
+    train = torch.utils.data.TensorDataset(*uncertain_data(4000, noisy, g))
+    val = torch.utils.data.TensorDataset(*uncertain_data(2000, False, g))
+    monitor = HealthMonitor(every_n_steps=5, report=False, warn=False)
+    data = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True, generator=g)
+    model = Uncertain(dropout)
+    trainer = L.Trainer(
+        max_steps=500, logger=CSVLogger(tmp_path), callbacks=[monitor], accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, check_val_every_n_epoch=None, val_check_interval=500,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data, torch.utils.data.DataLoader(val, batch_size=2000))
+    labels = [f for f in monitor.findings if f.key == "data/labels"]
+    assert [f.action.kind for f in labels] == (["clean_labels"] if found else [])
+    if found:
+        logged = trainer.callback_metrics["val_loss"].item()  # what the module logged, read back from Lightning
+        assert f"{logged:.3f} (`val_loss`)" in labels[0].message and "at step 500" in labels[0].message
+
+
+class Concluded(Judge):
+    """Keeps the validation readout its conclusion is given (asked only when there is one)."""
+
+    reads = ("validation",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+
+    def conclude(self, step, readouts):
+        self.seen.append(readouts["validation"])
+        return []
+
+
+@pytest.mark.parametrize(
+    ("key", "interval", "expected"), [("val/loss", 5, 10), ("val_loss", 50, None), ("acc", 5, None)]
+)
+def test_the_validation_probe_reads_the_logged_loss_of_the_last_validation_run(tmp_path, key, interval, expected):
+    """train.py logs `val/loss`: the last of the runs at steps 5 and 10 (the end) is read; the sanity check
+    (interval 50: the only validation of a 10-step fit) is not, nor a metric under another name."""
+    from callbacks.probes.validation import ValidationProbe
+
+    class Validated(Classifier):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log(key, F.cross_entropy(self.net(x), y))
+
+    judge = Concluded()
+    model = Validated("logits to cross_entropy")
+    trainer = L.Trainer(
+        max_steps=10, logger=CSVLogger(tmp_path), callbacks=[Monitor(ValidationProbe(), [judge], warn=False)],
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        check_val_every_n_epoch=None, val_check_interval=interval, num_sanity_val_steps=2,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader(), loader())
+    if expected is None:
+        assert judge.seen == []
+        return
+    (v,) = judge.seen
+    x, y = loader().dataset.tensors  # the mean of the four batches' losses, by hand, with the final weights
+    with torch.no_grad():
+        by_hand = torch.stack(
+            [F.cross_entropy(model.net(x[i : i + BATCH]), y[i : i + BATCH]) for i in range(0, 64, 16)]
+        )
+    assert (v.step, v.key) == (expected, key)
+    assert v.value == pytest.approx(by_hand.mean().item(), rel=1e-5)

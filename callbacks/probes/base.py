@@ -238,6 +238,11 @@ class Probe:
     def before_optimizer_step(self, rec: Recording, optimizer: Optimizer) -> None:
         """Right before ``optimizer`` steps: its gradients are final."""
 
+    def validated(self, trainer: pl.Trainer) -> Any:
+        """After a validation run (not the sanity check), on every rank: a readout the recorder keeps as this
+        probe's last (what the judges' ``conclude`` reads), or None (nothing to read; the default)."""
+        return None
+
     def end_step(self, rec: Recording, outputs: Any) -> None:
         """The step's last micro-batch has ended (``outputs``: what ``training_step`` returned)."""
 

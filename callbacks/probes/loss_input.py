@@ -19,8 +19,10 @@ rank's rows add up. It writes nothing; :class:`callbacks.judges.loss_input.LossI
 
 The mode is also on for the steps it records in the last fifth of the fit (:data:`LATE`, when the fit's length is
 known), where it reads the loss of up to :data:`LATE_ROWS` rows given to ``cross_entropy`` with class-index targets:
-how many the model fits well (below ``ln(C) / 2``) and worse than a uniform guess (above ``ln(C)``), for
-:class:`callbacks.judges.data.NoisyLabels` (wrong labels).
+how many the model fits well (below ``ln(C) / 2``) and worse than a uniform guess (above ``ln(C)``), and their mean
+loss and its spread (beside the validation loss: :mod:`callbacks.probes.validation`), for
+:class:`callbacks.judges.data.NoisyLabels` (wrong labels). Whether the model has an active dropout (which makes the
+training loss higher than the validation loss by design) is read at the start of fit.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from callbacks._cadence import Cadence, Moment
@@ -48,6 +50,8 @@ CHECKED_STEPS = 3
 #: the share of the fit after which the rows' own losses are read as well (for wrong labels: the model has learnt
 #: what it can by then), and the most rows read a step (evenly spaced: a language model's vocabulary is large)
 LATE, LATE_ROWS = 0.8, 256
+#: the dropout modules (active in training, not in validation)
+DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 #: how far from 1 (from 0) a row's sum (its logsumexp) may be and still count as probabilities (log-probabilities):
 #: a float32 softmax sums to 1 within 1e-6, a bfloat16 one within 1e-2
 TOLERANCE = 2e-2
@@ -71,6 +75,9 @@ class LossInputs:
     late_rows: int = 0
     late_good_rows: int = 0
     late_bad_rows: int = 0
+    late_loss_sum: float = 0.0  # the sum of those rows' losses (nats)
+    late_loss_squares: float = 0.0  # the sum of their squares
+    dropout: bool = False  # whether the model has a dropout module with p > 0 (train and validation losses differ)
 
 
 class _Watch(TorchFunctionMode):
@@ -103,7 +110,7 @@ class LossInputProbe(Probe):
         self.checked_steps = checked_steps
         for name in ("ce_rows", "ce_prob_rows", "nll_rows", "nll_prob_rows", "nll_not_log_rows", "nll_lse_sum"):
             self.add_state(name, "sum")
-        for name in ("late_rows", "late_good_rows", "late_bad_rows"):
+        for name in ("late_rows", "late_good_rows", "late_bad_rows", "late_loss_sum", "late_loss_squares"):
             self.add_state(name, "sum")
         self.add_state("classes", "max")
         self.reset()
@@ -118,6 +125,7 @@ class LossInputProbe(Probe):
         self._late = False
         self._trainer: pl.Trainer | None = None
         self._late_from = math.inf  # the first global step of the last fifth (inf: the fit's length is not known)
+        self._dropout = False
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a compiled model runs eagerly on recorded steps only where torch has `set_stance`: elsewhere a function mode
@@ -126,6 +134,7 @@ class LossInputProbe(Probe):
         accumulate = getattr(trainer, "accumulate_grad_batches", 1)
         self._micro_batches = accumulate if isinstance(accumulate, int) and accumulate > 0 else 1
         self._trainer = trainer
+        self._dropout = any(isinstance(m, DROPOUT) and m.p > 0 for m in pl_module.modules())
         try:
             total = float(trainer.estimated_stepping_batches)
         except Exception:  # an iterable without a length and no max_steps: no last fifth to find
@@ -204,6 +213,9 @@ class LossInputProbe(Probe):
         self.late_rows += valid.sum()
         self.late_good_rows += ((losses < 0.5 * uniform) & valid).sum()
         self.late_bad_rows += ((losses > uniform) & valid).sum()
+        losses = losses.double().where(valid, 0.0)
+        self.late_loss_sum += losses.sum()
+        self.late_loss_squares += losses.square().sum()
 
     def read(self, step: int, moment: Moment, summaries: dict[str, Summary]) -> LossInputs:
         not_log, classes = int(self.nll_not_log_rows.item()), self.classes.item()
@@ -221,4 +233,7 @@ class LossInputProbe(Probe):
             late_rows=int(self.late_rows.item()),
             late_good_rows=int(self.late_good_rows.item()),
             late_bad_rows=int(self.late_bad_rows.item()),
+            late_loss_sum=self.late_loss_sum.item(),
+            late_loss_squares=self.late_loss_squares.item(),
+            dropout=self._dropout,
         )
