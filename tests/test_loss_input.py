@@ -301,7 +301,7 @@ def test_late_rows_are_counted_from_the_rows_own_losses(tmp_path):
         assert r.late_bad_rows == int((rows > math.log(CLASSES)).sum())
         assert r.late_loss_sum == pytest.approx(rows.sum().item(), rel=1e-5)
         assert r.late_loss_squares == pytest.approx(rows.square().sum().item(), rel=1e-5)
-        assert r.dropout is False
+        assert r.dropout is False and r.classes == CLASSES  # C is read on a late step too (the judge's ln C)
     assert 0 < late[0].late_bad_rows < BATCH and 0 < late[0].late_good_rows < BATCH  # both kinds present
     assert all(r.late_rows == 0 for r in keep.seen if r.step < 8)
 

@@ -128,8 +128,7 @@ class NoisyLabels(Judge):
         self.loss_sum += r.late_loss_sum
         self.loss_squares += r.late_loss_squares
         self.dropout = self.dropout or r.dropout
-        if r.late_rows:
-            self.classes = max(self.classes, r.classes)
+        self.classes = max(self.classes, r.classes)
         return []
 
     def conclude(self, step: int, readouts: Readouts) -> list[Finding]:
