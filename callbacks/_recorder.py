@@ -341,9 +341,10 @@ class Recorder(Callback):
             readouts = {**readouts, "trace": self._trace.read()}
             observed.add("trace")
         findings = []
+        view = Readouts(readouts)  # one read-only view for all the judges of the step
         for part, judge in self._judges():
             if all(r in observed for r in judge.prefixes):
-                findings += [(part, f) for f in judge.observe(step, Readouts(readouts))]
+                findings += [(part, f) for f in judge.observe(step, view)]
         writers = writers_for(trainer.loggers)
         scalars: list[Scalar] = []
         for p, moment in rec.moments.items():

@@ -63,7 +63,10 @@ def test_reads_by_class_or_by_prefix_name_the_same_probes():
     class Both(Judge):
         reads = (Loss, "activation")
 
-    assert Both().prefixes == ("loss", "activation")
+    both = Both()
+    assert both.prefixes == ("loss", "activation")
+    both.reads = (Attention,)  # replaced on the instance: the prefixes follow (they are kept between steps)
+    assert both.prefixes == ("attention",)
     assert InitCheck().prefixes == ("loss",)
     assert prefix_of(Attention) == "attention" and prefix_of("trace") == "trace"
 

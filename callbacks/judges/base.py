@@ -246,8 +246,12 @@ class Judge:
 
     @property
     def prefixes(self) -> tuple[str, ...]:
-        """The probe prefixes of :attr:`reads` (what the recorder looks for)."""
-        return tuple(prefix_of(r) for r in self.reads)
+        """The probe prefixes of :attr:`reads` (what the recorder looks for; worked out again only when ``reads`` is
+        replaced: the recorder asks on every recorded step)."""
+        cached = self.__dict__.get("_prefixes")
+        if cached is None or cached[0] is not self.reads:
+            cached = self.__dict__["_prefixes"] = (self.reads, tuple(prefix_of(r) for r in self.reads))
+        return cached[1]
 
     def observe(self, step: int, readouts: Readouts) -> list[Finding]:
         """Findings on a recorded step (``readouts`` of the probes that recorded it)."""
