@@ -115,7 +115,7 @@ def flags_for(
                 skipped.append(f"{a.describe()} (already {data['batch_size']})")  # type: ignore[index]
             else:
                 flags += ["--data.batch_size", str(int(a.value))]  # type: ignore[arg-type]
-        elif a.kind in ("clean_labels", "normalise_inputs"):
+        elif a.kind in ("clean_labels", "label_source", "normalise_inputs"):
             skipped.append(f"{a.describe()} (an edit of the data, not a flag)")
         elif a.kind == "unfreeze":
             skipped.append(f"{a.describe()} (train.py's model freezes nothing)")

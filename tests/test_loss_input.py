@@ -365,10 +365,12 @@ def test_the_wrong_labels_judge_from_the_validation_loss_by_hand():
     from callbacks.judges.data import NoisyLabels
     from callbacks.probes.validation import Validation
 
-    def judged(mean: float, std: float, val: float | None, rows: int = 1000, dropout: bool = False) -> list:
+    def judged(
+        mean: float, std: float, val: float | None, rows: int = 1000, dropout: bool = False, good: int = 300
+    ) -> list:
         judge = NoisyLabels()
         sums = (mean * rows, (std**2 + mean**2) * rows)  # rows whose losses have this mean and std
-        r = LossInputs(9, False, 0, 0, 0, 0, 0, math.nan, 27, 1, rows, 300, 100, *sums, dropout=dropout)
+        r = LossInputs(9, False, 0, 0, 0, 0, 0, math.nan, 27, 1, rows, good, 150, *sums, dropout=dropout)
         judge.observe(9, Readings.of(r))
         resumed = NoisyLabels()
         resumed.load_state_dict(judge.state_dict())
@@ -377,7 +379,7 @@ def test_the_wrong_labels_judge_from_the_validation_loss_by_hand():
 
     # 1000 rows of std 1: a standard error of 1 / sqrt(1000) = 0.0316, so 2.5 of them is 0.079 < the 0.12 nats
     (f,) = judged(2.7, 1.0, 2.5)
-    assert f.key == "data/labels" and f.action.kind == "clean_labels"
+    assert f.key == "data/labels" and f.action.kind == "label_source"  # the split's labels, fixed where they come from
     assert "2.700 (± 0.032, 1000 rows)" in f.message and "2.500 (`val_loss`)" in f.message and "0.200 nats" in f.message
     assert judged(2.7, 1.0, 2.59) == []  # 0.11 nats: under GAP
     assert judged(3.4, 1.0, 3.0) == []  # above ln 27 = 3.30, a uniform guess's: a fit that blew up, not the labels
@@ -385,6 +387,9 @@ def test_the_wrong_labels_judge_from_the_validation_loss_by_hand():
     assert judged(2.7, 1.0, 2.5, dropout=True) == []  # dropout raises the training loss by design
     assert judged(2.7, 1.0, None) == []  # no validation loss logged
     assert judged(2.4, 1.0, 2.5) == []  # below the validation loss: a model that fits what it trains on
+    # a well-fit majority and 15 % worse than uniform as well: the validation loss says where (the source) first
+    assert [f.action.kind for f in judged(2.7, 1.0, 2.5, good=600)] == ["label_source"]
+    assert [f.action.kind for f in judged(2.4, 1.0, 2.5, good=600)] == ["clean_labels"]  # the examples' route alone
 
 
 class Uncertain(L.LightningModule):
@@ -433,7 +438,7 @@ def test_wrong_labels_of_an_uncertain_task_are_found_from_the_validation_loss(tm
         warnings.simplefilter("ignore")
         trainer.fit(model, data, torch.utils.data.DataLoader(val, batch_size=2000))
     labels = [f for f in monitor.findings if f.key == "data/labels"]
-    assert [f.action.kind for f in labels] == (["clean_labels"] if found else [])
+    assert [f.action.kind for f in labels] == (["label_source"] if found else [])
     if found:
         logged = trainer.callback_metrics["val_loss"].item()  # what the module logged, read back from Lightning
         assert f"{logged:.3f} (`val_loss`)" in labels[0].message and "at step 500" in labels[0].message

@@ -108,7 +108,8 @@ class Readouts(Mapping[str, Any]):
 #: switched on, the activation swapped for ``value``, gradients clipped at norm ``value``, the logits (not
 #: probabilities) given to the loss named in ``targets`` (a change to the model's code: no program applies it), the
 #: examples per optimizer step raised to ``value`` (the data loader's batch size), the training labels cleaned (an edit
-#: of the data: the examples the trained model fits worse than a uniform guess fixed or dropped), the inputs
+#: of the data: the examples the trained model fits worse than a uniform guess fixed or dropped), the training labels
+#: fixed where they come from (an edit of the data pipeline: they disagree with the validation labels), the inputs
 #: standardised (an edit of the data: each feature's training mean subtracted, divided by its std), frozen modules
 #: unfrozen
 ActionKind = Literal[
@@ -121,6 +122,7 @@ ActionKind = Literal[
     "loss_logits",
     "batch_size",
     "clean_labels",
+    "label_source",
     "normalise_inputs",
     "unfreeze",
 ]
@@ -164,6 +166,8 @@ class Action:
             return "standardise the inputs"
         if self.kind == "clean_labels":
             return "clean the labels (fix or drop the mislabelled examples)"
+        if self.kind == "label_source":
+            return "fix the training labels at their source (validation's are right)"
         return "normalise (BatchNorm)" + (f" before {where}" if where else "")
 
 
