@@ -371,8 +371,13 @@ class Recorder(Callback):
         self._figure_steps[probe] = step
         draw = probe.drawing()
         what = f"{tag} (step {step})"
+        # TensorBoard's images are written by the figure process into event files of their own; the others'
+        # writers get the rendered array
+        image_dirs = tuple(d for w in shown if (d := w.image_dir()) is not None)
+        others = [w for w in shown if w.image_dir() is None]
         worker().submit(
-            lambda: _draw_and_write(draw, shown, tag, step), lambda e: self._figure_errors.append((what, e))
+            lambda: _draw_and_write(draw, image_dirs, others, tag, step),
+            lambda e: self._figure_errors.append((what, e)),
         )
         self._warn_figure_errors()
 
@@ -494,10 +499,12 @@ class Recorder(Callback):
         self._eager.exit()
 
 
-def _draw_and_write(draw: Callable[[], Figure | None], writers: list[Writer], tag: str, step: int) -> None:
+def _draw_and_write(
+    draw: Callable[[], Figure | None], image_dirs: tuple[str, ...], writers: list[Writer], tag: str, step: int
+) -> None:
     """A figure job, on the figure worker's thread: draws and renders (in the figure process when ``draw`` pickles),
-    writes and flushes each writer."""
-    image = render(draw)  # (H, W, 3) uint8
+    which also writes it into ``image_dirs`` (TensorBoard), then hands the array to ``writers`` and flushes each."""
+    image = render(draw, image_dirs, tag, step, want_array=bool(writers))  # (H, W, 3) uint8
     if image is None:
         return
     for writer in writers:

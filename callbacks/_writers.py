@@ -46,6 +46,9 @@ __all__ = ["Writer", "writers_for"]
 CATEGORY = "training health"
 LOSS_CHART, LOSS_PATTERN = "loss", r"^(.*[/_])?loss([/_].*)?$"
 LR_CHART, LR_PATTERN = "learning rate", r"^(.*[/_])?lr([-/_].*)?$"
+#: the TensorBoard run of the figures, ``{log_dir}/figures``: event files the figure process writes (the PNG and
+#: the records' checksums off the training process); TensorBoard follows one growing event file per run folder
+FIGURES_RUN = "figures"
 #: the tag of the health report (TensorBoard's Text tab, a W&B table)
 REPORT_TAG = "health/report"
 
@@ -75,6 +78,11 @@ class Writer:
     def figure(self, tag: str, image: np.ndarray, step: int) -> None:
         """Writes an ``(H, W, 3)`` uint8 image at ``step``."""
 
+    def image_dir(self) -> str | None:
+        """A folder into which the figure process writes this logger's figures as TensorBoard event files of their
+        own (``callbacks._background``), instead of :meth:`figure`; None (the default): :meth:`figure` is called."""
+        return None
+
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         """Writes the end-of-fit summary: a table (``columns``, ``rows``) and the same as markdown ``text``."""
 
@@ -95,7 +103,8 @@ class TensorBoardWriter(Writer):
     every layer per chart (saturation, dead units, activation std, gradient std, grad:data, update:data). Each
     layer's line is written under the chart's series tag into a run of its own, ``{log_dir}/layers/{layer}``, so
     TensorBoard gives every layer its own colour and lists it by name; a guide (``-3`` on the update:data chart)
-    is a run of its own too. The layer's scalars keep their full tags in the main run as well.
+    is a run of its own too. The layer's scalars keep their full tags in the main run as well. The figures are a run of
+    their own too, ``{log_dir}/figures``, written by the figure process (``callbacks._background``).
     """
 
     histograms = figures = True
@@ -154,7 +163,10 @@ class TensorBoardWriter(Writer):
         )
 
     def figure(self, tag: str, image: np.ndarray, step: int) -> None:
-        self._writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        self._run(FIGURES_RUN).add_image(tag, image, global_step=step, dataformats="HWC")
+
+    def image_dir(self) -> str | None:
+        return os.path.join(self.logger.log_dir, FIGURES_RUN)
 
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         self._writer.add_text(tag, text, global_step=step)
@@ -166,6 +178,9 @@ class TensorBoardWriter(Writer):
         self._writer.flush()  # (``SummaryWriter`` writes its events under a lock: safe from the figure worker)
 
     def close(self) -> None:
+        from callbacks._background import close_images
+
+        close_images(os.path.join(self.logger.log_dir, FIGURES_RUN))  # the figure process's writer of this run
         for writer in self._runs.values():
             writer.close()
         self._runs = {}

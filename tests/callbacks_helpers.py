@@ -137,6 +137,11 @@ def read_events(log_dir: str) -> EventAccumulator:
     return acc
 
 
+def read_figures(log_dir: str) -> EventAccumulator:
+    """The monitors' figures of a TensorBoard run: the run ``{log_dir}/figures``, written by the figure process."""
+    return read_events(os.path.join(log_dir, "figures"))
+
+
 def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 

@@ -21,6 +21,7 @@ from tests.callbacks_helpers import (
     TanhMLP,
     fixed_loader,
     read_events,
+    read_figures,
     run_two_process_script,
     saturating_batch,
     trainer,
@@ -80,14 +81,14 @@ def test_figures_of_step_zero_and_end_of_fit_are_on_disk_after_the_fit(tmp_path)
     monitors = four(every=2)
     t = trainer(tmp_path, monitors, max_steps=5, log_every_n_steps=2)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 5))
-    acc = read_events(t.logger.log_dir)
+    acc, figures = read_events(t.logger.log_dir), read_figures(t.logger.log_dir)
     # step 0 (the initialisation) and the end-of-fit figure, from the last data recorded: the last histograms
     # (step 4, the fit's last step) for the distributions, the last update ratios (step 3) for their history
     last_histogram = max(e.step for e in acc.Histograms("activation/act"))
     last_ratio = max(e.step for e in acc.Scalars("update_ratio/hidden.weight"))
     assert (last_histogram, last_ratio) == (4, 3)
     for tag in TAGS:
-        shots = images(acc, tag)
+        shots = images(figures, tag)
         last = last_ratio if tag.startswith("update_ratio") else last_histogram
         assert 0 in shots and last in shots, (tag, sorted(shots))
         assert all(img.shape[1] == 680 and img.shape[2] in (3, 4) for img in shots.values())
@@ -95,7 +96,7 @@ def test_figures_of_step_zero_and_end_of_fit_are_on_disk_after_the_fit(tmp_path)
     from callbacks.figures import figure_to_array
 
     expected = figure_to_array(monitors[0].probe.draw())
-    assert np.array_equal(images(acc, "activation/distribution")[4][..., :3], expected)
+    assert np.array_equal(images(figures, "activation/distribution")[4][..., :3], expected)
 
 
 def no_font() -> None:
@@ -120,7 +121,7 @@ def test_a_figure_that_raises_is_reported_once_and_training_finishes(tmp_path, d
     reports = [str(w.message) for w in caught if issubclass(w.category, HealthWarning) and "figure" in str(w.message)]
     assert len(reports) == 1, reports
     assert "activation/distribution" in reports[0] and "RuntimeError: no font" in reports[0]
-    acc = read_events(t.logger.log_dir)
+    acc = read_figures(t.logger.log_dir)
     assert "activation/distribution" not in acc.Tags()["images"]
     assert 0 in images(acc, "activation_grad/distribution")  # the other figures are written as before
 
@@ -149,7 +150,7 @@ def test_a_fit_that_raises_after_a_figure_step_still_has_the_figure(tmp_path):
     t = trainer(tmp_path, monitors, max_steps=5, log_every_n_steps=1)
     with pytest.raises(RuntimeError, match="out of memory, say"):
         t.fit(FailsAtStep(1), fixed_loader(saturating_batch(), 5))
-    acc = read_events(t.logger.log_dir)
+    acc = read_figures(t.logger.log_dir)
     assert sorted(images(acc, "activation/distribution")) == [0]
 
 
@@ -180,7 +181,7 @@ KILLED_SCRIPT = textwrap.dedent(
 def test_a_run_killed_after_a_figure_step_still_has_the_figure(tmp_path):
     proc = run_two_process_script(tmp_path, KILLED_SCRIPT)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    acc = read_events(str(tmp_path / "run" / "version_0"))
+    acc = read_figures(str(tmp_path / "run" / "version_0"))
     assert sorted(images(acc, "activation/distribution")) == [0]
 
 
@@ -215,7 +216,7 @@ def test_only_rank_zero_runs_a_figure_worker_under_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "callbacks-figures" in (tmp_path / "threads-0.txt").read_text().split("\n")
     assert "callbacks-figures" not in (tmp_path / "threads-1.txt").read_text().split("\n")
-    acc = read_events(str(tmp_path / "ddp" / "version_0"))
+    acc = read_figures(str(tmp_path / "ddp" / "version_0"))
     assert 0 in images(acc, "activation/distribution") and 0 in images(acc, "update_ratio/history")
 
 

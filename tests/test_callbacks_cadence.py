@@ -14,6 +14,7 @@ from tests.callbacks_helpers import (
     fixed_loader,
     histograms,
     read_events,
+    read_figures,
     saturating_batch,
     scalars,
     trainer,
@@ -125,7 +126,7 @@ def test_figures_at_initialisation_about_five_over_the_fit_and_at_the_end(tmp_pa
     monitors = [ActivationMonitor(every_n_steps=2, histogram_every_n_steps=4), UpdateRatioMonitor(every_n_steps=2)]
     t = trainer(tmp_path, monitors, max_steps=40, log_every_n_steps=2)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 40))
-    acc = read_events(t.logger.log_dir)
+    acc = read_figures(t.logger.log_dir)
     # step 0 (the picture at initialisation, before any update), then every 8th step: 10 histogram steps / 5
     assert [e.step for e in acc.Images("activation/distribution")] == [0, 7, 15, 23, 31, 39]
     # the update-ratio history has no histograms: its figures fall on scalar steps (20 of them, every 4th)
@@ -136,4 +137,4 @@ def test_figure_every_n_steps_zero_first_and_end_only(tmp_path):
     monitor = ActivationMonitor(every_n_steps=2, histogram_every_n_steps=4, figure_every_n_steps=0)
     t = trainer(tmp_path, [monitor], max_steps=14, log_every_n_steps=2)
     t.fit(TanhMLP(), fixed_loader(saturating_batch(), 14))
-    assert [e.step for e in read_events(t.logger.log_dir).Images("activation/distribution")] == [0, 13]
+    assert [e.step for e in read_figures(t.logger.log_dir).Images("activation/distribution")] == [0, 13]

@@ -172,14 +172,15 @@ def test_tensorboard_server_lists_the_tags(tmp_path):
         def all_tags() -> dict[str, dict] | None:
             kinds = ("scalars", "histograms", "images")
             tags = {kind: get_json(f"{server.url}/data/plugin/{kind}/tags") for kind in kinds}
-            return tags if all(tags[kind].get(run) for kind in kinds) else None
+            runs = {"scalars": run, "histograms": run, "images": f"{run}/figures"}  # the figures: a run of their own
+            return tags if all(tags[kind].get(runs[kind]) for kind in kinds) else None
 
         tags = server.poll(all_tags, timeout=60)
         assert tags, "TensorBoard did not serve the run's scalars, histograms and images within 60 s"
         assert "activation/act/saturation" in tags["scalars"][run]
         assert "update_ratio/head.weight" in tags["scalars"][run]
         assert {"activation/act", "activation_grad/act", "param_grad/head.weight"} <= set(tags["histograms"][run])
-        assert {"activation/distribution", "update_ratio/history"} <= set(tags["images"][run])
+        assert {"activation/distribution", "update_ratio/history"} <= set(tags["images"][f"{run}/figures"])
 
 
 @pytest.mark.slow

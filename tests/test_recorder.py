@@ -20,7 +20,16 @@ from callbacks import (
     UpdateRatioMonitor,
 )
 from callbacks.probes.base import Probe
-from tests.callbacks_helpers import TanhMLP, fixed_loader, histograms, read_events, saturating_batch, scalars, trainer
+from tests.callbacks_helpers import (
+    TanhMLP,
+    fixed_loader,
+    histograms,
+    read_events,
+    read_figures,
+    saturating_batch,
+    scalars,
+    trainer,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -103,10 +112,11 @@ def test_data_of_unknown_length_gets_the_picture_at_initialisation(tmp_path):
     assert t.global_step == 10
     acc = read_events(t.logger.log_dir)
     assert sorted(histograms(acc, "activation/act")) == [0]  # every 30 steps otherwise: never in this fit
-    images = acc.Tags()["images"]
+    figures = read_figures(t.logger.log_dir)
+    images = figures.Tags()["images"]
     for tag in ("activation/distribution", "activation_grad/distribution", "param_grad/distribution"):
-        assert tag in images and [e.step for e in acc.Images(tag)] == [0], tag
-    assert [e.step for e in acc.Images("update_ratio/history")][-1] == 8  # the last recorded step, at the end
+        assert tag in images and [e.step for e in figures.Images(tag)] == [0], tag
+    assert [e.step for e in figures.Images("update_ratio/history")][-1] == 8  # the last recorded step, at the end
 
 
 def _v1_monitors() -> list:
