@@ -113,7 +113,9 @@ class TensorBoardWriter(Writer):
         super().__init__(logger)
         self._charts: dict[str, Chart] = {}  # title -> chart, shared by all monitors on this logger
         self._layout_written: list[str] = []
-        self._runs: dict[str, Any] = {}  # run folder -> its SummaryWriter
+        self._runs: dict[str, Any] = {}  # run folder -> its SummaryWriter (the direct `figure`)
+        self._written: set[str] = set()  # the layer runs written through the figure process
+        self._dir: str | None = None  # the logger's log_dir (a property that reads the file system)
 
     @property
     def _writer(self) -> Any:
@@ -133,11 +135,12 @@ class TensorBoardWriter(Writer):
             runs.setdefault(_run_name(s.layer), {})[s.chart.series] = s.value
             if s.chart.guide is not None:
                 runs.setdefault(f"guide 1e{s.chart.guide:g}", {})[s.chart.series] = s.chart.guide
-        for run, values in runs.items():
-            writer = self._run(run)
-            if not write_scalars_event(writer, values, step):
-                for tag, value in values.items():
-                    writer.add_scalar(tag, value, step)
+        if runs:  # written by the figure process (callbacks._background): off this process's GIL
+            from callbacks._background import write_scalars
+
+            log_dir = self._log_dir()
+            write_scalars({os.path.join(log_dir, run): values for run, values in runs.items()}, step)
+            self._written.update(runs)
         self._write_layout()
 
     def _run(self, name: str) -> Any:
@@ -166,7 +169,7 @@ class TensorBoardWriter(Writer):
         self._run(FIGURES_RUN).add_image(tag, image, global_step=step, dataformats="HWC")
 
     def image_dir(self) -> str | None:
-        return os.path.join(self.logger.log_dir, FIGURES_RUN)
+        return os.path.join(self._log_dir(), FIGURES_RUN)
 
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
         self._writer.add_text(tag, text, global_step=step)
@@ -177,10 +180,18 @@ class TensorBoardWriter(Writer):
     def flush(self) -> None:
         self._writer.flush()  # (``SummaryWriter`` writes its events under a lock: safe from the figure worker)
 
-    def close(self) -> None:
-        from callbacks._background import close_images
+    def _log_dir(self) -> str:
+        if self._dir is None:
+            self._dir = self.logger.log_dir
+        return self._dir
 
-        close_images(os.path.join(self.logger.log_dir, FIGURES_RUN))  # the figure process's writer of this run
+    def close(self) -> None:
+        from callbacks._background import close_runs
+
+        # the figure process's writers of this run: its figures and its layers' lines
+        log_dir = self._log_dir()
+        close_runs([os.path.join(log_dir, run) for run in (FIGURES_RUN, *sorted(self._written))])
+        self._written, self._dir = set(), None
         for writer in self._runs.values():
             writer.close()
         self._runs = {}
