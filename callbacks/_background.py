@@ -8,7 +8,7 @@ first job; only rank zero writes, so under DDP only rank zero ever starts one.
 
 - **Off the interpreter lock**: drawing is Python code, and a thread that draws holds the GIL the training loop
   needs (on a 0.5 ms step the loop is mostly Python). So the worker thread sends each drawing, pickled, to one
-  helper process (``python -m callbacks._background``, started with the first figure, at a lower CPU priority)
+  helper process (``python callbacks/_background.py``, started with the first figure, at a lower CPU priority)
   which draws and renders it, and writes it for TensorBoard into event files of its own (``{log_dir}/figures``):
   the PNG encoding (~50 ms a figure) and the records' checksums (pure Python in TensorBoard without TensorFlow,
   ~17 ms for a 200 kB PNG) would otherwise hold this process's GIL. The helper sends the RGB array back only for
@@ -160,7 +160,9 @@ class _FigureProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), MPLBACKEND="Agg")
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "callbacks._background"],
+            # this file as a script: it reads its input before importing anything heavy (``-m`` would import the
+            # package, torch and Lightning, first), so a request never waits for the helper's start-up
+            [sys.executable, os.path.abspath(__file__)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -337,16 +339,27 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     - ``("scalars", {folder: {tag: value}}, step)``: one event per folder, not answered;
     - ``("close", folders)``: those folders' writers closed.
 
-    At the end of its input (the training process closed the pipe, or died) it closes every writer and exits.
+    A thread reads the requests as they come, so the training process never waits on a full pipe while a figure is
+    drawn. At the end of its input (the training process closed the pipe, or died) it closes every writer and exits.
     """
     with contextlib.suppress(OSError):
         os.nice(5)  # the training process comes first when the cores are busy
+    requests: queue.Queue[Any] = queue.Queue()  # unbounded: the training process's writes never wait for a drawing
+
+    def read() -> None:
+        while True:
+            try:
+                requests.put(_receive(stdin))
+            except EOFError:
+                requests.put(EOFError())  # the training process closed the pipe or exited
+                return
+
+    threading.Thread(target=read, name="requests", daemon=True).start()
     writers: dict[str, Any] = {}
     try:
         while True:
-            try:
-                request = _receive(stdin)
-            except EOFError:
+            request = requests.get()
+            if isinstance(request, EOFError):
                 return  # the training process closed the pipe or exited
             try:
                 if request[0] == "scalars":
