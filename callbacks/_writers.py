@@ -3,7 +3,9 @@
 The recorder hands every writer the same things: scalars (each with the dashboard chart and layer it belongs
 to), a histogram (bin counts already computed on the device), a figure (an RGB array), the end-of-fit summary (a
 table plus its markdown). Figures arrive from the figure worker's thread (``callbacks._background``), everything
-else from the training thread. Each writer shows what its logger can show and drops the rest:
+else from the training thread; TensorBoard's figures and per-layer runs are written by the figure process itself
+(``Writer.image_dir``, ``callbacks._background.write_scalars``). Each writer shows what its logger can show and
+drops the rest:
 
 ============================  =======  ==========  =======  =====================  ==========
 logger                        scalars  histograms  figures  summary                charts

@@ -233,3 +233,38 @@ def test_a_drawing_that_does_not_pickle_is_drawn_here_the_same():
     assert in_process.shape == here.shape and in_process.dtype == np.uint8
     assert np.array_equal(in_process, here)
     assert figure_process_cpu() > 0  # the first one was drawn in the figure process
+
+
+def layer_lines(log_dir: str, series: str) -> dict[str, dict[int, float]]:
+    """Each layer run's values of ``series`` by step, read from ``{log_dir}/layers/*``."""
+    import os
+
+    root = os.path.join(log_dir, "layers")
+    out = {}
+    for layer in sorted(os.listdir(root)):
+        acc = read_events(os.path.join(root, layer))
+        if series in acc.Tags()["scalars"]:
+            out[layer] = {e.step: e.value for e in acc.Scalars(series)}
+    return out
+
+
+@pytest.mark.parametrize("helper", [True, False], ids=["by-the-figure-process", "here-once-it-has-failed"])
+def test_figures_and_layer_runs_are_written_by_the_figure_process_or_here(tmp_path, monkeypatch, helper):
+    import callbacks._background as background
+
+    if not helper:
+        monkeypatch.setattr(background, "_PROCESS_FAILED", True)  # as after the helper died: written here
+    monitors = four(every=2)
+    t = trainer(tmp_path, monitors, max_steps=6, log_every_n_steps=2)
+    t.fit(TanhMLP(), fixed_loader(saturating_batch(), 6))
+    log_dir = t.logger.log_dir
+    # every layer line equals the full tag the main run (written here, by the logger's writer) has for that step
+    main = read_events(log_dir)
+    lines = layer_lines(log_dir, "update_ratio")
+    assert lines, "no layer run written"
+    for layer, values in lines.items():
+        full = {e.step: e.value for e in main.Scalars(f"update_ratio/{layer}")}
+        assert values == full and {1, 3, 5} <= set(values), layer
+    shots = images(read_figures(log_dir), "activation/distribution")
+    assert 0 in shots and 5 in shots
+    assert all(img.shape[1] == 680 for img in shots.values())
