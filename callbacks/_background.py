@@ -129,8 +129,16 @@ _HEADER = struct.Struct("<Q")  # each message: its length, then a pickle
 
 
 def _send(stream: IO[bytes], obj: Any) -> None:
+    _write(stream, _message(obj))
+
+
+def _message(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def _write(stream: IO[bytes], message: bytes) -> None:
+    stream.write(message)
     stream.flush()
 
 
@@ -172,8 +180,9 @@ class _FigureProcess:
     def tell(self, request: tuple[Any, ...]) -> None:
         """Sends a request that gets no answer (any thread)."""
         assert self.process.stdin is not None
+        message = _message(request)  # pickled before the lock: a large drawing never holds up the scalars
         with _SEND_LOCK:
-            _send(self.process.stdin, request)
+            _write(self.process.stdin, message)
 
     def ask(self, request: tuple[Any, ...]) -> Any:
         """Sends a request and waits for its answer (the worker thread only: it alone reads the answers)."""

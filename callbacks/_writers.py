@@ -26,6 +26,7 @@ TensorBoard writer can merge every monitor's charts into one custom-scalars layo
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import weakref
@@ -200,6 +201,8 @@ class TensorBoardWriter(Writer):
         self._writer.flush()
 
     def _write_layout(self) -> None:
+        if self._layout_written and len(self._charts) + 2 == len(self._layout_written):
+            return  # no new chart since the layout was written (the loss and lr charts come first)
         layout = self.layout()
         titles = list(layout[CATEGORY])
         if titles == self._layout_written:
@@ -220,6 +223,7 @@ class TensorBoardWriter(Writer):
         return {CATEGORY: charts}
 
 
+@functools.lru_cache(maxsize=4096)
 def _run_name(layer: str) -> str:
     """The run folder of a layer's lines: ``layers/{layer}`` (characters no file system takes replaced)."""
     return os.path.join("layers", re.sub(r'[\\/:*?"<>|]', "_", layer))
