@@ -359,8 +359,8 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
         while True:
             try:
                 requests.put(_receive(stdin))
-            except EOFError:
-                requests.put(EOFError())  # the training process closed the pipe or exited
+            except Exception:  # EOF: the training process closed the pipe or exited; anything else: a broken stream
+                requests.put(EOFError())  # the helper exits, and the training process draws and writes itself
                 return
 
     threading.Thread(target=read, name="requests", daemon=True).start()
