@@ -373,8 +373,9 @@ class Recorder(Callback):
         what = f"{tag} (step {step})"
         # TensorBoard's images are written by the figure process into event files of their own; the others'
         # writers get the rendered array
-        image_dirs = tuple(d for w in shown if (d := w.image_dir()) is not None)
-        others = [w for w in shown if w.image_dir() is None]
+        dirs = {w: w.image_dir() for w in shown}
+        image_dirs = tuple(d for d in dirs.values() if d is not None)
+        others = [w for w, d in dirs.items() if d is None]
         worker().submit(
             lambda: _draw_and_write(draw, image_dirs, others, tag, step),
             lambda e: self._figure_errors.append((what, e)),

@@ -116,7 +116,6 @@ class TensorBoardWriter(Writer):
         super().__init__(logger)
         self._charts: dict[str, Chart] = {}  # title -> chart, shared by all monitors on this logger
         self._layout_written: list[str] = []
-        self._runs: dict[str, Any] = {}  # run folder -> its SummaryWriter (the direct `figure`)
         self._written: set[str] = set()  # the layer runs written through the figure process
         self._dir: str | None = None  # the logger's log_dir (a property that reads the file system)
 
@@ -146,14 +145,6 @@ class TensorBoardWriter(Writer):
             self._written.update(runs)
         self._write_layout()
 
-    def _run(self, name: str) -> Any:
-        writer = self._runs.get(name)
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = self._runs[name] = SummaryWriter(os.path.join(self.logger.log_dir, name))
-        return writer
-
     def histogram(self, tag: str, s: Summary, step: int) -> None:
         # TensorBoard reads right bucket limits; a leading empty bucket keeps the left edge
         self._writer.add_histogram_raw(
@@ -168,10 +159,7 @@ class TensorBoardWriter(Writer):
             global_step=step,
         )
 
-    def figure(self, tag: str, image: np.ndarray, step: int) -> None:
-        self._run(FIGURES_RUN).add_image(tag, image, global_step=step, dataformats="HWC")
-
-    def image_dir(self) -> str | None:
+    def image_dir(self) -> str | None:  # (so `figure` is never called)
         return os.path.join(self._log_dir(), FIGURES_RUN)
 
     def summary(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text: str, step: int) -> None:
@@ -195,9 +183,6 @@ class TensorBoardWriter(Writer):
         log_dir = self._log_dir()
         close_runs([os.path.join(log_dir, run) for run in (FIGURES_RUN, *sorted(self._written))])
         self._written, self._dir = set(), None
-        for writer in self._runs.values():
-            writer.close()
-        self._runs = {}
         self._writer.flush()
 
     def _write_layout(self) -> None:
