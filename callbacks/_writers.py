@@ -168,9 +168,6 @@ class TensorBoardWriter(Writer):
     def report(self, text: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         self._writer.add_text(REPORT_TAG, text, global_step=step)
 
-    def flush(self) -> None:
-        self._writer.flush()  # (``SummaryWriter`` writes its events under a lock: safe from the figure worker)
-
     def _log_dir(self) -> str:
         if self._dir is None:
             self._dir = self.logger.log_dir
