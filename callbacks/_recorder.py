@@ -30,16 +30,24 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from callbacks._background import render, worker
+from callbacks._background import render, send_scalars, worker
 from callbacks._cadence import OPEN, Cadence, last_step, logging_step, step_ends
 from callbacks._compile import EagerSteps
 from callbacks._internals import shadow_step_hooks
-from callbacks._stats import Summary
+from callbacks._stats import Packed, Summary
 from callbacks._trace import Trace
 from callbacks._warnings import health_warning
 from callbacks._writers import Writer, writers_for
 from callbacks.judges.base import Finding, Judge, Readouts, Record
-from callbacks.probes.base import Probe, Recording, Scalar, first_tensor, pack_states, unpack_states
+from callbacks.probes.base import (
+    Probe,
+    Recording,
+    Scalar,
+    first_tensor,
+    local_states,
+    pack_states,
+    unpack_states,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -113,6 +121,7 @@ class Recorder(Callback):
         self._state_key: str | None = None
         self._asleep = False  # step hooks shadowed (see `_sleep`)
         self._wake = -1  # nothing to do before this step
+        self._skip = 0  # batches to let pass without a look, asleep (each batch is at most one step further)
         self._step = -1  # the logging step of the current (or last) batch
         self._first: int | None = None  # the fit's first step
         self._origin: tuple[int, int] | None = None  # (logging step, global step) at the first batch
@@ -164,6 +173,7 @@ class Recorder(Callback):
             p: p.cadence.resolve(trainer.log_every_n_steps, p.has_histograms and shown) for p in self.probes
         }
         self._step, self._wake, self._first, self._origin, self._rate = -1, -1, None, None, None
+        self._skip = 0
         self._figure_steps, self._data_steps, self._last = {}, {}, {}
         self._figure_errors, self._figure_warned = [], False
         if self.report is not None:
@@ -211,9 +221,14 @@ class Recorder(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._skip:  # asleep, and this batch's step cannot have reached `_wake`: not even the step is read
+            self._skip -= 1
+            return
         step = logging_step(trainer, pl_module)
-        if step < self._wake:
-            return  # asleep: nothing recorded before `_wake`
+        if step < self._wake:  # asleep: nothing recorded before `_wake`
+            if pl_module.automatic_optimization:  # (one optimizer step a batch at most)
+                self._skip = self._wake - step - 1
+            return
         if step != self._step:
             self._begin(trainer, pl_module, step)
         self._in_backward = False
@@ -316,7 +331,11 @@ class Recorder(Callback):
         if trainer.world_size > 1:
             reducer = lambda t, op: trainer.strategy.reduce(t, reduce_op=op)  # noqa: E731
         device = trainer.strategy.root_device
-        packed, bad_state = pack_states(rec.moments, device)  # the probes' declared states, in the same collectives
+        alone = reducer is None and device.type == "cpu"  # (the states are where they belong: nothing to reduce)
+        if alone:
+            packed, bad_state = Packed.empty(device), local_states(rec.moments)
+        else:  # the probes' declared states, in the same collectives as the tags
+            packed, bad_state = pack_states(rec.moments, device)
         summaries, (sums, maxes) = rec.pool.reduce_with(
             tags,
             histogram_tags,
@@ -327,7 +346,8 @@ class Recorder(Callback):
             who=f"{self.name} (step {rec.step}, rank {trainer.global_rank})",
             rank=trainer.global_rank,
         )
-        unpack_states(rec.moments, sums, maxes, trainer.world_size)
+        if not alone:
+            unpack_states(rec.moments, sums, maxes, trainer.world_size)
         readouts = {p.prefix: p.read(rec.step, m, summaries) for p, m in rec.moments.items()}
         self._last.update(readouts)
         self._write_guarded(trainer, lambda: self._write(trainer, rec, readouts))
@@ -384,6 +404,7 @@ class Recorder(Callback):
 
     def _flush_figures(self) -> None:
         """Waits for the figure worker (every figure given so far written), then reports a figure that failed."""
+        send_scalars()  # (the per-layer lines kept for the helper)
         worker().flush()
         self._warn_figure_errors()
 
@@ -490,7 +511,7 @@ class Recorder(Callback):
         for p in self.probes:
             p.stop()  # (an exception in a recorded step: a probe's interception ends here)
         self._rec = None
-        self._wake = -1
+        self._wake, self._skip = -1, 0
         self._in_backward = False
 
     def _remove_handles(self) -> None:

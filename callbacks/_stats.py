@@ -166,8 +166,8 @@ def _grid_counts(x: Tensor, lo: Tensor, e: Tensor, masked: bool) -> tuple[Tensor
 class Partial:
     """The summary of one tensor (or several, pooled), on its device: see the module docstring."""
 
-    sums: Tensor  # (N_SUM,) float64
-    maxes: Tensor  # (3,) float64: -min, max, grid exponent (-inf where there is no grid)
+    sums: Tensor | list[float]  # (N_SUM,) float64; Python numbers on the CPU's small-tensor path (`Pool.add`)
+    maxes: Tensor | list[float]  # (3,) float64: -min, max, grid exponent (-inf where there is no grid)
     grids: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (exponent, k0, counts (GRID,))
 
 
@@ -224,10 +224,20 @@ def summarise(
 
 def _summarise_small(x: Tensor, saturation: tuple[float, float] | None, relu_like: bool) -> Partial | None:
     """:func:`summarise` of a finite CPU tensor of one chunk, without a histogram: the same passes and the same
-    numbers as :func:`_moments`, read as Python numbers (free on the CPU) and packed with one tensor per vector, in
-    a third of the small tensor operations (they cost more than the arithmetic on a small model's tensors).
-    None when NaN/inf show (the masked passes then)."""
-    flat = x.reshape(-1).to(_float_dtype(x))
+    numbers as :func:`_moments`, in a third of the small tensor operations (they cost more than the arithmetic on a
+    small model's tensors). None when NaN/inf show (the masked passes then)."""
+    numbers = _small_numbers(x, saturation, relu_like)
+    if numbers is None:
+        return None
+    return Partial(torch.tensor(numbers[0], dtype=_F64), torch.tensor(numbers[1], dtype=_F64))
+
+
+def _small_numbers(
+    x: Tensor, saturation: tuple[float, float] | None, relu_like: bool
+) -> tuple[list[float], list[float]] | None:
+    """The sum and max vectors of :func:`_summarise_small` as Python numbers (reads are free on the CPU), which
+    :class:`Pool` keeps as they are: a tensor made of them costs more than the passes themselves."""
+    flat = x.detach().reshape(-1).to(_float_dtype(x))
     norm = torch.linalg.vector_norm(flat, dtype=_F64).item()
     sum_squares = norm * norm
     if not math.isfinite(sum_squares):
@@ -239,9 +249,8 @@ def _summarise_small(x: Tensor, saturation: tuple[float, float] | None, relu_lik
         outside = ((flat - center).abs_() if center != 0 else flat.abs()).gt_(limit)
         saturated = outside.sum(dtype=_F64).item()
     dead, units = (t.item() for t in _dead_units(x)) if relu_like else (0.0, 0.0)
-    n = float(flat.numel())
-    sums = torch.tensor([n, 0.0, flat.sum(dtype=_F64).item(), sum_squares, saturated, dead, units], dtype=_F64)
-    return Partial(sums, torch.tensor([-lo.item(), hi.item(), -math.inf], dtype=_F64))
+    sums = [float(flat.numel()), 0.0, flat.sum(dtype=_F64).item(), sum_squares, saturated, dead, units]
+    return sums, [-lo.item(), hi.item(), -math.inf]
 
 
 @dataclass
@@ -314,14 +323,24 @@ class Pool:
         saturation: tuple[float, float] | None = None,
         relu_like: bool = False,
     ) -> None:
-        """Summarises ``x`` (:func:`summarise`) into ``tag``'s entry; ``x`` is not kept."""
-        part = summarise(x, saturation, relu_like, histogram)
+        """Summarises ``x`` (:func:`summarise`) into ``tag``'s entry; ``x`` is not kept.
+
+        A small finite CPU tensor without a histogram is kept as Python numbers (:func:`_small_numbers`), the
+        same numbers :func:`summarise` puts in its tensors."""
+        numbers = None
+        if not histogram and x.numel() <= CHUNK and x.numel() and reads_are_free(x.device):
+            numbers = _small_numbers(x, saturation, relu_like)
+        part = Partial(*numbers) if numbers is not None else summarise(x, saturation, relu_like, histogram)
         entry = self._entries.get(tag)
         if entry is None:
             self._entries[tag] = part
+        elif isinstance(entry.sums, list) and isinstance(part.sums, list):
+            entry.sums = [a + b for a, b in zip(entry.sums, part.sums, strict=True)]
+            entry.maxes = [max(a, b) for a, b in zip(entry.maxes, part.maxes, strict=True)]  # (finite or -inf)
         else:
-            entry.sums = entry.sums + part.sums
-            entry.maxes = torch.maximum(entry.maxes, part.maxes)
+            device = part.sums.device if isinstance(part.sums, Tensor) else entry.sums.device  # type: ignore[union-attr]
+            entry.sums = _vector(entry.sums, device) + _vector(part.sums, device)
+            entry.maxes = torch.maximum(_vector(entry.maxes, device), _vector(part.maxes, device))
             entry.grids += part.grids
 
     def reduce(
@@ -419,15 +438,17 @@ class Pool:
             MonitorRankError: when another rank reported an error.
         """
         k = len(tags)
+        entries = [self._entries.get(t) for t in tags]
+        if reducer is None and not histograms and error is None and _host_only(entries, packed):
+            return _host_vectors(entries, packed, rank)
         index = {t: i for i, t in enumerate(tags)}
         sums = torch.zeros(k, N_SUM, dtype=_F64, device=device)
         maxes = torch.full((k, 4), -math.inf, dtype=_F64, device=device)
         try:
             if k:  # one stack per vector (a tag no call added: the identities)
-                entries = [self._entries.get(t) for t in tags]
                 none_sums, none_maxes = sums[0], maxes[0, :3]
-                sums = torch.stack([_on(e.sums, device) if e is not None else none_sums for e in entries])
-                seen = torch.stack([_on(e.maxes, device) if e is not None else none_maxes for e in entries])
+                sums = torch.stack([_vector(e.sums, device) if e is not None else none_sums for e in entries])
+                seen = torch.stack([_vector(e.maxes, device) if e is not None else none_maxes for e in entries])
                 # the lowest rank with NaN/inf wins the max of -rank
                 neg_rank = torch.where(sums[:, NONFINITE] > 0, float(-rank), -math.inf)
                 maxes = torch.cat([seen, neg_rank.to(_F64).unsqueeze(1)], dim=1)
@@ -484,9 +505,33 @@ class Pool:
         return host
 
 
-def _on(x: Tensor, device: torch.device) -> Tensor:
-    """``x`` on ``device``, copied only when it is elsewhere (a model split over devices)."""
+def _vector(x: Tensor | list[float], device: torch.device) -> Tensor:
+    """``x`` as a float64 tensor on ``device``, copied only when it is elsewhere (a model split over devices)."""
+    if isinstance(x, list):
+        return torch.tensor(x, dtype=_F64, device=device)
     return x if x.device == device else x.to(device)
+
+
+def _host_only(entries: Sequence[Partial | None], packed: Packed) -> bool:
+    """Whether a step's vectors are all Python numbers already (the CPU's small tensors, nothing declared)."""
+    return (
+        not packed.sums.numel()
+        and not packed.maxes.numel()
+        and all(e is None or (isinstance(e.sums, list) and isinstance(e.maxes, list) and not e.grids) for e in entries)
+    )
+
+
+def _host_vectors(entries: Sequence[Partial | None], packed: Packed, rank: int) -> list[float]:
+    """What :meth:`Pool._reduce` returns, laid out the same, for one process whose vectors are Python numbers
+    already: no tensor is made, no reduction is needed."""
+    sums: list[float] = []
+    maxes: list[float] = []
+    for e in entries:
+        s = e.sums if e is not None else [0.0] * N_SUM
+        m = e.maxes if e is not None else [-math.inf] * 3
+        sums += s  # type: ignore[arg-type]
+        maxes += [*m, float(-rank) if s[NONFINITE] > 0 else -math.inf]  # type: ignore[misc]
+    return [*sums, 0.0, *maxes]
 
 
 def _coarsen(maxes: Tensor, grids: list[tuple[Tensor, Tensor, Tensor]], bins: int) -> tuple[Tensor, Tensor, Tensor]:

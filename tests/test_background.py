@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from callbacks import ActivationMonitor, GradientMonitor, HealthWarning, ParameterMonitor, UpdateRatioMonitor
-from callbacks._background import Worker, figure_process_cpu, render, worker
+from callbacks._background import Worker, close_runs, figure_process_cpu, render, worker
 from tests.callbacks_helpers import (
     TanhMLP,
     fixed_loader,
@@ -268,3 +268,20 @@ def test_figures_and_layer_runs_are_written_by_the_figure_process_or_here(tmp_pa
     shots = images(read_figures(log_dir), "activation/distribution")
     assert 0 in shots and 5 in shots
     assert all(img.shape[1] == 680 for img in shots.values())
+
+
+def test_layer_scalars_are_kept_then_sent_together_and_on_disk_once_closed(tmp_path, monkeypatch):
+    import os
+
+    import callbacks._background as background
+
+    background.send_scalars()  # (whatever an earlier test kept)
+    monkeypatch.setattr(background, "SCALARS_EVERY_S", 3600.0)
+    monkeypatch.setattr(background, "_SCALARS_SENT", [time.monotonic()])  # just sent: the next ones are kept
+    folder = str(tmp_path / "layers" / "net.0")
+    for step in range(3):
+        background.write_scalars({folder: {"update_ratio": -3.0 + step}}, step)
+    assert not os.path.exists(folder) and len(background._SCALARS) == 3  # nothing sent yet
+    close_runs([folder])  # sends what is kept, then closes the folder's writer in the figure process
+    values = {e.step: e.value for e in read_events(folder).Scalars("update_ratio")}
+    assert values == {0: -3.0, 1: -2.0, 2: -1.0} and not background._SCALARS

@@ -89,3 +89,19 @@ def test_kurtosis_of_each_layer_against_the_tensors(tmp_path):
 def test_bad_modules_say_what_to_pass():
     with pytest.raises(ValueError, match=r"Expected `modules` to hold `nn\.Module` subclasses or name patterns"):
         KurtosisProbe(modules=[3])  # type: ignore[list-item]
+
+
+class _Broken(KurtosisProbe):
+    """Replaces a declared state by a number instead of accumulating into it."""
+
+    def end_step(self, rec: Any, outputs: Any) -> None:
+        self.peak = 3.0  # type: ignore[assignment]
+
+
+def test_a_state_that_is_no_longer_a_tensor_stops_the_fit_with_its_fix(tmp_path):
+    # one process on the CPU keeps the states where they are (nothing to reduce), and still checks them
+    recorder = Recorder([Part("KurtosisProbe", [_Broken(cadence=Cadence(every_n_steps=1))], [])])
+    t = trainer(tmp_path, [recorder], logger=CSVLogger(str(tmp_path), name="csv"), max_steps=2)
+    expected = r"Expected `_Broken\.peak` to be a tensor of shape \(3,\).*`self\.peak \+= x`"
+    with pytest.raises(ValueError, match=expected):
+        t.fit(TanhMLP(), fixed_loader(saturating_batch(), 8, batch_size=8))

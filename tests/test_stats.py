@@ -314,3 +314,32 @@ def test_an_accelerator_fit_reads_the_host_once_per_monitor_per_recorded_step(tm
         counts[with_monitors] = reads.count
     recorded_steps = 4  # steps 0 (the picture at initialisation), 1, 3, 5 (5 is also the final step)
     assert counts[True] - counts[False] == 4 * recorded_steps
+
+
+def test_small_cpu_tensors_kept_as_numbers_reduce_to_the_same_summaries(monkeypatch):
+    # the pool keeps a small finite CPU tensor's vectors as Python numbers and reduces them without tensors; the same
+    # adds through the tensor path give the same summaries, bit for bit (a tag added twice, one never added, one
+    # with NaN that takes the masked tensor passes and meets the numbers of its other call)
+    g = torch.Generator().manual_seed(3)
+    a, b, c = torch.randn(32, 200, generator=g), torch.randn(30, 7, generator=g), torch.randn(50, generator=g)
+    with_nan = c.clone()
+    with_nan[4] = math.nan
+
+    def reduced(nan: bool) -> dict[str, Any]:
+        pool = Pool()
+        pool.add("a", a, saturation=(0.0, 0.97))
+        pool.add("b", b, relu_like=True)
+        pool.add("b", b * 3)
+        pool.add("c", c)
+        if nan:
+            pool.add("c", with_nan)
+        return pool.reduce(["a", "b", "never", "c"], {}, CPU, None, rank=0)
+
+    numbers, mixed = reduced(nan=False), reduced(nan=True)  # numbers only; numbers and a tensor
+    monkeypatch.setattr(_stats, "_small_numbers", lambda *args: None)
+    assert numbers == reduced(nan=False) and sorted(numbers) == ["a", "b", "c"]
+    assert mixed == reduced(nan=True)
+    numbers = mixed
+    assert numbers["b"].count == 2 * b.numel() and numbers["b"].max == pytest.approx(3 * b.max().item())
+    assert numbers["c"].nonfinite == 1 and numbers["c"].count == 2 * c.numel() - 1 and numbers["c"].nonfinite_rank == 0
+    assert numbers["a"].saturation == (a.abs() > 0.97).sum().item() / a.numel()

@@ -332,6 +332,29 @@ def pack_states(probes: Iterable[Probe], device: torch.device) -> tuple[Packed, 
     return Packed(torch.cat(sums) if sums else empty.sums, torch.cat(maxes) if maxes else empty.maxes), error
 
 
+def local_states(probes: Iterable[Probe]) -> BaseException | None:
+    """:func:`pack_states` and :func:`unpack_states` for one process on the CPU, where there is nothing to reduce: each
+    declared state stays where the probe accumulated it, as a float64 CPU tensor of its declared shape. A state that
+    is no longer a tensor of its declared size becomes its identity, and the error is returned (raised after the
+    step's reduction, as with several processes)."""
+    error: BaseException | None = None
+    for p in probes:
+        for name, state in p._states.items():
+            value = getattr(p, name, None)
+            if not isinstance(value, Tensor) or value.numel() != math.prod(state.shape):
+                error = error or ValueError(
+                    f"Expected `{type(p).__name__}.{name}` to be a tensor of shape {state.shape} (its declared state),"
+                    f" but got {value!r}: accumulate into it in place (`self.{name} += x`)."
+                )
+                value = torch.full(state.shape, IDENTITY[state.reduce], dtype=torch.float64)
+            elif value.device.type != "cpu" or value.dtype != torch.float64 or value.shape != state.shape:
+                value = value.detach().to(device="cpu", dtype=torch.float64).reshape(state.shape)
+            else:
+                continue
+            setattr(p, name, value)
+    return error
+
+
 def unpack_states(probes: Iterable[Probe], sums: list[float], maxes: list[float], world_size: int) -> None:
     """Puts the reduced vectors of :func:`pack_states` back into each probe's states, by name, on the CPU."""
     at_sum = at_max = 0
