@@ -142,6 +142,18 @@ def _grid_exponent(lo: Tensor, hi: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isfinite(lo) & torch.isfinite(hi), e, -math.inf)
 
 
+def _grid_exponent_of(lo: float, hi: float, dtype: torch.dtype) -> float:
+    """:func:`_grid_exponent` of finite Python numbers, in Python (the CPU's small tensors: no tensor operation)."""
+    width, big = max(hi - lo, 0.0), max(abs(lo), abs(hi))
+    e = max(
+        math.ceil(math.log2(width / (GRID - 2))) if width > 0 else -math.inf,
+        math.ceil(math.log2(big)) - _MANTISSA[dtype] if big > 0 else -math.inf,
+    )
+    e = max(float(e) if math.isfinite(e) else 0.0, _MIN_EXPONENT[dtype])
+    scale = 2.0**-e
+    return e + float(math.floor(hi * scale) - math.floor(lo * scale) > GRID - 1)  # log2's rounding: one step at most
+
+
 def _grid_counts(x: Tensor, lo: Tensor, e: Tensor, masked: bool) -> tuple[Tensor, Tensor]:
     """Counts of ``x``'s finite values on the grid ``2**e`` from bin ``k0 = floor(lo / 2**e)``: ``(k0, counts)``."""
     scale = torch.exp2(-e)
@@ -327,16 +339,26 @@ class Pool:
 
         A small finite CPU tensor without a histogram is kept as Python numbers (:func:`_small_numbers`), the
         same numbers :func:`summarise` puts in its tensors."""
-        numbers = None
-        if not histogram and x.numel() <= CHUNK and x.numel() and reads_are_free(x.device):
+        part = None
+        if x.numel() <= CHUNK and x.numel() and reads_are_free(x.device):
             numbers = _small_numbers(x, saturation, relu_like)
-        part = Partial(*numbers) if numbers is not None else summarise(x, saturation, relu_like, histogram)
+            if numbers is not None:
+                part = Partial(*numbers)
+                if histogram:  # the same grid as `summarise`'s, its exponent found from the numbers
+                    lo, hi = -part.maxes[NEG_MIN], part.maxes[MAX]  # type: ignore[index]
+                    e = _grid_exponent_of(lo, hi, _float_dtype(x))
+                    part.maxes[EXPONENT] = e  # type: ignore[index]
+                    e_t, lo_t = torch.tensor(e, dtype=_F64), torch.tensor(lo, dtype=_F64)
+                    part.grids = [(e_t, *_grid_counts(x.detach(), lo_t, e_t, masked=False))]
+        if part is None:
+            part = summarise(x, saturation, relu_like, histogram)
         entry = self._entries.get(tag)
         if entry is None:
             self._entries[tag] = part
         elif isinstance(entry.sums, list) and isinstance(part.sums, list):
             entry.sums = [a + b for a, b in zip(entry.sums, part.sums, strict=True)]
             entry.maxes = [max(a, b) for a, b in zip(entry.maxes, part.maxes, strict=True)]  # (finite or -inf)
+            entry.grids += part.grids
         else:
             device = part.sums.device if isinstance(part.sums, Tensor) else entry.sums.device  # type: ignore[union-attr]
             entry.sums = _vector(entry.sums, device) + _vector(part.sums, device)

@@ -343,3 +343,22 @@ def test_small_cpu_tensors_kept_as_numbers_reduce_to_the_same_summaries(monkeypa
     assert numbers["b"].count == 2 * b.numel() and numbers["b"].max == pytest.approx(3 * b.max().item())
     assert numbers["c"].nonfinite == 1 and numbers["c"].count == 2 * c.numel() - 1 and numbers["c"].nonfinite_rank == 0
     assert numbers["a"].saturation == (a.abs() > 0.97).sum().item() / a.numel()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 3e4])
+def test_small_cpu_histograms_from_numbers_are_the_tensor_passes_histograms(monkeypatch, scale):
+    # the grid exponent found in Python from the numbers is the tensor passes' one: the same edges and counts
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(32, 200, generator=g) * scale, torch.rand(30, 7, generator=g).double() * scale + 1.0]
+
+    def reduced() -> dict[str, Any]:
+        pool = Pool()
+        for x in xs:
+            pool.add("x", x, histogram=True)
+            pool.add(f"alone{x.dtype}", x, histogram=True)
+        tags = ["x", "alonetorch.float32", "alonetorch.float64"]
+        return pool.reduce(tags, dict.fromkeys(tags, 32), CPU, None)
+
+    numbers = reduced()
+    monkeypatch.setattr(_stats, "_small_numbers", lambda *args: None)
+    assert numbers == reduced() and all(s.counts and sum(s.counts) == s.count for s in numbers.values())
