@@ -146,6 +146,14 @@ class Recorder(Callback):
         """Whether it has nothing to do before a later step (its step hooks sleep)."""
         return self._asleep
 
+    def pass_batch(self) -> bool:
+        """Whether this batch, asleep, cannot have reached the step it wakes at (counted: then nothing is read, not
+        even the step). Its ``on_train_batch_start`` asks first; so does a group, before calling it."""
+        if self._skip:
+            self._skip -= 1
+            return True
+        return False
+
     @property
     def probes(self) -> list[Probe]:
         return [p for part in self.parts for p in part.probes]
@@ -221,8 +229,7 @@ class Recorder(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._skip:  # asleep, and this batch's step cannot have reached `_wake`: not even the step is read
-            self._skip -= 1
+        if self.pass_batch():
             return
         step = logging_step(trainer, pl_module)
         if step < self._wake:  # asleep: nothing recorded before `_wake`

@@ -20,8 +20,11 @@ every value, with round edges: the first edge at or below the min, the last abov
 
 NaN/inf are counted and left out of every other statistic. On the CPU, where reading a value costs nothing,
 a tensor is summarised in few passes (sum, float64 norm, ``aminmax``) and again with masks only when its sum
-of squares shows NaN/inf; on an accelerator, where a read would stall the device, the masked passes run
-always and nothing is read before :meth:`Pool.reduce`, which copies everything of a step to the host once.
+of squares shows NaN/inf; a small one (one chunk) is kept as Python numbers, its histogram grid's exponent found
+in Python, and one process reduces a step of them without making a tensor (on a small model, making and stacking
+the small tensors cost more than the passes); on an accelerator, where a read would stall the device, the
+masked passes run always and nothing is read before :meth:`Pool.reduce`, which copies everything of a step to the
+host once.
 Every rank runs the same collectives in the same order whatever it holds; an error on one rank travels in
 the sum all-reduce and is raised on every rank after it, so no rank waits forever for another.
 
@@ -337,8 +340,8 @@ class Pool:
     ) -> None:
         """Summarises ``x`` (:func:`summarise`) into ``tag``'s entry; ``x`` is not kept.
 
-        A small finite CPU tensor without a histogram is kept as Python numbers (:func:`_small_numbers`), the
-        same numbers :func:`summarise` puts in its tensors."""
+        A small finite CPU tensor is kept as Python numbers (:func:`_small_numbers`), the same numbers
+        :func:`summarise` puts in its tensors, and its histogram on the same grid."""
         part = None
         if x.numel() <= CHUNK and x.numel() and reads_are_free(x.device):
             numbers = _small_numbers(x, saturation, relu_like)

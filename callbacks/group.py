@@ -87,6 +87,9 @@ class CallbackGroup(Callback):
         # the targets whose step hooks matter: the group's step hooks sleep when all of them are idle recorders
         self._stepping = [t for t in targets if any(_overrides(t, h) for h in STEP_HOOKS)]
         self._idle = False
+        # the recorder when it is the only target of `on_train_batch_start`: asked first whether a batch passes
+        starts = self._calls["on_train_batch_start"]
+        self._lone = self.recorder if len(starts) == 1 and starts[0].__self__ is self.recorder else None
 
     @property
     @override
@@ -119,6 +122,8 @@ class CallbackGroup(Callback):
                 cb.load_state_dict(state)
 
     def _batch_start(self, *args: Any) -> None:
+        if self._lone is not None and self._lone.pass_batch():
+            return  # asleep, still (nothing else starts a batch)
         for call in self._calls["on_train_batch_start"]:
             call(*args)
         idle = all(isinstance(t, Recorder) and t.idle for t in self._stepping)

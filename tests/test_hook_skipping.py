@@ -115,11 +115,19 @@ def test_cli_skips_empty_callback_hooks_and_restores_them(small_corpus, tmp_path
     assert best.best_model_path.endswith(".ckpt") and last.best_model_path.endswith("last.ckpt")  # still saved
 
 
-def test_group_sleeps_between_its_monitors_recorded_steps(tmp_path):
+def test_group_sleeps_between_its_monitors_recorded_steps(tmp_path, monkeypatch):
     """The group's step hooks (and so its monitors') run only on recorded steps; no forward hook stays between."""
+    import callbacks._recorder as recorder_module
+
     monitor = ActivationMonitor(every_n_steps=5, histogram_every_n_steps=10)
     group = CallbackGroup([monitor])
-    awake, hooked = [], []
+    awake, hooked, read = [], [], []
+
+    def logging_step(trainer, pl_module):
+        read.append(trainer.global_step)
+        return trainer.global_step
+
+    monkeypatch.setattr(recorder_module, "logging_step", logging_step)
 
     class Probe(Callback):
         def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -136,6 +144,9 @@ def test_group_sleeps_between_its_monitors_recorded_steps(tmp_path):
     # step 0 (the picture at initialisation), the logged steps, and the final step
     assert awake == hooked == [0, 4, 9, 14, 19, 22]
     assert not t.lightning_module.act._forward_hooks
+    # asleep, the batches that cannot reach the next recorded step pass without a look at the step: it is read on
+    # each recorded step and on the step after it (which counts the batches to let pass), nowhere else
+    assert read == [0, 1, 4, 5, 9, 10, 14, 15, 19, 20, 22]
 
 
 def test_parameter_scalars_without_histograms_count_nan_gradients(tmp_path):
