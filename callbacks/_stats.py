@@ -465,7 +465,7 @@ class Pool:
         k = len(tags)
         entries = [self._entries.get(t) for t in tags]
         if reducer is None and not histograms and error is None and _host_only(entries, packed):
-            return _host_vectors(entries, packed, rank)
+            return _host_vectors(entries, rank)
         index = {t: i for i, t in enumerate(tags)}
         sums = torch.zeros(k, N_SUM, dtype=_F64, device=device)
         maxes = torch.full((k, 4), -math.inf, dtype=_F64, device=device)
@@ -546,9 +546,9 @@ def _host_only(entries: Sequence[Partial | None], packed: Packed) -> bool:
     )
 
 
-def _host_vectors(entries: Sequence[Partial | None], packed: Packed, rank: int) -> list[float]:
+def _host_vectors(entries: Sequence[Partial | None], rank: int) -> list[float]:
     """What :meth:`Pool._reduce` returns, laid out the same, for one process whose vectors are Python numbers
-    already: no tensor is made, no reduction is needed."""
+    already and nothing declared (:func:`_host_only`): no tensor is made, no reduction is needed."""
     sums: list[float] = []
     maxes: list[float] = []
     for e in entries:
