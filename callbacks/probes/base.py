@@ -304,6 +304,19 @@ class Probe:
         pass
 
 
+def _declared(p: Probe, name: str, state: State) -> tuple[Tensor, ValueError | None]:
+    """The probe's state ``name`` as it stands, or its identity and the error when it is no longer a tensor of its
+    declared size."""
+    value = getattr(p, name, None)
+    if isinstance(value, Tensor) and value.numel() == math.prod(state.shape):
+        return value, None
+    error = ValueError(
+        f"Expected `{type(p).__name__}.{name}` to be a tensor of shape {state.shape} (its declared state),"
+        f" but got {value!r}: accumulate into it in place (`self.{name} += x`)."
+    )
+    return torch.full(state.shape, IDENTITY[state.reduce], dtype=torch.float64), error
+
+
 def pack_states(probes: Iterable[Probe], device: torch.device) -> tuple[Packed, BaseException | None]:
     """The declared states of ``probes`` in one vector per collective: sums (``"sum"``, ``"mean"``) and maxes
     (``"max"``, and ``"min"`` negated), in probe and declaration order, their sizes those declared (the same on every
@@ -314,13 +327,8 @@ def pack_states(probes: Iterable[Probe], device: torch.device) -> tuple[Packed, 
     error: BaseException | None = None
     for p in probes:
         for name, state in p._states.items():
-            value = getattr(p, name, None)
-            if not isinstance(value, Tensor) or value.numel() != math.prod(state.shape):
-                error = error or ValueError(
-                    f"Expected `{type(p).__name__}.{name}` to be a tensor of shape {state.shape} (its declared state),"
-                    f" but got {value!r}: accumulate into it in place (`self.{name} += x`)."
-                )
-                value = torch.full(state.shape, IDENTITY[state.reduce], dtype=torch.float64)
+            value, bad = _declared(p, name, state)
+            error = error or bad
             if value.device != device or value.dtype != torch.float64:
                 value = value.to(device=device, dtype=torch.float64)
             value = value.detach().reshape(-1)
@@ -340,18 +348,11 @@ def local_states(probes: Iterable[Probe]) -> BaseException | None:
     error: BaseException | None = None
     for p in probes:
         for name, state in p._states.items():
-            value = getattr(p, name, None)
-            if not isinstance(value, Tensor) or value.numel() != math.prod(state.shape):
-                error = error or ValueError(
-                    f"Expected `{type(p).__name__}.{name}` to be a tensor of shape {state.shape} (its declared state),"
-                    f" but got {value!r}: accumulate into it in place (`self.{name} += x`)."
-                )
-                value = torch.full(state.shape, IDENTITY[state.reduce], dtype=torch.float64)
-            elif value.device.type != "cpu" or value.dtype != torch.float64 or value.shape != state.shape:
-                value = value.detach().to(device="cpu", dtype=torch.float64).reshape(state.shape)
-            else:
-                continue
-            setattr(p, name, value)
+            value, bad = _declared(p, name, state)
+            error = error or bad
+            where = (value.device.type, value.dtype, value.shape)
+            if bad is not None or where != ("cpu", torch.float64, state.shape):
+                setattr(p, name, value.detach().to(device="cpu", dtype=torch.float64).reshape(state.shape))
     return error
 
 
