@@ -199,6 +199,18 @@ class MakemoreModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """The lecture's ``p.grad = None`` for every parameter the optimizer steps: what ``torch.optim``'s
+        ``zero_grad()`` does, less its per-call set-up (a profiler range, a dynamo guard), which costs about 5 %
+        of this model's step. An optimizer with a ``zero_grad`` of its own gets that one."""
+        if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+            optimizer.zero_grad()
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _total_steps(self) -> int:
         trainer = self.trainer
         if trainer.max_steps and trainer.max_steps > 0:

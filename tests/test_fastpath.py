@@ -3,10 +3,15 @@ user's callbacks alone, and changes no result (losses, weights) against Lightnin
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_makemore import fastpath
 from lightning_makemore.cli import MakemoreCLI
@@ -32,6 +37,8 @@ class Spy(Callback):
                 "module_hooks": _shadowed(pl_module),
                 "signature": "__signature__" in vars(MakemoreModule.training_step),
                 "spy_untouched": not _shadowed(self),
+                # Lightning calls a callback's hook only if it is callable: the fast path's own are not
+                "own_hooks_called": {h for h in fastpath.CALLBACK_STEP_HOOKS if callable(getattr(fast, h))},
             }
         )
         self.losses.append(float(outputs["loss"]))
@@ -62,6 +69,7 @@ def test_fast_path_is_active_during_training_and_undone_after(small_corpus, tmp_
     assert len(spy.seen) == 25
     first = spy.seen[0]
     assert first["active"] and first["class_swapped"] and first["signature"] and first["spy_untouched"]
+    assert first["own_hooks_called"] == set()
     assert {"on_before_backward", "on_after_backward", "configure_gradient_clipping"} <= first["module_hooks"]
     # undone: class, hooks, signature, callbacks
     assert type(cli.model) is MakemoreModule and not cli.fast_path.active
@@ -81,6 +89,99 @@ def test_results_are_identical_with_and_without_the_fast_path(small_corpus, tmp_
     assert runs[True][1] == runs[False][1]
     for (name, a), b in zip(runs[True][2].items(), runs[False][2].values(), strict=True):
         assert torch.equal(a, b), name
+
+
+class SometimesLogs(L.LightningModule):
+    """Logs on some training steps only (the progress bar's metric every 3rd, a dict every 5th), and in validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        if batch_idx % 3 == 0:
+            self.log("train/loss", loss, prog_bar=True)
+        if batch_idx % 5 == 0:
+            self.log_dict({"a": float(batch_idx), "b": loss * 2})
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/x", self.layer(batch[0]).mean(), prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class MetricsReader(Callback):
+    """What a callback reads of the logged metrics after every training step and after each validation."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def _read(self, trainer, where: str) -> None:
+        numbers = [
+            {k: float(v) for k, v in metrics.items()}
+            for metrics in (trainer.callback_metrics, trainer.progress_bar_metrics, trainer.logged_metrics)
+        ]
+        self.seen.append((where, trainer.global_step, *numbers))
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._read(trainer, "train")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._read(trainer, "validation")
+
+
+def _sometimes_logs_fit(tmp_path, fast: FastPath, callbacks=()) -> tuple[L.Trainer, list[dict]]:
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=4)  # 16 steps an epoch
+    trainer = L.Trainer(
+        max_epochs=2,
+        val_check_interval=0.5,
+        limit_val_batches=2,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[fast, *callbacks],
+    )
+    trainer.fit(SometimesLogs(), data, data)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        return trainer, list(csv.DictReader(f))
+
+
+def test_metrics_refresh_only_after_a_log_reads_the_same(tmp_path, monkeypatch):
+    """The logger connector's refresh skipped on training steps that logged nothing: every metric a callback reads,
+    after every step and after validation, and every row the logger writes, are those of Lightning's public path;
+    and the refresh ran once less for each of those steps (8 of the 16 in each of the 2 epochs)."""
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+
+    runs = {}
+    for enabled in (True, False):
+        reader = MetricsReader()
+        _, rows = _sometimes_logs_fit(tmp_path / f"read{enabled}", FastPath(enabled=enabled), [reader])
+        runs[enabled] = reader.seen, rows
+    assert runs[True] == runs[False]
+    assert any(where == "validation" for where, *_ in runs[True][0])
+    assert len(runs[True][1]) > 10  # the logger wrote rows
+
+    refreshes = []
+    metrics = _ResultCollection.metrics
+
+    def counted(self, on_step):
+        refreshes[-1] += 1
+        return metrics(self, on_step)
+
+    monkeypatch.setattr(_ResultCollection, "metrics", counted)
+    for enabled in (True, False):
+        refreshes.append(0)
+        fast = FastPath(enabled=enabled)
+        trainer, _ = _sometimes_logs_fit(tmp_path / f"count{enabled}", fast)
+        assert not fast.active and "on_batch_end" not in vars(trainer._logger_connector)  # undone
+    assert refreshes[1] - refreshes[0] == 16
 
 
 class Boom(Callback):

@@ -171,3 +171,28 @@ def test_weight_averaging_callbacks_see_the_built_net(small_corpus, tmp_path):
     _trainer(tmp_path, 20, callbacks=[ema], limit_val_batches=0).fit(model, datamodule=dm)
     averaged = dict(ema._average_model.module.named_parameters())
     assert set(averaged) == {f"net.{n}" for n, _ in model.net.named_parameters()}
+
+
+def test_zero_grad_is_the_lectures_or_the_optimizers_own():
+    """`optimizer_zero_grad` leaves every stepped parameter's grad None (as `zero_grad()` does); an optimizer that
+    defines its own `zero_grad` gets it called instead."""
+
+    class Zeroing(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            Zeroing.calls += 1
+            super().zero_grad(set_to_none=False)
+
+    model = MakemoreModule(vocab=list(".abc"), block_size=3, schedule="constant")
+    x, y = torch.tensor([[0, 1, 2], [3, 2, 1]]), torch.tensor([1, 0])
+    for optimizer in (model.configure_optimizers(), Zeroing(model.parameters(), lr=0.1)):
+        model.train()
+        F.cross_entropy(model(x), y).backward()
+        assert all(p.grad is not None for p in model.parameters())
+        model.optimizer_zero_grad(0, 0, optimizer)
+        if isinstance(optimizer, Zeroing):
+            assert Zeroing.calls == 1
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        else:
+            assert all(p.grad is None for p in model.parameters())
