@@ -20,6 +20,8 @@ the training loop, for the duration of the training loop only:
    logged since its last refresh (the module's ``log``, which ``log_dict`` calls, marks it): the refresh of a step
    that logged nothing puts back the values already there, and ``callback_metrics``, ``progress_bar_metrics`` and
    ``logged_metrics`` recompute them when read anyway.
+6. The training loop's "does this batch only accumulate gradients?", asked about six times a step, is answered at
+   once (no) while ``accumulate_grad_batches`` is 1.
 
 It is applied only on the Lightning versions in the range it was tested on (`SUPPORTED`, the same range as the
 monitors' own shortcut in ``callbacks/_internals.py``); elsewhere it does nothing and
@@ -107,6 +109,7 @@ class FastPath(Callback):
         self._shadowed: list[tuple[Any, str]] = []
         self._signature_set_on: Any = None
         self._connector: Any = None
+        self._epoch_loop: Any = None
 
     # -- applying ------------------------------------------------------------------------------------
     @override
@@ -142,6 +145,10 @@ class FastPath(Callback):
         object.__setattr__(pl_module, "_fastpath_logged", True)
         connector.on_batch_end = _refresh_if_logged(trainer, pl_module, connector.on_batch_end)
         self._connector = connector
+        # 6. whether this batch only accumulates: never while one batch makes one step (asked ~6 times a step)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        epoch_loop._should_accumulate = _accumulates_if_asked(trainer, epoch_loop._should_accumulate)
+        self._epoch_loop = epoch_loop
         # 4. the idle step hooks of the callbacks it may touch, its own first (it has no step hook of its own)
         allowed = trainer.callbacks if self.callbacks == "all" else self.callbacks
         for cb in (self, *(cb for cb in allowed if cb is not self)):
@@ -175,6 +182,9 @@ class FastPath(Callback):
         connector, self._connector = self._connector, None
         if connector is not None:
             connector.__dict__.pop("on_batch_end", None)
+        epoch_loop, self._epoch_loop = self._epoch_loop, None
+        if epoch_loop is not None:
+            epoch_loop.__dict__.pop("_should_accumulate", None)
         if self._signature_set_on is not None:
             self._signature_set_on.__dict__.pop("__signature__", None)
             self._signature_set_on = None
@@ -223,6 +233,17 @@ def _refresh_if_logged(trainer: L.Trainer, module: L.LightningModule, refresh: A
             results.batch_size = None
 
     return on_batch_end
+
+
+def _accumulates_if_asked(trainer: L.Trainer, should_accumulate: Any) -> Any:
+    """The epoch loop's ``_should_accumulate``, answered at once while ``accumulate_grad_batches`` is 1: every batch
+    completes an accumulation then, and Lightning's answer is False whatever the strategy (a callback such as
+    ``GradientAccumulationScheduler`` may raise it later: then Lightning's own answer is asked)."""
+
+    def _should_accumulate() -> bool:
+        return trainer.accumulate_grad_batches != 1 and should_accumulate()
+
+    return _should_accumulate
 
 
 @functools.cache

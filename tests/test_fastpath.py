@@ -184,6 +184,37 @@ def test_metrics_refresh_only_after_a_log_reads_the_same(tmp_path, monkeypatch):
     assert refreshes[1] - refreshes[0] == 16
 
 
+@pytest.mark.parametrize("accumulate", [1, 3, "scheduled"])
+def test_gradient_accumulation_is_unchanged(tmp_path, accumulate):
+    """The shortcut for `accumulate_grad_batches == 1` leaves accumulation alone: fixed (3), and raised from 1 to 2
+    after the first epoch by a `GradientAccumulationScheduler`, give the public path's steps and weights."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    runs = {}
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        model = SometimesLogs()
+        extra = {"callbacks": [FastPath(enabled=enabled)]}
+        if accumulate == "scheduled":
+            extra["callbacks"].append(GradientAccumulationScheduler({1: 2}))
+        else:
+            extra["accumulate_grad_batches"] = accumulate
+        trainer = L.Trainer(
+            max_epochs=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            **extra,
+        )
+        trainer.fit(model, DataLoader(TensorDataset(torch.randn(60, 4)), batch_size=4))  # 15 batches an epoch
+        runs[enabled] = trainer.global_step, model.layer.weight.detach().clone()
+    expected_steps = {1: 30, 3: 10, "scheduled": 15 + 8}[accumulate]  # Lightning steps on an epoch's last batch
+    assert runs[True][0] == runs[False][0] == expected_steps
+    assert torch.equal(runs[True][1], runs[False][1])
+
+
 class Boom(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 3:
