@@ -318,3 +318,31 @@ def test_tensorboard_scalars_the_same_with_or_without_the_private_shortcuts(tmp_
     assert all(v == pytest.approx(ref["std"], rel=1e-5) for v in scalars(acc, tag).values())
     assert {t.split("/")[0] for t in acc.Tags()["scalars"]} == {tag.split("/")[0]}
     assert bool(written) == (tested and not prefix)
+
+
+def test_steady_tensorboard_logger_waits_for_its_writer_at_most_once_a_second(tmp_path):
+    """The CLI's default logger: Lightning's `save()` after each logging step flushes (waits for the writer thread)
+    only once per `save_every_s`, and the end of the run flushes; TensorBoard reads back every scalar."""
+    from lightning_makemore.cli import SteadyTensorBoardLogger
+    from tests.callbacks_helpers import read_events, scalars
+
+    logger = SteadyTensorBoardLogger(tmp_path, name="run", version=0, save_every_s=3600.0, default_hp_metric=False)
+    flushes = []
+    flush = logger.experiment.flush
+    logger.experiment.flush = lambda: (flushes.append(1), flush())[1]
+    for step in range(5):
+        logger.log_metrics({"x": float(step)}, step=step)
+        logger.save()
+    assert len(flushes) == 1  # the first save only, within the hour
+    logger.finalize("success")
+    assert len(flushes) >= 2  # the end flushes (and closes)
+    assert scalars(read_events(logger.log_dir), "x") == {i: float(i) for i in range(5)}
+    assert (Path(logger.log_dir) / "hparams.yaml").is_file()
+
+    every = SteadyTensorBoardLogger(tmp_path, name="run", version=1, save_every_s=0.0)
+    flushes.clear()
+    flush_every = every.experiment.flush
+    every.experiment.flush = lambda: (flushes.append(1), flush_every())[1]
+    for _ in range(3):
+        every.save()
+    assert len(flushes) == 3  # save_every_s=0: Lightning's behaviour, a flush each time
