@@ -269,9 +269,9 @@ class TrainBatches:
             ix = ix[self.position - done :] if self.position > done else ix
             done = self.position
             Xc, Yc = self.X[ix], self.Y[ix]  # (n, B, block_size), (n, B): one gather for n batches
-            for i in range(len(ix)):
+            for batch in zip(Xc.unbind(0), Yc.unbind(0)):  # n views made at once, not one index per batch
                 self.position += 1
-                yield Xc[i], Yc[i]
+                yield batch
             done = self.position
 
     def state_dict(self) -> dict[str, int]:
