@@ -269,7 +269,7 @@ class TrainBatches:
             ix = ix[self.position - done :] if self.position > done else ix
             done = self.position
             Xc, Yc = self.X[ix], self.Y[ix]  # (n, B, block_size), (n, B): one gather for n batches
-            for batch in zip(Xc.unbind(0), Yc.unbind(0)):  # n views made at once, not one index per batch
+            for batch in zip(Xc.unbind(0), Yc.unbind(0), strict=True):  # n views at once, not an index a batch
                 self.position += 1
                 yield batch
             done = self.position
