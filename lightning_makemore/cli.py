@@ -59,8 +59,8 @@ def make_monitors(spikes: bool = False) -> list[Callback]:
 
 
 class SteadyTensorBoardLogger(TensorBoardLogger):
-    """Lightning's `TensorBoardLogger`, writing its events to disk at most once every ``save_every_s`` seconds
-    while the run goes on, and always when it ends (success, error or interruption).
+    """Lightning's `TensorBoardLogger`, waiting for its writer thread (a flush) at most once every ``save_every_s``
+    seconds while the run goes on, and always when it ends (success, error or interruption).
 
     Lightning asks a logger to ``save()`` after every logging step: for TensorBoard a flush that makes the training
     thread wait until the writer thread has written every queued event, about 0.5 ms, ~1.5 % of the lecture's step
