@@ -110,9 +110,8 @@ class Clock:
         only (reading the CPU clock costs microseconds, 2-3 % of the lecture's step, in every loop)."""
         if step != self.warmup and step != self.last:
             return
-        now = (time.perf_counter(), time.process_time())
-        if step in (self.warmup, self.last):  # the figure process's CPU counts too (read at the window's ends)
-            now = (now[0], now[1] + figure_process_cpu())
+        # the figure process's CPU counts too
+        now = (time.perf_counter(), time.process_time() + figure_process_cpu())
         if step == self.warmup:
             self.start = now
             if self.profiler is not None:
