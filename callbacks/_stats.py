@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -177,13 +178,33 @@ def _grid_counts(x: Tensor, lo: Tensor, e: Tensor, masked: bool) -> tuple[Tensor
     return k0, counts[:GRID]
 
 
+def _host_grid_counts(x: Tensor, lo: float, e: float) -> tuple[float, float, np.ndarray]:
+    """:func:`_grid_counts` of a finite CPU tensor of one chunk, in numpy: ``(e, k0, counts)`` with Python numbers and
+    the float64 counts. The same float operations in the same dtype (a product, a floor, a difference), so the same
+    bins; numpy's passes cost half of torch's on a small model's tensors."""
+    scale = 2.0**-e
+    k0 = math.floor(lo * scale)  # (lo finite: the tensor is)
+    dtype = _float_dtype(x)
+    a = x.detach().reshape(-1).to(dtype).numpy()
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    pos = np.floor(a * np_dtype(scale))
+    pos -= np_dtype(k0)
+    idx = np.clip(pos, 0, GRID).astype(np.intp)
+    return e, float(k0), np.bincount(idx, minlength=GRID + 1)[:GRID].astype(np.float64)
+
+
+#: a fine histogram grid: ``(exponent, k0, counts (GRID,))``, tensors on the device, or (the CPU's small tensors,
+#: :class:`Pool`) Python numbers and a numpy array
+Grid = tuple[Tensor, Tensor, Tensor] | tuple[float, float, np.ndarray]
+
+
 @dataclass
 class Partial:
     """The summary of one tensor (or several, pooled), on its device: see the module docstring."""
 
     sums: Tensor | list[float]  # (N_SUM,) float64; Python numbers on the CPU's small-tensor path (`Pool.add`)
     maxes: Tensor | list[float]  # (3,) float64: -min, max, grid exponent (-inf where there is no grid)
-    grids: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (exponent, k0, counts (GRID,))
+    grids: list[Grid] = field(default_factory=list)
 
 
 @dataclass
@@ -351,8 +372,7 @@ class Pool:
                     lo, hi = -part.maxes[NEG_MIN], part.maxes[MAX]  # type: ignore[index]
                     e = _grid_exponent_of(lo, hi, _float_dtype(x))
                     part.maxes[EXPONENT] = e  # type: ignore[index]
-                    e_t, lo_t = torch.tensor(e, dtype=_F64), torch.tensor(lo, dtype=_F64)
-                    part.grids = [(e_t, *_grid_counts(x.detach(), lo_t, e_t, masked=False))]
+                    part.grids = [_host_grid_counts(x, lo, e)]
         if part is None:
             part = summarise(x, saturation, relu_like, histogram)
         entry = self._entries.get(tag)
@@ -464,8 +484,8 @@ class Pool:
         """
         k = len(tags)
         entries = [self._entries.get(t) for t in tags]
-        if reducer is None and not histograms and error is None and _host_only(entries, packed):
-            return _host_vectors(entries, rank)
+        if reducer is None and error is None and _host_only(entries, packed):
+            return _host_vectors(entries, rank, [(self._entries.get(t), b) for t, b in histograms.items()])
         index = {t: i for i, t in enumerate(tags)}
         sums = torch.zeros(k, N_SUM, dtype=_F64, device=device)
         maxes = torch.full((k, 4), -math.inf, dtype=_F64, device=device)
@@ -538,17 +558,28 @@ def _vector(x: Tensor | list[float], device: torch.device) -> Tensor:
 
 
 def _host_only(entries: Sequence[Partial | None], packed: Packed) -> bool:
-    """Whether a step's vectors are all Python numbers already (the CPU's small tensors, nothing declared)."""
+    """Whether a step's vectors and grids are all Python numbers already (the CPU's small tensors, nothing
+    declared)."""
     return (
         not packed.sums.numel()
         and not packed.maxes.numel()
-        and all(e is None or (isinstance(e.sums, list) and isinstance(e.maxes, list) and not e.grids) for e in entries)
+        and all(
+            e is None or (isinstance(e.sums, list) and isinstance(e.maxes, list) and all(_on_host(g) for g in e.grids))
+            for e in entries
+        )
     )
 
 
-def _host_vectors(entries: Sequence[Partial | None], rank: int) -> list[float]:
-    """What :meth:`Pool._reduce` returns, laid out the same, for one process whose vectors are Python numbers
-    already and nothing declared (:func:`_host_only`): no tensor is made, no reduction is needed."""
+def _on_host(grid: Grid) -> bool:
+    return isinstance(grid[2], np.ndarray)
+
+
+def _host_vectors(
+    entries: Sequence[Partial | None], rank: int, histograms: Sequence[tuple[Partial | None, int]] = ()
+) -> list[float]:
+    """What :meth:`Pool._reduce` returns, laid out the same, for one process whose vectors and grids are Python
+    numbers already and nothing declared (:func:`_host_only`): no tensor is made, no reduction is needed.
+    ``histograms``: each histogram tag's entry and bins, in the tags' order."""
     sums: list[float] = []
     maxes: list[float] = []
     for e in entries:
@@ -556,10 +587,21 @@ def _host_vectors(entries: Sequence[Partial | None], rank: int) -> list[float]:
         m = e.maxes if e is not None else [-math.inf] * 3
         sums += s  # type: ignore[arg-type]
         maxes += [*m, float(-rank) if s[NONFINITE] > 0 else -math.inf]  # type: ignore[misc]
-    return [*sums, 0.0, *maxes]
+    out = [*sums, 0.0, *maxes]
+    if histograms:
+        coarse = [
+            _coarsen_host(e.maxes if e is not None else [-math.inf] * 3, e.grids if e is not None else [], b)  # type: ignore[arg-type]
+            for e, b in histograms
+        ]
+        out += [n for n, _, _ in coarse]
+        for _, edges, _ in coarse:
+            out += edges
+        for _, _, counts in coarse:
+            out += counts
+    return out
 
 
-def _coarsen(maxes: Tensor, grids: list[tuple[Tensor, Tensor, Tensor]], bins: int) -> tuple[Tensor, Tensor, Tensor]:
+def _coarsen(maxes: Tensor, grids: list[Grid], bins: int) -> tuple[Tensor, Tensor, Tensor]:
     """The final histogram from the global min/max/exponent (``maxes``, reduced) and this rank's fine grids.
 
     Returns ``(n, edges (bins + 1,), counts (bins,))`` on the device, the first ``n`` bins used. Width
@@ -583,12 +625,57 @@ def _coarsen(maxes: Tensor, grids: list[tuple[Tensor, Tensor, Tensor]], bins: in
     width = m * torch.exp2(big_e)
     edges = (first + torch.arange(bins + 1, dtype=_F64, device=device)) * width
     counts = torch.zeros(bins, dtype=_F64, device=device)
-    for e, k0, fine in grids:
+    for e, k0, fine in (_grid_tensors(g, device) for g in grids):
         shift = (big_e - e).clamp(0, 62).long()
         k = (k0.long() + torch.arange(fine.numel(), device=device)).bitwise_right_shift(shift)  # floor
         idx = torch.div(k, m.long(), rounding_mode="floor") - first.long()
         counts.scatter_add_(0, idx.clamp_(0, bins - 1), fine)  # (out of range: empty fine bins only)
     return torch.where(ok, n, 0.0), edges, counts
+
+
+def _grid_tensors(grid: Grid, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """A grid as tensors on ``device`` (a host grid is made of Python numbers and numpy: see :class:`Pool`)."""
+    if not _on_host(grid):
+        return grid  # type: ignore[return-value]
+    e, k0, counts = grid
+    return (
+        torch.tensor(e, dtype=_F64, device=device),
+        torch.tensor(k0, dtype=_F64, device=device),
+        torch.from_numpy(counts).to(device),  # type: ignore[arg-type]
+    )
+
+
+def _coarsen_host(maxes: list[float], grids: list[Grid], bins: int) -> tuple[float, list[float], list[float]]:
+    """:func:`_coarsen` of one process's host grids (:func:`_host_only`) in Python numbers and numpy: the same float64
+    operations (floor divisions included: Python's float ``//`` and torch's floor division share one definition), the
+    same integer bin arithmetic, so the same ``(n, edges, counts)``."""
+    lo, hi, big_e = -maxes[NEG_MIN], maxes[MAX], maxes[EXPONENT]
+    ok = math.isfinite(lo) and math.isfinite(hi) and math.isfinite(big_e)
+    if not ok:
+        lo = hi = big_e = 0.0
+    scale = 2.0**-big_e
+    k_lo, k_hi = float(math.floor(lo * scale)), float(math.floor(hi * scale))
+    m_lo = max(float(math.ceil((k_hi - k_lo) / bins)), 1.0)
+    m_hi = (k_hi - k_lo) // (bins - 1) + 1
+    m = m_hi
+    for candidate in [m_lo + i for i in range(8)]:
+        if k_hi // candidate - k_lo // candidate + 1 <= bins:
+            m = candidate
+            break
+    first = k_lo // m
+    n = k_hi // m - first + 1
+    width = m * 2.0**big_e
+    edges = ((first + np.arange(bins + 1, dtype=np.float64)) * width).tolist()
+    counts = np.zeros(bins, dtype=np.float64)
+    m_int, first_int = int(m), int(first)
+    for e, k0, fine in grids:
+        if not _on_host((e, k0, fine)):  # (a host path holds host grids only: see `_host_only`)
+            raise TypeError("a device grid in a host reduction")
+        shift = int(min(max(big_e - e, 0.0), 62.0))  # type: ignore[operator]
+        k = (int(k0) + np.arange(len(fine), dtype=np.int64)) >> shift  # type: ignore[arg-type]
+        idx = np.clip(k // m_int - first_int, 0, bins - 1)
+        counts += np.bincount(idx, weights=fine, minlength=bins)  # type: ignore[arg-type]
+    return (n if ok else 0.0), edges, counts.tolist()
 
 
 def _summary(s: list[float], m: list[float]) -> Summary:

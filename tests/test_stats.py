@@ -362,3 +362,40 @@ def test_small_cpu_histograms_from_numbers_are_the_tensor_passes_histograms(monk
     numbers = reduced()
     monkeypatch.setattr(_stats, "_small_numbers", lambda *args: None)
     assert numbers == reduced() and all(s.counts and sum(s.counts) == s.count for s in numbers.values())
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 3e4])
+def test_one_process_coarsens_host_grids_like_the_tensor_reduction(monkeypatch, scale):
+    # one CPU process coarsens its small tensors' grids in numpy (no tensor made); the tensor reduction (the path of
+    # several ranks: here an identity reducer) and the masked tensor passes give the same edges and counts, bit for
+    # bit, also for a tag whose calls took both paths (a NaN) and a histogram tag never added
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(32, 200, generator=g) * scale, torch.randn(30, 7, generator=g).double() * scale - 2.5 * scale]
+    with_nan = xs[0].clone()
+    with_nan[3, 5] = math.nan
+    tags = ["x", "y", "mixed", "never"]
+
+    def reduced(reducer: Any, nan: bool) -> dict[str, Any]:
+        pool = Pool()
+        for x in xs:
+            pool.add("x", x, histogram=True)
+        pool.add("y", xs[1] * 3, histogram=True)
+        pool.add("mixed", xs[1], histogram=True)
+        if nan:
+            pool.add("mixed", with_nan, histogram=True)
+        return pool.reduce(tags, dict.fromkeys(tags, 20), CPU, reducer)
+
+    identity = lambda t, op: t  # noqa: E731
+    for nan in (False, True):
+        host = reduced(None, nan)
+        assert host == reduced(identity, nan)
+        with monkeypatch.context() as m:
+            m.setattr(_stats, "_small_numbers", lambda *args: None)
+            assert host == reduced(None, nan) == reduced(identity, nan)
+        assert sorted(host) == ["mixed", "x", "y"]
+        for s in host.values():
+            assert sum(s.counts) == s.count and len(s.edges) == len(s.counts) + 1 <= 21
+            assert s.edges[0] <= s.min and s.max < s.edges[-1]
+        # the counts of the values themselves, from numpy, on the edges found
+        y = (xs[1] * 3).numpy().ravel()
+        assert host["y"].counts == np.histogram(y, bins=np.asarray(host["y"].edges))[0].astype(float).tolist()
