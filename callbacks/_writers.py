@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from callbacks._internals import logger_prefix, write_scalars_event
+from callbacks._internals import fast_checksums, logger_prefix, write_scalars_event
 from callbacks._stats import Summary
 from callbacks.probes.base import Chart, Scalar
 
@@ -127,6 +127,7 @@ class TensorBoardWriter(Writer):
         if not scalars:
             return
         metrics = {s.tag: s.value for s in scalars}
+        fast_checksums(self._writer)  # (the same bytes, checksummed in C where google-crc32c's C code is installed)
         if logger_prefix(self.logger) != "" or not write_scalars_event(self._writer, metrics, step):
             self.logger.log_metrics(metrics, step=step)
         runs: dict[str, dict[str, float]] = {}

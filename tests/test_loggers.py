@@ -346,3 +346,48 @@ def test_steady_tensorboard_logger_waits_for_its_writer_at_most_once_a_second(tm
     for _ in range(3):
         every.save()
     assert len(flushes) == 3  # save_every_s=0: Lightning's behaviour, a flush each time
+
+
+def test_tensorboard_records_checksummed_in_c_are_tensorboards_own_bytes(tmp_path, monkeypatch):
+    """`_internals.fast_checksums`: TensorBoard's record framing with google-crc32c's C checksums gives TensorBoard's
+    bytes for any payload; a fit's event file, written so, reads back through TensorBoard's reader, which checks
+    every record's checksums."""
+    import io
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    from tensorboard.version import VERSION
+
+    from callbacks import _internals
+    from tests.callbacks_helpers import read_events, scalars
+
+    masked = _internals._c_masked_crc32c()
+    tested = _internals.TENSORBOARD_TESTED[0] <= _internals._minor(VERSION) <= _internals.TENSORBOARD_TESTED[1]
+    assert (masked is not None) == tested  # google-crc32c is a dependency: its C code is there
+    if masked is None:
+        pytest.skip(f"TensorBoard {VERSION} is outside the tested releases: its own checksums are kept")
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 7, 8, 255, 1024, 3001]:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        ours, theirs = io.BytesIO(), io.BytesIO()
+        _internals._write_record(ours, masked, data)
+        RecordWriter(theirs).write(data)
+        assert ours.getvalue() == theirs.getvalue()
+
+    assert not _internals.fast_checksums(object())  # not a SummaryWriter: nothing done
+    engaged = []  # what the writer's call returned at each recorded step, with the record writer's own `write`
+    fast = _internals.fast_checksums
+
+    def recorded(writer):
+        out = fast(writer)
+        records = writer._get_file_writer().event_writer._async_writer._writer
+        engaged.append((out, "write" in vars(records)))
+        return out
+
+    monkeypatch.setattr("callbacks._writers.fast_checksums", recorded)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0, default_hp_metric=False)
+    t = trainer(tmp_path, [ActivationMonitor(every_n_steps=1)], max_steps=STEPS, logger=logger)
+    t.fit(TanhMLP(LR), fixed_loader(saturating_batch(16), STEPS))
+    assert engaged == [(True, True)] * STEPS
+    acc = read_events(t.logger.log_dir)
+    assert sorted(scalars(acc, "activation/act/std")) == list(range(STEPS))
