@@ -21,10 +21,10 @@ every value, with round edges: the first edge at or below the min, the last abov
 NaN/inf are counted and left out of every other statistic. On the CPU, where reading a value costs nothing,
 a tensor is summarised in few passes (sum, float64 norm, ``aminmax``) and again with masks only when its sum
 of squares shows NaN/inf; a small one (one chunk) is kept as Python numbers, its histogram grid's exponent found
-in Python, and one process reduces a step of them without making a tensor (on a small model, making and stacking
-the small tensors cost more than the passes); on an accelerator, where a read would stall the device, the
-masked passes run always and nothing is read before :meth:`Pool.reduce`, which copies everything of a step to the
-host once.
+in Python and its values binned in numpy, and one process reduces (and coarsens) a step of them without making a
+tensor (on a small model, making and stacking the small tensors cost more than the passes); on an accelerator,
+where a read would stall the device, the masked passes run always and nothing is read before :meth:`Pool.reduce`,
+which copies everything of a step to the host once.
 Every rank runs the same collectives in the same order whatever it holds; an error on one rank travels in
 the sum all-reduce and is raised on every rank after it, so no rank waits forever for another.
 
@@ -668,9 +668,7 @@ def _coarsen_host(maxes: list[float], grids: list[Grid], bins: int) -> tuple[flo
     edges = ((first + np.arange(bins + 1, dtype=np.float64)) * width).tolist()
     counts = np.zeros(bins, dtype=np.float64)
     m_int, first_int = int(m), int(first)
-    for e, k0, fine in grids:
-        if not _on_host((e, k0, fine)):  # (a host path holds host grids only: see `_host_only`)
-            raise TypeError("a device grid in a host reduction")
+    for e, k0, fine in grids:  # (host grids only: see `_host_only`)
         shift = int(min(max(big_e - e, 0.0), 62.0))  # type: ignore[operator]
         k = (int(k0) + np.arange(len(fine), dtype=np.int64)) >> shift  # type: ignore[arg-type]
         idx = np.clip(k // m_int - first_int, 0, bins - 1)
