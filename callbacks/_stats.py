@@ -20,9 +20,11 @@ every value, with round edges: the first edge at or below the min, the last abov
 
 NaN/inf are counted and left out of every other statistic. On the CPU, where reading a value costs nothing,
 a tensor is summarised in few passes (sum, float64 norm, ``aminmax``) and again with masks only when its sum
-of squares shows NaN/inf; a small one (one chunk) is kept as Python numbers, its histogram grid's exponent found
-in Python and its values binned in numpy, and one process reduces (and coarsens) a step of them without making a
-tensor (on a small model, making and stacking the small tensors cost more than the passes); on an accelerator,
+of squares shows NaN/inf; a small one (one chunk) is kept as Python numbers (read in numpy up to
+:data:`NUMPY_MAX` elements: the same counts, min and max, the float64 sums in numpy's order), its histogram grid's
+exponent found in Python and its values binned in numpy, and one process reduces (and coarsens) a step of them
+without making a tensor (on a small model a tensor operation's dispatch, and making and stacking the small tensors,
+cost more than the passes); on an accelerator,
 where a read would stall the device, the masked passes run always and nothing is read before :meth:`Pool.reduce`,
 which copies everything of a step to the host once.
 Every rank runs the same collectives in the same order whatever it holds; an error on one rank travels in
@@ -259,9 +261,9 @@ def summarise(
 
 
 def _summarise_small(x: Tensor, saturation: tuple[float, float] | None, relu_like: bool) -> Partial | None:
-    """:func:`summarise` of a finite CPU tensor of one chunk, without a histogram: the same passes and the same
-    numbers as :func:`_moments`, in a third of the small tensor operations (they cost more than the arithmetic on a
-    small model's tensors). None when NaN/inf show (the masked passes then)."""
+    """:func:`summarise` of a finite CPU tensor of one chunk, without a histogram (:func:`_small_numbers`: numpy for a
+    small model's tensors, whose reads cost less than a tensor operation's dispatch). None when NaN/inf show (the
+    masked passes then)."""
     numbers = _small_numbers(x, saturation, relu_like)
     if numbers is None:
         return None
@@ -272,7 +274,14 @@ def _small_numbers(
     x: Tensor, saturation: tuple[float, float] | None, relu_like: bool
 ) -> tuple[list[float], list[float]] | None:
     """The sum and max vectors of :func:`_summarise_small` as Python numbers (reads are free on the CPU), which
-    :class:`Pool` keeps as they are: a tensor made of them costs more than the passes themselves."""
+    :class:`Pool` keeps as they are: a tensor made of them costs more than the passes themselves.
+
+    A tensor of at most :data:`NUMPY_MAX` elements is read in numpy (:func:`_numpy_numbers`), a larger one in few
+    tensor passes. None when NaN/inf show (the masked passes then)."""
+    if x.numel() <= NUMPY_MAX:
+        numbers = _numpy_numbers(x, saturation, relu_like)
+        if numbers is not False:
+            return numbers
     flat = x.detach().reshape(-1).to(_float_dtype(x))
     norm = torch.linalg.vector_norm(flat, dtype=_F64).item()
     sum_squares = norm * norm
@@ -287,6 +296,42 @@ def _small_numbers(
     dead, units = (t.item() for t in _dead_units(x)) if relu_like else (0.0, 0.0)
     sums = [float(flat.numel()), 0.0, flat.sum(dtype=_F64).item(), sum_squares, saturated, dead, units]
     return sums, [-lo.item(), hi.item(), -math.inf]
+
+
+#: the largest tensor :func:`_small_numbers` reads in numpy: where a tensor operation's dispatch costs more than its
+#: arithmetic, and below the size at which numpy's BLAS (the sum of squares is a dot product) starts threads
+NUMPY_MAX = 1 << 13
+
+
+def _numpy_numbers(
+    x: Tensor, saturation: tuple[float, float] | None, relu_like: bool
+) -> tuple[list[float], list[float]] | bool | None:
+    """:func:`_small_numbers` in numpy. The counts, the min and max and the saturated and dead counts are the tensor
+    passes', bit for bit; the sum and the sum of squares are float64 sums too, in numpy's order (they may differ
+    from the tensor passes' in the last bits). None when NaN/inf show; False for a tensor numpy cannot view (one
+    with a lazy negation, say)."""
+    flat = x.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(_float_dtype(x))
+    try:
+        a = flat.numpy()
+    except (RuntimeError, TypeError):
+        return False
+    a64 = a if a.dtype == np.float64 else a.astype(np.float64)
+    sum_squares = float(np.dot(a64, a64))
+    if not math.isfinite(sum_squares):
+        return None
+    saturated = 0.0
+    if saturation is not None:
+        center, limit = saturation  # compared in the tensor's dtype, as the tensor passes compare
+        saturated = float(np.count_nonzero(np.abs(a - center if center != 0 else a) > limit))
+    dead = units = 0.0
+    if relu_like:
+        rows = a.reshape(x.shape[0], -1) if x.ndim >= 2 else a.reshape(1, -1)  # (B, units)
+        units = float(rows.shape[1])
+        dead = units - float(np.count_nonzero((rows > 0).any(axis=0)))
+    sums = [float(a.size), 0.0, float(a64.sum()), sum_squares, saturated, dead, units]
+    return sums, [-float(a.min()), float(a.max()), -math.inf]
 
 
 @dataclass

@@ -28,6 +28,29 @@ from callbacks._stats import (
 from tests.callbacks_helpers import TanhMLP, fixed_loader, saturating_batch, trainer
 
 CPU = torch.device("cpu")
+#: the float64 sums of the CPU's small tensors are numpy's (another summation order than the tensor passes')
+SUM_REL = 1e-12
+
+
+def _same_vectors(a: list[float], b: list[float]) -> bool:
+    """Sum vectors alike: the counts exact, the sum and the sum of squares to :data:`SUM_REL`."""
+    pairs = enumerate(zip(a, b, strict=True))
+    return all(x == pytest.approx(y, rel=SUM_REL) if i in (SUM, SUMSQ) else x == y for i, (x, y) in pairs)
+
+
+def _same_summaries(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Summaries alike: everything exact (counts, min, max, saturation, dead units, histogram edges and counts) but
+    the float64 sums and what is computed from them (mean, std), to :data:`SUM_REL`."""
+    inexact = {"mean": 0.0, "std": 0.0, "sum": 0.0, "sum_squares": 0.0}
+    if sorted(a) != sorted(b):
+        return False
+    for tag in a:
+        x, y = a[tag], b[tag]
+        if replace(x, **inexact) != replace(y, **inexact):
+            return False
+        if any(getattr(x, f) != pytest.approx(getattr(y, f), rel=SUM_REL, abs=1e-300) for f in inexact):
+            return False
+    return True
 
 
 def _tensor(kind: str) -> torch.Tensor:
@@ -75,13 +98,27 @@ def test_summary_against_numpy(kind, reads_free):
 
 @pytest.mark.parametrize("kind", ["normal", "nan_inf", "one", "int", "bf16", "mixed", "strided"])
 def test_small_cpu_tensors_get_the_same_numbers_as_the_chunked_passes(kind, monkeypatch):
-    # the CPU's small-tensor path (fewer tensor operations) reads the same passes: bit-identical, not close
+    # the CPU's small-tensor path (numpy, no tensor operation) reads the same counts, min and max, bit for bit, and the
+    # same float64 sums to rounding (numpy sums in another order)
     x = _tensor(kind)
     fast = [summarise(x, saturation=(0.0, 0.97), relu_like=True), summarise(x, saturation=(0.5, 0.485))]
     monkeypatch.setattr(_stats, "_summarise_small", lambda *args: None)
     chunked = [summarise(x, saturation=(0.0, 0.97), relu_like=True), summarise(x, saturation=(0.5, 0.485))]
     for a, b in zip(fast, chunked, strict=True):
+        assert _same_vectors(a.sums.tolist(), b.sums.tolist()) and a.maxes.tolist() == b.maxes.tolist()
+
+
+@pytest.mark.parametrize("shape", [(100, 100), (3, 5000)])
+def test_cpu_tensors_above_the_numpy_size_get_the_chunked_passes_numbers_bit_for_bit(shape, monkeypatch):
+    # above NUMPY_MAX elements the small path runs the tensor passes' own operations: the very same numbers
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) + 0.25
+    assert _stats.NUMPY_MAX < x.numel() <= _stats.CHUNK
+    fast = [summarise(x, saturation=(0.0, 0.97), relu_like=True), summarise(x, saturation=(0.5, 0.485))]
+    monkeypatch.setattr(_stats, "_summarise_small", lambda *args: None)
+    chunked = [summarise(x, saturation=(0.0, 0.97), relu_like=True), summarise(x, saturation=(0.5, 0.485))]
+    for a, b in zip(fast, chunked, strict=True):
         assert a.sums.tolist() == b.sums.tolist() and a.maxes.tolist() == b.maxes.tolist()
+    assert fast[0].sums.tolist()[SATURATED] == (x.abs() > 0.97).sum().item()
 
 
 def test_empty_tensor_is_the_identity_of_the_reductions():
@@ -318,8 +355,9 @@ def test_an_accelerator_fit_reads_the_host_once_per_monitor_per_recorded_step(tm
 
 def test_small_cpu_tensors_kept_as_numbers_reduce_to_the_same_summaries(monkeypatch):
     # the pool keeps a small finite CPU tensor's vectors as Python numbers and reduces them without tensors; the same
-    # adds through the tensor path give the same summaries, bit for bit (a tag added twice, one never added, one
-    # with NaN that takes the masked tensor passes and meets the numbers of its other call)
+    # adds through the tensor path give the same summaries, the float64 sums to rounding and the rest bit for bit (a
+    # tag added twice, one never added, one with NaN that takes the masked tensor passes and meets the numbers of its
+    # other call)
     g = torch.Generator().manual_seed(3)
     a, b, c = torch.randn(32, 200, generator=g), torch.randn(30, 7, generator=g), torch.randn(50, generator=g)
     with_nan = c.clone()
@@ -337,8 +375,8 @@ def test_small_cpu_tensors_kept_as_numbers_reduce_to_the_same_summaries(monkeypa
 
     numbers, mixed = reduced(nan=False), reduced(nan=True)  # numbers only; numbers and a tensor
     monkeypatch.setattr(_stats, "_small_numbers", lambda *args: None)
-    assert numbers == reduced(nan=False) and sorted(numbers) == ["a", "b", "c"]
-    assert mixed == reduced(nan=True)
+    assert _same_summaries(numbers, reduced(nan=False)) and sorted(numbers) == ["a", "b", "c"]
+    assert _same_summaries(mixed, reduced(nan=True))
     numbers = mixed
     assert numbers["b"].count == 2 * b.numel() and numbers["b"].max == pytest.approx(3 * b.max().item())
     assert numbers["c"].nonfinite == 1 and numbers["c"].count == 2 * c.numel() - 1 and numbers["c"].nonfinite_rank == 0
@@ -361,14 +399,15 @@ def test_small_cpu_histograms_from_numbers_are_the_tensor_passes_histograms(monk
 
     numbers = reduced()
     monkeypatch.setattr(_stats, "_small_numbers", lambda *args: None)
-    assert numbers == reduced() and all(s.counts and sum(s.counts) == s.count for s in numbers.values())
+    assert _same_summaries(numbers, reduced()) and all(s.counts and sum(s.counts) == s.count for s in numbers.values())
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-30, 3e4])
 def test_one_process_coarsens_host_grids_like_the_tensor_reduction(monkeypatch, scale):
     # one CPU process coarsens its small tensors' grids in numpy (no tensor made); the tensor reduction (the path of
     # several ranks: here an identity reducer) and the masked tensor passes give the same edges and counts, bit for
-    # bit, also for a tag whose calls took both paths (a NaN) and a histogram tag never added
+    # bit (and the same float64 sums to rounding), also for a tag whose calls took both paths (a NaN) and a histogram
+    # tag never added
     g = torch.Generator().manual_seed(7)
     xs = [torch.randn(32, 200, generator=g) * scale, torch.randn(30, 7, generator=g).double() * scale - 2.5 * scale]
     with_nan = xs[0].clone()
@@ -391,7 +430,7 @@ def test_one_process_coarsens_host_grids_like_the_tensor_reduction(monkeypatch, 
         assert host == reduced(identity, nan)
         with monkeypatch.context() as m:
             m.setattr(_stats, "_small_numbers", lambda *args: None)
-            assert host == reduced(None, nan) == reduced(identity, nan)
+            assert _same_summaries(host, reduced(None, nan)) and _same_summaries(host, reduced(identity, nan))
         assert sorted(host) == ["mixed", "x", "y"]
         for s in host.values():
             assert sum(s.counts) == s.count and len(s.edges) == len(s.counts) + 1 <= 21
