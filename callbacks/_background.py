@@ -349,9 +349,12 @@ def _write_scalars(writers: dict[str, Any], runs: dict[str, dict[str, float]], s
 
 def _write_images(writers: dict[str, Any], image_dirs: tuple[str, ...], tag: str, image: np.ndarray, step: int) -> None:
     """Writes ``image`` as TensorBoard image ``tag`` into each folder's event file, flushed (on disk now)."""
+    from callbacks._internals import write_image_event
+
     for d in image_dirs:
         writer = _writer(writers, d)
-        writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        if not write_image_event(writer, tag, image, step):
+            writer.add_image(tag, image, global_step=step, dataformats="HWC")
         writer.flush()
 
 

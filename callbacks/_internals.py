@@ -24,7 +24,9 @@ CI) and torch 2.13 (``TORCH_TESTED``). Elsewhere each falls back to the public p
   no prefix and the TensorBoard writer goes through ``log_metrics``.
 - **One TensorBoard event per step** (speed only): torch's ``SummaryWriter.add_scalar`` writes one event per
   value; the writer puts a step's scalars into one event through the writer's ``_get_file_writer()``. Elsewhere,
-  one ``add_scalar`` per value.
+  one ``add_scalar`` per value. The figure process writes its images through the same file writer, as PNGs it
+  encodes at zlib level 1 (``write_image_event``: the same pixels as ``add_image``'s level 6, in under half the
+  time, for files some 10 % larger). Elsewhere, ``add_image``.
 - **TensorBoard's record checksums in C** (speed only): TensorBoard frames every event record with two masked
   CRC-32C checksums, which its writer thread computes in pure Python (~0.12 us a byte: a recorded step's 1 KB
   event holds the GIL some 0.2 ms, and the training thread waits for it). Where ``google-crc32c``'s C
@@ -45,13 +47,16 @@ import functools
 import os
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _minor(version: str) -> tuple[int, int]:
@@ -145,6 +150,34 @@ def write_scalars_event(writer: Any, metrics: Mapping[str, float], step: int) ->
 
     summary = SummaryProto(value=[SummaryProto.Value(tag=tag, simple_value=float(v)) for tag, v in metrics.items()])
     writer._get_file_writer().add_summary(summary, step)
+    return True
+
+
+#: zlib level of the figures' PNGs (``write_image_event``): 1 encodes a lecture figure in 6-10 ms, TensorBoard's
+#: ``add_image`` (PIL's default, 6) in 16-31 ms with its float copy of the array, for files 10-20 % smaller
+PNG_LEVEL = 1
+
+
+def write_image_event(writer: Any, tag: str, image: "np.ndarray", step: int) -> bool:
+    """Writes an ``(H, W, 3)`` uint8 ``image`` as TensorBoard image ``tag`` at ``step``: the summary
+    ``add_image(tag, image, step, dataformats="HWC")`` writes, its PNG encoded at :data:`PNG_LEVEL`.
+
+    Returns False (nothing written) on an untested torch or a writer other than torch's ``SummaryWriter``.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not TORCH_IS_TESTED or type(writer) is not SummaryWriter:
+        return False
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
+
+    height, width, channels = image.shape
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG", compress_level=PNG_LEVEL)
+    proto = SummaryProto.Image(height=height, width=width, colorspace=channels, encoded_image_string=png.getvalue())
+    writer._get_file_writer().add_summary(SummaryProto(value=[SummaryProto.Value(tag=tag, image=proto)]), step)
     return True
 
 

@@ -76,6 +76,37 @@ def test_worker_rejects_a_bad_queue_size(max_jobs):
         Worker(max_jobs=max_jobs)
 
 
+def test_an_image_event_reads_back_as_the_pixels_add_image_writes(tmp_path, monkeypatch):
+    # the figure process writes its PNGs at zlib level 1 through the file writer (callbacks._internals): TensorBoard
+    # reads back the pixels, size and step `add_image` writes; elsewhere (an untested torch) it is `add_image`
+    from torch.utils.tensorboard import SummaryWriter
+
+    from callbacks import _internals
+    from callbacks._background import _write_images
+
+    rng = np.random.default_rng(0)
+    picture = np.zeros((120, 160, 3), dtype=np.uint8)
+    picture[20:60, 30:90] = (31, 119, 180)  # flat colours, like a figure, and noise that compresses badly
+    picture[80:] = rng.integers(0, 256, size=(40, 160, 3), dtype=np.uint8)
+    theirs = SummaryWriter(str(tmp_path / "add_image"))
+    theirs.add_image("fig", picture, global_step=7, dataformats="HWC")
+    theirs.close()
+    tested = _internals.TORCH_IS_TESTED  # (another torch: `add_image` both times)
+    writers: dict = {}
+    _write_images(writers, (str(tmp_path / "event"),), "fig", picture, 7)
+    monkeypatch.setattr(_internals, "TORCH_IS_TESTED", False)
+    _write_images(writers, (str(tmp_path / "fallback"),), "fig", picture, 7)
+    for w in writers.values():
+        w.close()
+    read = {d: read_events(str(tmp_path / d)).Images("fig") for d in ("add_image", "event", "fallback")}
+    for events in read.values():
+        (e,) = events
+        assert (e.step, e.width, e.height) == (7, 160, 120)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(e.encoded_image_string))), picture)
+    ours, fallback = read["event"][0].encoded_image_string, read["fallback"][0].encoded_image_string
+    assert fallback == read["add_image"][0].encoded_image_string and (ours != fallback) == tested  # (zlib level)
+
+
 # ---------------------------------------------------------------------------------------------- in a fit
 def test_figures_of_step_zero_and_end_of_fit_are_on_disk_after_the_fit(tmp_path):
     monitors = four(every=2)
