@@ -135,21 +135,30 @@ def logger_prefix(logger: Any) -> str | None:
     return str(getattr(logger, "_prefix", "") or "") if IS_TESTED else None
 
 
+def _file_writer(writer: Any) -> Any:
+    """The file writer of torch's ``SummaryWriter`` (``_get_file_writer()``), to which the two functions below add
+    one summary each; None on an untested torch or another writer (tensorboardX has its own protos)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not TORCH_IS_TESTED or type(writer) is not SummaryWriter:
+        return None
+    return writer._get_file_writer()
+
+
 def write_scalars_event(writer: Any, metrics: Mapping[str, float], step: int) -> bool:
     """Writes scalars as one TensorBoard event: the values ``add_scalar`` would write one event each for.
 
     A recorded step of the four monitors has some 15 scalars; one ``add_scalar`` is a proto, an event and a queue
     put each, one event holding all of them costs about as much as one of those. Returns False (nothing written)
-    on an untested torch or a writer other than torch's ``SummaryWriter`` (tensorboardX has its own protos).
+    where :func:`_file_writer` finds none.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    if not TORCH_IS_TESTED or type(writer) is not SummaryWriter:
+    file_writer = _file_writer(writer)
+    if file_writer is None:
         return False
     from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
 
     summary = SummaryProto(value=[SummaryProto.Value(tag=tag, simple_value=float(v)) for tag, v in metrics.items()])
-    writer._get_file_writer().add_summary(summary, step)
+    file_writer.add_summary(summary, step)
     return True
 
 
@@ -162,11 +171,10 @@ def write_image_event(writer: Any, tag: str, image: "np.ndarray", step: int) -> 
     """Writes an ``(H, W, 3)`` uint8 ``image`` as TensorBoard image ``tag`` at ``step``: the summary
     ``add_image(tag, image, step, dataformats="HWC")`` writes, its PNG encoded at :data:`PNG_LEVEL`.
 
-    Returns False (nothing written) on an untested torch or a writer other than torch's ``SummaryWriter``.
+    Returns False (nothing written) where :func:`_file_writer` finds none.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    if not TORCH_IS_TESTED or type(writer) is not SummaryWriter:
+    file_writer = _file_writer(writer)
+    if file_writer is None:
         return False
     import io
 
@@ -177,7 +185,7 @@ def write_image_event(writer: Any, tag: str, image: "np.ndarray", step: int) -> 
     png = io.BytesIO()
     Image.fromarray(image).save(png, format="PNG", compress_level=PNG_LEVEL)
     proto = SummaryProto.Image(height=height, width=width, colorspace=channels, encoded_image_string=png.getvalue())
-    writer._get_file_writer().add_summary(SummaryProto(value=[SummaryProto.Value(tag=tag, image=proto)]), step)
+    file_writer.add_summary(SummaryProto(value=[SummaryProto.Value(tag=tag, image=proto)]), step)
     return True
 
 
