@@ -34,6 +34,7 @@ user waits for when a core is free.
     python benchmarks/bench_speed.py --long           # also peak RSS of a 200,000-step run with monitors
     python benchmarks/bench_speed.py --loops ours ours+monitors ours+spikes --steps 3000 --output /tmp/s.md
     python benchmarks/bench_speed.py --profile ours+monitors --steps 3000   # CPU seconds inside callbacks/
+    python benchmarks/bench_speed.py --loops ours ours+group --by-place     # also steps by their place in a cycle
 
 Targets (issue 4): c >= 0.5 x a, c >= 1.6 x b, d <= 1.10 x c (time), i.e. d/c >= 0.91 in steps/s;
 peak RSS of the long run under 1 GB and flat after warm-up. Writes ``benchmarks/results/speed.md``.
@@ -97,6 +98,9 @@ class Clock:
     """Wall and CPU seconds between the end of step `warmup` and the end of the last step; a profiler, if given,
     runs over the same steps (up to step `last`)."""
 
+    #: a list while `--by-place` records every timed step's end (perf_counter) of the fit that runs; None: not kept
+    marks: list[float] | None = None
+
     def __init__(self, warmup: int, last: int = 0, profiler: cProfile.Profile | None = None) -> None:
         self.warmup = warmup
         self.last = last
@@ -108,6 +112,8 @@ class Clock:
     def tick(self, step: int) -> None:
         """Call after optimizer step `step` (1-based) has finished. The clocks are read at the window's two ends
         only (reading the CPU clock costs microseconds, 2-3 % of the lecture's step, in every loop)."""
+        if Clock.marks is not None and step >= self.warmup:
+            Clock.marks.append(time.perf_counter())
         if step != self.warmup and step != self.last:
             return
         # the figure process's CPU counts too
@@ -373,6 +379,37 @@ def ratios(times: dict[str, dict[str, list[float]]]) -> list[str]:
     return rows
 
 
+def by_place(marks: dict[str, list[list[float]]], warmup: int, cycle: int) -> list[str]:
+    """`--by-place`: each loop's steps by their place in a cycle of ``cycle`` steps (the monitors' cadence repeats
+    every 500 steps: nine scalar steps and a histogram step), pooled over its fits. The median step of each place,
+    summed over the cycle, is the time of a typical cycle: a step slowed by something else on the machine is left
+    out, the monitors' recorded steps (a place of their own) are not. The means of the places are the wall time's
+    twin. ``marks``: each fit's step ends, from step ``warmup`` on."""
+    cycles: dict[str, tuple[float, float]] = {}
+    for loop, fits in marks.items():
+        places: list[list[float]] = [[] for _ in range(cycle)]
+        for m in fits:  # interval j ends with the optimizer step of global step `warmup + j` (0-based)
+            for j in range(len(m) - 1):
+                places[(warmup + j) % cycle].append(m[j + 1] - m[j])
+        seen = [p for p in places if p]
+        cycles[loop] = (sum(map(statistics.median, seen)), sum(map(statistics.fmean, seen)))
+    rows = [
+        f"Steps by their place in a cycle of {cycle} (`--by-place`): ms a step of a typical cycle (each place's"
+        " median) and of the mean one, and the time ratios to (c):",
+        "",
+        "| loop | ms a step, medians | ms a step, means | time / (c)'s, medians | time / (c)'s, means |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    ref = cycles.get("ours")
+    for loop in LOOPS:
+        if loop not in cycles:
+            continue
+        med, mean = cycles[loop]
+        vs = f"{med / ref[0]:.3f} | {mean / ref[1]:.3f}" if ref else " | "
+        rows.append(f"| ({LETTERS[loop]}) {loop} | {1e3 * med / cycle:.3f} | {1e3 * mean / cycle:.3f} | {vs} |")
+    return rows
+
+
 def _run_loop(loop: str, warmup: int, steps: int, root: str) -> tuple[float, float, int]:
     return run_ours(steps, warmup, root, **OURS[loop])
 
@@ -420,6 +457,15 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--json", type=Path, help="also write every repeat's seconds here (for comparisons)")
     parser.add_argument("--profile", choices=OURS, help="one fit of this loop under cProfile: CPU inside callbacks/")
+    parser.add_argument(
+        "--by-place",
+        type=int,
+        nargs="?",
+        const=500,
+        default=0,
+        metavar="CYCLE",
+        help="also time every step and give each loop's steps by their place in a cycle of CYCLE steps (500)",
+    )
     args = parser.parse_args()
     if not os.environ.get("MAKEMORE_NAMES") and not args.long_child:
         print("note: MAKEMORE_NAMES is not set; the names corpus is read from the download cache", file=sys.stderr)
@@ -444,6 +490,7 @@ def main() -> None:
     }
     loops = [loop for loop in LOOPS if loop in args.loops]
     times: dict[str, dict[str, list[float]]] = {loop: {"wall": [], "cpu": []} for loop in loops}
+    marks: dict[str, list[list[float]]] = {loop: [] for loop in loops}  # (--by-place)
     busy = [busy_processes()]
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as root:
@@ -453,7 +500,11 @@ def main() -> None:
             order = loops if r % 2 == 0 else loops[::-1]  # alternate, so drifts in load hit all alike
             for loop in order:
                 gc.collect()
+                Clock.marks = [] if args.by_place else None
                 wall, cpu, n = runners[loop](args.steps, root)
+                if Clock.marks is not None:
+                    marks[loop].append(Clock.marks)
+                    Clock.marks = None
                 times[loop]["wall"].append(wall)
                 times[loop]["cpu"].append(cpu)
                 print(
@@ -474,6 +525,7 @@ def main() -> None:
         *table(times, timed),
         "",
         *ratios(times),
+        *(["", *by_place(marks, args.warmup, args.by_place)] if args.by_place else []),
     ]
     if args.long:
         print(f"long run: {args.long_steps} steps with monitors ...", flush=True)
@@ -493,6 +545,8 @@ def main() -> None:
     print("\n" + text)
     if args.json:
         record = {"code": code_paths(), "timed": timed, "busy": busy, "load": load, "times": times}
+        if args.by_place:
+            record["marks"] = marks
         args.json.write_text(json.dumps(record, indent=1))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     history = _history(args.output)

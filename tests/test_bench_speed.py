@@ -1,0 +1,56 @@
+"""`benchmarks/bench_speed.py`'s step-by-place summary (`--by-place`) against hand-computed numbers.
+
+No timing is asserted: what is checked is the arithmetic that turns each fit's step ends into a cycle's time, and
+that the benchmark's clock keeps every timed step's end while asked to.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ends(intervals: list[float]) -> list[float]:
+    ends = [0.0]
+    for x in intervals:
+        ends.append(ends[-1] + x)
+    return ends
+
+
+def test_steps_by_place_sum_each_place_median_and_mean_over_the_cycle(bench):
+    # warm-up 2, a cycle of 4: interval j is global step 2 + j, so its place is (2 + j) % 4
+    marks = {
+        # one fit: places 2, 3, 0, 1, 2, 3, 0, 1 take 1, 2, 3, 4, ... seconds: a cycle of 10 s either way
+        "ours": [_ends([1, 2, 3, 4, 1, 2, 3, 4])],
+        # two fits of 2 s steps, one of them with a 50 s step at place 1: medians 4 x 2 = 8 s, means 2 + 2 + 2 + 14
+        "ours+group": [_ends([2] * 8), _ends([2] * 7 + [50])],
+    }
+    rows = bench.by_place(marks, warmup=2, cycle=4)
+    assert "| (c) ours | 2500.000 | 2500.000 | 1.000 | 1.000 |" in rows
+    assert "| (g) ours+group | 2000.000 | 5000.000 | 0.800 | 2.000 |" in rows
+
+
+def test_the_clock_keeps_every_timed_step_end_while_asked(bench):
+    clock = bench.Clock(warmup=3, last=6)
+    bench.Clock.marks = []
+    try:
+        for step in range(1, 7):
+            clock.tick(step)
+        kept = bench.Clock.marks
+    finally:
+        bench.Clock.marks = None
+    assert len(kept) == 4 and kept == sorted(kept)  # the ends of steps 3 (the window's start) to 6
+    wall, _, steps = clock.result()
+    assert steps == 3 and wall == pytest.approx(kept[-1] - kept[0], abs=1e-3)
+    clock.tick(6)  # not asked any more: nothing kept
+    assert bench.Clock.marks is None
