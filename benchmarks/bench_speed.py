@@ -467,6 +467,8 @@ def main() -> None:
         help="also time every step and give each loop's steps by their place in a cycle of CYCLE steps (500)",
     )
     args = parser.parse_args()
+    if args.by_place < 0:
+        parser.error(f"--by-place takes a cycle of at least 1 step (500: the monitors' cadence), not {args.by_place}")
     if not os.environ.get("MAKEMORE_NAMES") and not args.long_child:
         print("note: MAKEMORE_NAMES is not set; the names corpus is read from the download cache", file=sys.stderr)
     warnings.filterwarnings("ignore")

@@ -54,3 +54,12 @@ def test_the_clock_keeps_every_timed_step_end_while_asked(bench):
     assert steps == 3 and wall == pytest.approx(kept[-1] - kept[0], abs=1e-3)
     clock.tick(6)  # not asked any more: nothing kept
     assert bench.Clock.marks is None
+
+
+def test_a_cycle_below_one_step_is_refused_in_one_line(bench, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["bench_speed.py", "--by-place", "-3"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("error: --by-place takes a cycle of at least 1 step (500: the monitors' cadence), not -3")
