@@ -1,6 +1,8 @@
-"""Shared pieces of the callbacks tests: a small tanh MLP, fixed data, a reference recorder, event reading."""
+"""Shared pieces of the callbacks tests: a small tanh MLP, fixed data, a reference recorder, event reading, and the
+benchmark scripts imported as modules."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -10,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as L
@@ -22,6 +25,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 N_FEATURES = 8
+#: the benchmark scripts (`benchmark_module`)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/{name}.py`` imported as the module ``name``, in ``sys.modules`` while in use (a script's
+    dataclasses resolve their annotations through it)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 def saturating_batch(batch_size: int = 16) -> Tensor:

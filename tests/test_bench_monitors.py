@@ -17,15 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitors.py"
+from tests.callbacks_helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_monitors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_module("bench_monitors") as module:
+        yield module
 
 
 def test_quick_run_reports_rows_and_log_sizes(

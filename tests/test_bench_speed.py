@@ -4,20 +4,15 @@ No timing is asserted: what is checked is the arithmetic that turns each fit's s
 that the benchmark's clock keeps every timed step's end while asked to.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speed.py"
+from tests.callbacks_helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_module("bench_speed") as module:
+        yield module
 
 
 def _ends(intervals: list[float]) -> list[float]:

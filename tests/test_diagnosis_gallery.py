@@ -5,28 +5,20 @@ checked is that the script trains, judges and writes what it says: the table, pr
 with every finding, and that the check at initialisation names the output layer of the over-confident MLP.
 """
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnosis_gallery.py"
+from tests.callbacks_helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def gallery():
-    spec = importlib.util.spec_from_file_location("diagnosis_gallery", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("diagnosis_gallery") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_quick_gallery_writes_the_table_and_scores(
