@@ -4,6 +4,8 @@ No timing is asserted: what is checked is the arithmetic that turns each fit's s
 that the benchmark's clock keeps every timed step's end while asked to.
 """
 
+import itertools
+
 import pytest
 
 from tests.callbacks_helpers import benchmark_module
@@ -16,10 +18,7 @@ def bench():
 
 
 def _ends(intervals: list[float]) -> list[float]:
-    ends = [0.0]
-    for x in intervals:
-        ends.append(ends[-1] + x)
-    return ends
+    return list(itertools.accumulate(intervals, initial=0.0))
 
 
 def test_steps_by_place_sum_each_place_median_and_mean_over_the_cycle(bench):
