@@ -57,3 +57,29 @@ def test_a_cycle_below_one_step_is_refused_in_one_line(bench, monkeypatch, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("error: --by-place takes a cycle of at least 1 step (500: the monitors' cadence), not -3")
+
+
+def test_the_interval_of_the_median_is_the_order_statistics_the_binomial_allows(bench):
+    # five repeats: P(B(5, 1/2) = 0) = 1/32 <= 5 %, P(B <= 1) = 6/32 > 5 %: the range (k = 1)
+    assert bench.median_interval([1.04, 0.99, 1.07, 1.01, 1.03]) == (0.99, 1.07)
+    # twenty: P(B(20, 1/2) <= 5) = 0.0207 <= 5 % < P(B <= 6) = 0.0577: the 6th to the 15th smallest
+    values = [float(v) for v in range(20, 0, -1)]
+    assert bench.median_interval(values) == (6.0, 15.0)
+    # three repeats cannot reach 90 %: their range
+    assert bench.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    with pytest.raises(ValueError):
+        bench.median_interval([])
+
+
+def test_the_ratios_give_each_repeat_paired_with_its_interval(bench):
+    # seconds per fit; steps/s ratio g / c of repeat i is c_i / g_i: 1/1.04, 1/1.02, 1/1.10, 1/1.01, 1/1.05
+    c = [10.0, 10.0, 10.0, 10.0, 10.0]
+    times = {
+        "ours": {"wall": c, "cpu": c},
+        "ours+group": {"wall": [10.4, 10.2, 11.0, 10.1, 10.5], "cpu": [10.4, 10.2, 11.0, 10.1, 10.5]},
+    }
+    (row,) = [r for r in bench.ratios(times) if r.startswith("| g / c |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    # of the medians: 10 / 10.4; each repeat's median 1 / 1.04 = 0.962, range 1/1.10 = 0.91 to 1/1.01 = 0.99
+    assert cells[1:5] == ["0.962", "0.96", "0.962 (0.91-0.99)", "0.909-0.990"]
+    assert cells[5].startswith(">= 0.952 (time <= 1.05 x)")
