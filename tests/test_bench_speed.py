@@ -1,7 +1,9 @@
-"""`benchmarks/bench_speed.py`'s step-by-place summary (`--by-place`) against hand-computed numbers.
+"""`benchmarks/bench_speed.py`'s step-by-place summary (`--by-place`) and its ratios' intervals against hand-computed
+numbers.
 
-No timing is asserted: what is checked is the arithmetic that turns each fit's step ends into a cycle's time, and
-that the benchmark's clock keeps every timed step's end while asked to.
+No timing is asserted: what is checked is the arithmetic that turns each fit's step ends into a cycle's time, that
+the benchmark's clock keeps every timed step's end while asked to, and the interval of the median of each ratio's
+repeats (the order statistics the binomial allows) with the row that prints it.
 """
 
 import itertools
